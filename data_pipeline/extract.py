@@ -1,0 +1,76 @@
+"""HTML to plain text with resiliparse, with charset detection and encoding checks."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Optional
+
+from resiliparse.extract.html2text import extract_plain_text
+from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+
+from data_pipeline.document import Document
+from data_pipeline.step import PipelineStep
+
+_CHARSET = re.compile(r"charset=([\w\-:.]+)", re.I)
+
+
+class HtmlExtractor(PipelineStep):
+    """Decode ``doc.raw`` and keep the main content as text.
+
+    The charset comes from the HTTP header when it names a codec Python knows, else from
+    resiliparse's detector. Payloads that look binary (NUL bytes, mostly non-printable)
+    or that decode to more than ``max_replacement_ratio`` U+FFFD characters are dropped
+    with a reason rather than fed to the model as mojibake.
+    """
+
+    name = "html_extract"
+
+    def __init__(self, main_content: bool = True, max_replacement_ratio: float = 0.01,
+                 max_control_ratio: float = 0.01, min_chars: int = 1):
+        super().__init__()
+        self.main_content = main_content
+        self.max_replacement_ratio = max_replacement_ratio
+        self.max_control_ratio = max_control_ratio
+        self.min_chars = min_chars
+
+    def process(self, doc: Document):
+        if doc.raw is None:
+            return doc  # already text (WET, JSONL, ...)
+        raw = doc.raw
+        head = raw[:4096]
+        if b"\x00" in head:
+            return "binary"
+        html = decode_html(raw, doc.metadata.get("content_type", ""))
+        if html is None:
+            return "bad_encoding"
+        text = extract_plain_text(html, main_content=self.main_content, alt_texts=False,
+                                  links=False, form_fields=False, noscript=False)
+        text = text.replace("\x00", "")
+        if len(text.strip()) < self.min_chars:
+            return "no_text"
+        if text.count("\ufffd") > self.max_replacement_ratio * len(text):
+            return "bad_encoding"
+        controls = sum(1 for ch in text if unicodedata.category(ch) == "Cc" and ch not in "\n\t\r")
+        if controls > self.max_control_ratio * len(text):
+            return "binary"
+        doc.text = text
+        doc.raw = None
+        return doc
+
+
+def decode_html(raw: bytes, content_type: str) -> Optional[str]:
+    """Bytes to str. Returns None if no codec gives a sane decode."""
+    m = _CHARSET.search(content_type or "")
+    candidates = []
+    if m:
+        candidates.append(m.group(1).strip("\"'"))
+    candidates.append(detect_encoding(raw))
+    for enc in candidates:
+        try:
+            text = raw.decode(enc)
+            return text
+        except (LookupError, UnicodeDecodeError):
+            continue
+    # Last resort: resiliparse's lenient conversion (replaces undecodable bytes).
+    return bytes_to_str(raw, candidates[-1])

@@ -1,0 +1,74 @@
+"""Build readers, steps and streams from the ``data`` config.
+
+This is the one place that turns configuration into the data path, so the trainer, the
+tokenizer trainer and ``prepare_data`` all see the same documents.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from data_pipeline.config import DataConfig, SourceConfig
+from data_pipeline.document import Document
+from data_pipeline.extract import HtmlExtractor
+from data_pipeline.readers import Reader, WarcReader
+from data_pipeline.step import PipelineStep
+from data_pipeline.stream import Batches, DocumentStream, PackedStream
+
+
+def build_reader(src: SourceConfig, shard: int = 0, num_shards: int = 1) -> Reader:
+    if src.format in ("warc", "wet"):
+        return WarcReader(list(src.paths), source=src.name, shard=shard, num_shards=num_shards)
+    raise ValueError(f"data source {src.name!r}: reader for format {src.format!r} is not available")
+
+
+def build_steps(cfg: DataConfig) -> list[PipelineStep]:
+    """The processing steps in their fixed order; disabled ones are left out."""
+    steps: list[PipelineStep] = []
+    if cfg.extract.enabled:
+        steps.append(HtmlExtractor(main_content=cfg.extract.main_content,
+                                   max_replacement_ratio=cfg.extract.max_replacement_ratio,
+                                   min_chars=cfg.extract.min_chars))
+    return steps
+
+
+def document_stream(cfg: DataConfig, split=None, shard: int = 0, num_shards: int = 1,
+                    loop: bool = True) -> DocumentStream:
+    if len(cfg.sources) != 1:
+        raise ValueError("data.sources: exactly one source is supported by this stream builder")
+    reader = build_reader(cfg.sources[0], shard, num_shards)
+    return DocumentStream(reader, build_steps(cfg), split=split, val_fraction=cfg.val_fraction, loop=loop)
+
+
+def iter_texts(cfg: DataConfig, max_docs: int) -> Iterator[str]:
+    """Texts of the training split, one pass, for tokenizer training."""
+    stream = document_stream(cfg, split="train", loop=False)
+    for i, doc in enumerate(stream):
+        if i >= max_docs:
+            return
+        yield doc.text
+
+
+def train_batches(cfg: DataConfig, tokenizer, micro_batch_size: int, shard: int = 0,
+                  num_shards: int = 1) -> Batches:
+    docs = document_stream(cfg, split="train", shard=shard, num_shards=num_shards, loop=True)
+    return Batches(PackedStream(docs, tokenizer, cfg.seq_len), micro_batch_size)
+
+
+def validation_batches(cfg: DataConfig, tokenizer, micro_batch_size: int, max_batches: int,
+                       shard: int = 0, num_shards: int = 1) -> list[dict]:
+    """The held-out split, packed once and kept in memory (at most ``max_batches``)."""
+    docs = document_stream(cfg, split="val", shard=shard, num_shards=num_shards, loop=False)
+    batches = Batches(PackedStream(docs, tokenizer, cfg.seq_len), micro_batch_size)
+    out = []
+    for _ in range(max_batches):
+        try:
+            out.append(next(batches))
+        except StopIteration:
+            break
+    return out
+
+
+def documents(cfg: DataConfig) -> Iterator[Document]:
+    """Every document that survives the steps, one pass, both splits."""
+    return document_stream(cfg, split=None, loop=False)

@@ -1,0 +1,121 @@
+"""Common reader machinery: path expansion, rank/worker sharding and resumable position.
+
+Sharding: when there are at least as many files as shards, each shard owns whole files
+(file i belongs to shard i % n). Otherwise every shard reads every file and keeps record i
+when i % n == shard, so a single bundled file still splits disjointly across ranks and
+DataLoader workers. Either way no record is read by two shards and none is lost.
+
+Position: ``state_dict`` holds the file index and the byte offset / record index where
+reading continues, so a resumed stream only re-opens the current file and seeks.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Iterator, Optional
+
+import fsspec
+
+from data_pipeline.document import Document
+from data_pipeline.step import StepStats
+
+
+def expand_paths(paths) -> list[str]:
+    """Globs and fsspec URLs to a sorted, de-duplicated list of files; error if none."""
+    if isinstance(paths, str):
+        paths = [paths]
+    out: list[str] = []
+    for p in paths:
+        p = os.path.expanduser(str(p))
+        if "://" in p:
+            fs, _, found = fsspec.get_fs_token_paths(p)
+            proto = p.split("://", 1)[0]
+            out.extend(sorted(f if "://" in f else f"{proto}://{f}" for f in found))
+        elif any(ch in p for ch in "*?["):
+            out.extend(sorted(glob.glob(p, recursive=True)))
+        elif os.path.isdir(p):
+            out.extend(sorted(os.path.join(p, f) for f in os.listdir(p) if not f.startswith(".")))
+        elif os.path.exists(p):
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"no input file matches {p!r}")
+    seen, files = set(), []
+    for f in out:
+        if f not in seen:
+            seen.add(f)
+            files.append(f)
+    if not files:
+        raise FileNotFoundError(f"no input file matches {paths!r}")
+    return files
+
+
+class Reader:
+    """Base reader. Subclasses implement ``_records(path, start)`` yielding
+    ``(position_after_record, Document | skip_reason)`` for one file from ``start``."""
+
+    name = "reader"
+
+    def __init__(self, paths, source: str = "web", shard: int = 0, num_shards: int = 1):
+        self.files = expand_paths(paths)
+        self.source = source
+        self.stats = StepStats()
+        self.set_shard(shard, num_shards)
+
+    def set_shard(self, shard: int, num_shards: int) -> None:
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"shard {shard} out of range for {num_shards} shards")
+        self.shard, self.num_shards = shard, num_shards
+        self.by_file = len(self.files) >= num_shards
+        self.reset()
+
+    def reset(self) -> None:
+        self.file_idx = 0
+        self.position: Optional[object] = None  # reader-specific resume point inside file
+        self.record_idx = 0  # global count of records passed, for record-level sharding
+
+    def my_files(self) -> list[int]:
+        if self.by_file:
+            return [i for i in range(len(self.files)) if i % self.num_shards == self.shard]
+        return list(range(len(self.files)))
+
+    def __iter__(self) -> Iterator[Document]:
+        files = self.my_files()
+        while self.file_idx < len(files):
+            path = self.files[files[self.file_idx]]
+            for pos, item in self._records(path, self.position):
+                self.position = pos
+                mine = self.by_file or self.record_idx % self.num_shards == self.shard
+                self.record_idx += 1
+                if not mine:
+                    continue
+                self.stats.seen += 1
+                if isinstance(item, Document):
+                    self.stats.kept += 1
+                    self.stats.bytes_kept += len(item.raw or item.text.encode())
+                    yield item
+                else:
+                    self.stats.removed += 1
+                    self.stats.removed_by_reason[item] += 1
+            self.file_idx += 1
+            self.position = None
+
+    def _records(self, path: str, start):
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"file_idx": self.file_idx, "position": self.position, "record_idx": self.record_idx,
+                "files": self.files, "shard": self.shard, "num_shards": self.num_shards}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["files"] != self.files:
+            raise ValueError("stream state was saved for other input files; refusing to resume "
+                             f"({len(state['files'])} files then, {len(self.files)} now)")
+        if (state["shard"], state["num_shards"]) != (self.shard, self.num_shards):
+            raise ValueError(f"stream state belongs to shard {state['shard']}/{state['num_shards']}, "
+                             f"this reader is {self.shard}/{self.num_shards}")
+        self.file_idx, self.position, self.record_idx = state["file_idx"], state["position"], state["record_idx"]
+
+
+def open_binary(path: str):
+    return fsspec.open(path, "rb").open()

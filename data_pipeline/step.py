@@ -1,0 +1,98 @@
+"""Pipeline steps: small transformations over a stream of documents, each keeping stats.
+
+A step takes an iterator of documents and yields documents. Filters decide keep/drop per
+document and give a reason when they drop, so the run report can say what was removed
+and why. Every step can be stateful (dedup keeps its index); ``state_dict`` lets the
+trainer checkpoint it together with the reader position.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Optional, Union
+
+from data_pipeline.document import Document
+
+
+@dataclass
+class StepStats:
+    seen: int = 0
+    kept: int = 0
+    removed: int = 0
+    bytes_seen: int = 0
+    bytes_kept: int = 0
+    removed_by_reason: Counter = field(default_factory=Counter)
+    bytes_removed_by_reason: Counter = field(default_factory=Counter)
+    examples_by_reason: dict = field(default_factory=lambda: defaultdict(list))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seen": self.seen,
+            "kept": self.kept,
+            "removed": self.removed,
+            "bytes_seen": self.bytes_seen,
+            "bytes_kept": self.bytes_kept,
+            "removed_by_reason": dict(self.removed_by_reason),
+            "bytes_removed_by_reason": dict(self.bytes_removed_by_reason),
+        }
+
+
+def doc_bytes(doc: Document) -> int:
+    return len(doc.text.encode("utf-8", "replace")) if doc.text else len(doc.raw or b"")
+
+
+class PipelineStep:
+    """Base class. Subclasses override ``process`` (one doc in, zero or one out)."""
+
+    name: str = "step"
+    max_examples_per_reason = 3
+
+    def __init__(self):
+        self.stats = StepStats()
+
+    def process(self, doc: Document) -> Union[Document, str, None]:
+        """Return the (possibly changed) document to keep it, or a reason string to drop it."""
+        return doc
+
+    def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
+        for doc in docs:
+            out = self.run_one(doc)
+            if out is not None:
+                yield out
+
+    def run_one(self, doc: Document) -> Optional[Document]:
+        s = self.stats
+        size = doc_bytes(doc)
+        s.seen += 1
+        s.bytes_seen += size
+        out = self.process(doc)
+        if isinstance(out, Document):
+            s.kept += 1
+            s.bytes_kept += doc_bytes(out)
+            return out
+        reason = out or "removed"
+        s.removed += 1
+        s.removed_by_reason[reason] += 1
+        s.bytes_removed_by_reason[reason] += size
+        examples = s.examples_by_reason[reason]
+        if len(examples) < self.max_examples_per_reason:
+            examples.append({"id": doc.id, "url": doc.url, "text": (doc.text or "")[:500]})
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class Filter(PipelineStep):
+    """A step that only keeps or drops. Subclasses implement ``reject`` -> reason or None."""
+
+    def reject(self, doc: Document) -> Optional[str]:
+        raise NotImplementedError
+
+    def process(self, doc: Document):
+        reason = self.reject(doc)
+        return doc if reason is None else reason

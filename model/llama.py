@@ -1,0 +1,322 @@
+"""A Llama-style decoder-only transformer, readable in one sitting.
+
+RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query attention, no biases,
+optionally tied input/output embeddings. Attention goes through
+``torch.nn.functional.scaled_dot_product_attention`` so the GPU picks flash or
+memory-efficient kernels. This file knows nothing about data, parallelism or
+checkpoint formats: sharding, compilation and activation checkpointing are applied
+from outside (see ``train/``).
+
+Initialisation: every Linear and the embedding draw from N(0, init_std); the two
+projections that write into the residual stream (attention ``wo`` and MLP ``w2``) are
+scaled down by 1/sqrt(2 * n_layers) so the residual variance stays O(1) with depth
+(GPT-2 / Megatron scheme). RMSNorm gains start at 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the network. ``vocab_size=None`` means: take it from the tokenizer."""
+
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None = n_heads (multi-head); fewer = grouped-query
+    ffn_hidden: Optional[int] = None  # None = Llama rule: 2/3 * 4 * d_model, rounded to multiple_of
+    multiple_of: int = 64
+    vocab_size: Optional[int] = None
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dropout: float = 0.0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        hidden = int(2 * 4 * self.d_model / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: bf16 sums of squares lose too much precision.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_len, head_dim // 2), in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) -- the Hugging Face Llama convention,
+    so exported weights need no permutation. x: (B, H, T, D); cos/sin: (B or 1, T, D/2)."""
+    d2 = x.shape[-1] // 2
+    x1, x2 = x[..., :d2].float(), x[..., d2:].float()
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, mask: Optional[torch.Tensor], kv_cache: Optional["KVCache"] = None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        drop = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, mask=None, kv_cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class KVCache:
+    """Keys/values of one layer for incremental decoding, preallocated to max length."""
+
+    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(batch, n_kv, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.pos = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        t = k.shape[2]
+        self.k[:, :, self.pos : self.pos + t] = k
+        self.v[:, :, self.pos : self.pos + t] = v
+        self.pos += t
+        return self.k[:, :, : self.pos], self.v[:, :, : self.pos]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be set before building the model")
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Not persistent: derived from the config, so checkpoints hold weights only.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=out_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+        kv_caches: Optional[list[KVCache]] = None,
+        return_hidden: bool = False,
+    ):
+        """tokens: (B, T). targets: (B, T) with -100 where no loss is wanted.
+
+        ``doc_ids`` (B, T) makes attention block-causal: a token only sees earlier tokens
+        of its own document, so packed sequences never attend across documents.
+        ``position_ids`` restarts rotary positions per document. Returns (logits, loss);
+        loss is the mean over non-ignored targets, or None without targets.
+        """
+        B, T = tokens.shape
+        start = kv_caches[0].pos if kv_caches else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=tokens.device).unsqueeze(0)
+        if int(position_ids.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(position_ids.max())} >= model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
+        mask = None
+        if doc_ids is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+            mask = (doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)) & causal
+            mask = mask.unsqueeze(1)  # (B, 1, T, T), broadcast over heads
+        elif kv_caches is not None and start > 0:
+            # Decoding with a cache: new queries see every cached key plus the causal part.
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(diagonal=start)
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, kv_caches[i] if kv_caches else None)
+        h = self.norm(h)
+        if return_hidden:
+            return h
+        logits = self.output(h)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def new_kv_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
+        device = device or self.tok_embeddings.weight.device
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        c = self.cfg
+        return [KVCache(batch, c.kv_heads, max_len, c.head_dim, device, dtype) for _ in range(c.n_layers)]
+
+
+def param_count(cfg: ModelConfig, include_embeddings: bool = True) -> int:
+    """Closed-form parameter count; tests check it against the real module."""
+    d, hd, v = cfg.d_model, cfg.head_dim, cfg.vocab_size
+    attn = d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2  # wq, wo, wk, wv
+    mlp = 3 * d * cfg.hidden_dim
+    per_layer = attn + mlp + 2 * d  # two RMSNorm gains
+    n = cfg.n_layers * per_layer + d  # final norm
+    n += v * d if cfg.tie_embeddings else 2 * v * d  # embedding (+ untied output)
+    if not include_embeddings:
+        n -= v * d
+    return n
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 * N + 12 * L * d * T.
+
+    N counts the matmul parameters (every weight except the input embedding, which is a
+    lookup); 12*L*d*T is the attention score/value matmuls (PaLM paper, appendix B).
+    This is the denominator-free number used for MFU.
+    """
+    n = param_count(cfg, include_embeddings=False)
+    if cfg.tie_embeddings:
+        n += cfg.vocab_size * cfg.d_model  # the output projection is still a matmul
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_id: Optional[int] = None,
+    use_cache: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Sample continuations of ``prompt`` (B, T). temperature 0 = greedy.
+
+    Rows that emit ``eos_id`` stop growing (they are padded with eos). Returns only the
+    new tokens, (B, <= max_new_tokens).
+    """
+    was_training = model.training
+    model.eval()
+    B, T = prompt.shape
+    total = min(T + max_new_tokens, model.cfg.max_seq_len)
+    caches = model.new_kv_caches(B, total) if use_cache else None
+    seq = prompt
+    out = []
+    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    inp = prompt
+    for _ in range(total - T):
+        logits, _ = model(inp if use_cache else seq, kv_caches=caches)
+        logits = logits[:, -1, :].float()
+        nxt = _sample(logits, temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            done |= nxt == eos_id
+        out.append(nxt)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        inp = nxt[:, None]
+        if eos_id is not None and bool(done.all()):
+            break
+    model.train(was_training)
+    return torch.stack(out, dim=1) if out else prompt.new_zeros(B, 0)
+
+
+def _sample(logits, temperature, top_k, top_p, generator):
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
