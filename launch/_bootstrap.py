@@ -1,0 +1,33 @@
+"""Make a launch script runnable from a clone without installation, and tolerate launchers.
+
+``deepspeed`` appends ``--local_rank=N`` to the script's arguments, which Hydra would
+reject as an override; the value is moved into the LOCAL_RANK environment variable that
+torchrun and accelerate set anyway.
+"""
+
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+
+def strip_launcher_args() -> None:
+    kept = []
+    args = sys.argv[1:]
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(args):
+            os.environ.setdefault("LOCAL_RANK", args[i + 1])
+            i += 1
+        else:
+            kept.append(a)
+        i += 1
+    sys.argv[1:] = kept
+
+
+strip_launcher_args()

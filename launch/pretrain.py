@@ -1,0 +1,55 @@
+"""Pretrain a causal LM. `python launch/pretrain.py` runs the embedded CPU default.
+
+Examples:
+  python launch/pretrain.py model=125m optim.lr=3e-4 train.max_steps=100
+  torchrun --nproc_per_node 2 launch/pretrain.py backend=fsdp
+  deepspeed --num_gpus 2 launch/pretrain.py backend=deepspeed backend.zero_stage=3
+"""
+
+import _bootstrap  # noqa: F401  (sys.path + launcher arguments)
+
+import os
+import sys
+import time
+
+import hydra
+from omegaconf import DictConfig
+
+from train.config import ConfigError, register_configs, validate
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="pretrain", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(2)
+    from train.trainer import Trainer
+
+    t0 = time.time()
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    b = trainer.backend
+    if b.is_main:
+        if result["final_step"] > result["start_step"] and cfg.train.sample_tokens > 0:
+            print("[kiln] sample:", trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens), flush=True)
+        vals = result["val_losses"]
+        if vals:
+            first, last = min(vals), max(vals)
+            print(f"[kiln] validation loss {vals[first]:.3f} (step {first}) -> {vals[last]:.3f} (step {last})")
+        run_dir = os.path.abspath(cfg.run_dir)
+        print(f"[kiln] done in {time.time() - t0:.0f}s. Run directory: {run_dir}")
+        print(f"         checkpoints: {os.path.join(run_dir, 'checkpoints')} (latest: {trainer.ckpt_root}/latest)")
+        print(f"         metrics:     {os.path.join(run_dir, 'metrics.jsonl')}")
+        if result.get("plot"):
+            print(f"         loss plot:   {os.path.abspath(result['plot'])}")
+        print(f"         tokenizer:   {os.path.abspath(trainer.tokenizer.path)}")
+        print(f"         config:      {os.path.join(run_dir, '.hydra', 'config.yaml')}")
+    b.shutdown()
+
+
+if __name__ == "__main__":
+    main()

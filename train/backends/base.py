@@ -1,0 +1,113 @@
+"""What the training loop needs from a parallelism backend.
+
+The loop is written once against this interface: forward through ``backend.model``,
+``backward(loss)`` for each micro-batch, ``step(lr)`` at the end of the accumulation
+window, ``save``/``load`` for the backend-native part of a checkpoint. Everything a
+backend does differently (DDP's gradient all-reduce, ZeRO partitioning, FSDP sharding)
+stays behind it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("config error: train.device: cuda requested but no GPU is visible")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+class Backend:
+    name = "base"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = pick_device(cfg.train.device, self.local_rank)
+        self.model: Optional[torch.nn.Module] = None  # what the loop calls
+        self.raw_model: Optional[torch.nn.Module] = None  # the unwrapped Transformer
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+
+    # -- set-up ---------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size
+
+    def setup(self, model: torch.nn.Module) -> None:
+        """Place/wrap the model and build the optimizer."""
+        raise NotImplementedError
+
+    # -- one optimizer step -----------------------------------------------------------
+    def micro_step_context(self, is_last: bool):
+        """Context for forward+backward of one micro-batch (DDP skips all-reduce if not last)."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, lr: float, max_norm: float) -> float:
+        """Clip, apply the optimizer at ``lr``, zero grads. Returns the pre-clip grad norm."""
+        raise NotImplementedError
+
+    # -- collectives ------------------------------------------------------------------
+    def all_reduce_mean(self, value: float) -> float:
+        if self.world_size == 1 or not dist.is_initialized():
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def all_gather_object(self, obj: Any) -> list:
+        if self.world_size == 1 or not dist.is_initialized():
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if self.world_size == 1 or not dist.is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+    # -- checkpoints ------------------------------------------------------------------
+    def save(self, directory: str) -> None:
+        """Write this backend's model+optimizer state into ``directory`` (all ranks call)."""
+        raise NotImplementedError
+
+    def load(self, directory: str, meta: dict) -> None:
+        """Restore model+optimizer from a checkpoint written by any backend (all ranks call)."""
+        raise NotImplementedError
+
+    def load_weights(self, state_dict: dict) -> None:
+        """Load full (unsharded) model weights, e.g. for ``init_from``."""
+        self.raw_model.load_state_dict(state_dict)
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,168 @@
+"""Where training numbers go: stdout, metrics.jsonl, wandb (offline by default),
+TensorBoard, and a PNG of the loss curves at the end. Only rank 0 logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+from typing import Optional
+
+import torch
+
+# Dense bf16 tensor-core peak per device, from the vendors' datasheets.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100": 989.4,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "RTX 4090": 165.2,
+    "RTX 3090": 71.0,
+    "V100": 125.0,
+}
+
+
+def peak_flops(device: torch.device, override_tflops: Optional[float]) -> Optional[float]:
+    """Peak FLOP/s of one device for MFU; None when unknown (e.g. CPU without an override)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+class MetricsLogger:
+    def __init__(self, cfg, run_dir: str, enabled: bool, total_steps: int, start_step: int):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.jsonl = None
+        self.wandb = None
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        lc = cfg.logger
+        if lc.jsonl:
+            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if lc.wandb.enabled and lc.wandb.mode != "disabled":
+            import wandb
+            from omegaconf import OmegaConf
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project=lc.wandb.project, entity=lc.wandb.entity, mode=lc.wandb.mode,
+                                    dir=run_dir, name=cfg.run_name, resume="allow",
+                                    id=_stable_run_id(run_dir),
+                                    config=OmegaConf.to_container(cfg, resolve=True))
+        if lc.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        show_bar = lc.progress_bar if lc.progress_bar is not None else sys.stdout.isatty()
+        if show_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict, kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": kind, **metrics}
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.wandb:
+            self.wandb.log({f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        if self.tb:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+        line = f"[{kind}] step {step} " + " ".join(_fmt(k, v) for k, v in metrics.items())
+        if self.bar:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def advance(self, n: int = 1, loss: Optional[float] = None) -> None:
+        if self.bar:
+            self.bar.update(n)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.3f}")
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+        if self.jsonl:
+            self.jsonl.close()
+        if self.wandb:
+            self.wandb.finish()
+        if self.tb:
+            self.tb.close()
+
+
+def _stable_run_id(run_dir: str) -> str:
+    """One wandb run per run directory, so a resumed (or requeued) job appends to it."""
+    import hashlib
+
+    return hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+
+
+def _fmt(k: str, v) -> str:
+    if isinstance(v, float):
+        if k in ("lr",):
+            return f"{k}={v:.2e}"
+        if k in ("tokens_per_s", "tokens"):
+            return f"{k}={v:,.0f}"
+        return f"{k}={v:.4g}"
+    return f"{k}={v}"
+
+
+def plot_losses(metrics_path: str, out_png: str, title: str = "kiln") -> Optional[str]:
+    """Train and validation loss against step, from metrics.jsonl (last record per step wins)."""
+    if not os.path.exists(metrics_path):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
+    with open(metrics_path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("kind") == "train" and "loss" in r:
+                series["train"][r["step"]] = r["loss"]
+            elif r.get("kind") == "eval" and "val_loss" in r:
+                series["eval"][r["step"]] = r["val_loss"]
+    if not series["train"]:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for kind, label, style in (("train", "train loss", "-"), ("eval", "validation loss", "o-")):
+        pts = sorted(series[kind].items())
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png

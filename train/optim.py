@@ -1,0 +1,68 @@
+"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedules.
+
+The schedule is a pure function of the step, so resuming needs only the step number:
+there is no scheduler object whose state could drift from the optimizer's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on 2-D weights except embeddings; none on norm gains.
+
+    Decaying embeddings pulls rare tokens towards zero, and decaying norm gains fights the
+    normalisation; both are left alone, as in Llama and GPT-NeoX.
+    """
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.dim() >= 2 and "tok_embeddings" not in name:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_adamw(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    fused = cfg.fused
+    if fused is None:
+        fused = device.type == "cuda"
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if fused:
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
+
+
+def lr_at(step: int, cfg, max_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based).
+
+    cosine: linear warmup, then cosine from lr to lr*min_lr_ratio at max_steps.
+    wsd: warmup, constant ("stable"), then linear decay over the last decay_fraction of
+    the steps (MiniCPM, Hu et al. 2024). constant: warmup then flat.
+    """
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, int(round(cfg.decay_fraction * max_steps)))
+        start = max_steps - decay_steps
+        if step < start:
+            return peak
+        frac = min(1.0, (step - start + 1) / decay_steps)
+        return peak + (floor - peak) * frac
+    span = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,310 @@
+"""The one training loop, for every backend.
+
+Per optimizer step: ``grad_accum_steps`` micro-batches are run through ``backend.model``,
+each loss divided by the number of micro-batches (every micro-batch holds the same number
+of target tokens in pretraining, so this is the exact token mean); then ``backend.step``
+clips and applies AdamW at the scheduled learning rate. Checkpoints hold everything
+needed to continue as if nothing had happened: weights, optimizer, step, tokens, the data
+stream position of every rank, and every RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_model
+
+from data_pipeline import pipeline as data
+from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from model.llama import ModelConfig, Transformer, flops_per_token, generate, param_count
+from train import checkpoint as ckpt
+from train.activation_checkpointing import apply_activation_checkpointing
+from train.backends import build_backend
+from train.compile import compile_blocks
+from train.config import ConfigError
+from train.metrics import MetricsLogger, peak_flops, peak_memory_gb, plot_losses
+from train.optim import lr_at
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def ensure_tokenizer(cfg, backend) -> Tokenizer:
+    """The configured tokenizer, or one trained on the training split and cached in run_dir."""
+    if cfg.tokenizer.path:
+        return Tokenizer(cfg.tokenizer.path)
+    path = os.path.join(cfg.run_dir, "tokenizer.model")
+    if backend.is_main and not os.path.exists(path):
+        t0 = time.time()
+        texts = data.iter_texts(cfg.data, cfg.tokenizer.train_max_docs)
+        tok = train_tokenizer(texts, path, vocab_size=cfg.tokenizer.vocab_size)
+        print(f"[kiln] trained tokenizer ({tok.vocab_size} pieces) in {time.time() - t0:.1f}s -> {path}",
+              flush=True)
+    backend.barrier()
+    return Tokenizer(path)
+
+
+def resolve_model_config(cfg, tokenizer: Tokenizer) -> ModelConfig:
+    """The model config with ``vocab_size`` taken from the tokenizer when unset.
+
+    Rounded up to a multiple of 64 so the embedding and output matmuls hit tensor-core
+    friendly shapes; the extra rows are never produced by the tokenizer.
+    """
+    mc = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    if mc.vocab_size is None:
+        mc.vocab_size = 64 * math.ceil(tokenizer.vocab_size / 64)
+    elif mc.vocab_size < tokenizer.vocab_size:
+        raise ConfigError("model.vocab_size", f"{mc.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} pieces ({tokenizer.path})")
+    return mc
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.backend = build_backend(cfg)
+        b = self.backend
+        seed_everything(cfg.train.seed)
+        self.run_dir = cfg.run_dir
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.ckpt_root = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+        self.tokenizer = ensure_tokenizer(cfg, b)
+        self.model_cfg = resolve_model_config(cfg, self.tokenizer)
+        self.state = TrainState()
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = Transformer(self.model_cfg)
+        if cfg.init_from:
+            load_init_weights(model, cfg.init_from)
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if cfg.train.compile:
+            compile_blocks(model)
+        b.setup(model)
+
+        self.use_bf16 = cfg.train.precision == "bf16" or (
+            cfg.train.precision == "auto" and b.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        dp = b.data_parallel_size
+        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp
+        self.tokens_per_step = self.global_batch * cfg.data.seq_len
+        self.train_batches = data.train_batches(cfg.data, self.tokenizer, cfg.train.micro_batch_size,
+                                                shard=b.rank, num_shards=dp)
+        self.val_batches = data.validation_batches(cfg.data, self.tokenizer, cfg.train.micro_batch_size,
+                                                   cfg.train.eval_batches, shard=b.rank, num_shards=dp)
+        self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
+        self.peak = peak_flops(b.device, cfg.train.peak_tflops)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def resume(self) -> Optional[str]:
+        r = str(self.cfg.resume)
+        if r == "none":
+            return None
+        path = ckpt.find_latest(self.ckpt_root) if r == "auto" else r
+        if path is None:
+            return None
+        if not ckpt.is_complete(path):
+            raise RuntimeError(f"resume: {path} is not a complete kiln checkpoint (no valid meta.json)")
+        meta = ckpt.read_meta(path)
+        self.backend.load(path, meta)
+        ts = ckpt.read_trainer_state(path)
+        self.state = TrainState(step=ts["step"], tokens=ts["tokens"])
+        data_states = ts.get("data", [])
+        if len(data_states) == self.backend.data_parallel_size:
+            self.train_batches.load_state_dict(data_states[self.backend.rank])
+        else:
+            # A different number of data-parallel ranks: the per-rank streams cannot be
+            # mapped one to one, so every rank restarts its shard at the beginning of the
+            # epoch the run had reached (documented in the README).
+            epoch = max(s["docs"]["epoch"] for s in data_states) if data_states else 0
+            self.train_batches.stream.docs.epoch = epoch
+            if self.backend.is_main:
+                print(f"[kiln] resume: {len(data_states)} data ranks then, {self.backend.data_parallel_size} now;"
+                      f" data streams restart at epoch {epoch}", flush=True)
+        rngs = ts.get("rng", [])
+        if len(rngs) == self.backend.world_size:
+            ckpt.set_rng_state(rngs[self.backend.rank])
+        return path
+
+    def save(self) -> str:
+        b, cfg = self.backend, self.cfg
+        tmp = ckpt.begin(self.ckpt_root, self.state.step) if b.is_main else None
+        tmp = b.broadcast_object(tmp)
+        b.save(tmp)
+        data_states = b.all_gather_object(self.train_batches.state_dict())
+        rngs = b.all_gather_object(ckpt.rng_state())
+        b.barrier()
+        final = None
+        if b.is_main:
+            ckpt.write_json_atomic(os.path.join(tmp, "trainer_state.json"),
+                                   {"step": self.state.step, "tokens": self.state.tokens,
+                                    "data": data_states, "rng": rngs})
+            OmegaConf.save(cfg, os.path.join(tmp, "config.yaml"), resolve=True)
+            OmegaConf.save(OmegaConf.structured(self.model_cfg), os.path.join(tmp, "model_config.yaml"))
+            shutil.copyfile(self.tokenizer.path, os.path.join(tmp, "tokenizer.model"))
+            meta = {"backend": b.name, "zero_stage": int(cfg.backend.zero_stage), "world_size": b.world_size,
+                    "data_parallel_size": b.data_parallel_size, "tokens": self.state.tokens,
+                    "model": OmegaConf.to_container(OmegaConf.structured(self.model_cfg))}
+            final = ckpt.commit(self.ckpt_root, tmp, self.state.step, meta, cfg.checkpoint.keep_last)
+        b.barrier()
+        return b.broadcast_object(final)
+
+    # -- evaluation -------------------------------------------------------------------------
+    def autocast(self):
+        if self.use_bf16:
+            return torch.autocast(self.backend.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        if not self.val_batches:
+            return None
+        model = self.backend.model
+        model.eval()
+        total = 0.0
+        for batch in self.val_batches:
+            with self.autocast():
+                _, loss = model(batch["input"].to(self.backend.device), batch["target"].to(self.backend.device))
+            total += float(loss)
+        model.train()
+        return self.backend.all_reduce_mean(total / len(self.val_batches))
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, b, t = self.cfg, self.backend, self.cfg.train
+        resumed = self.resume()
+        if b.is_main:
+            self._print_header(resumed)
+        logger = MetricsLogger(cfg, self.run_dir, b.is_main, t.max_steps, self.state.step)
+        result = {"resumed_from": resumed, "start_step": self.state.step, "losses": {}, "val_losses": {}}
+        if self.state.step >= t.max_steps:
+            if b.is_main:
+                print(f"[kiln] run already at step {self.state.step} >= train.max_steps={t.max_steps}: nothing "
+                      "to train. Raise train.max_steps, or start afresh with resume=none or another run_name.",
+                      flush=True)
+            logger.close()
+            result["final_step"] = self.state.step
+            return result
+        if resumed is None and t.eval_every > 0:
+            val = self.evaluate()
+            if val is not None:
+                logger.log(0, {"val_loss": val, "val_ppl": math.exp(min(val, 50))}, kind="eval")
+                result["val_losses"][0] = val
+        model = b.model
+        model.train()
+        window_t0, window_tokens = time.perf_counter(), 0
+        last_ckpt_step = self.state.step
+        while self.state.step < t.max_steps:
+            lr = lr_at(self.state.step, cfg.optim, t.max_steps)
+            loss_sum = 0.0
+            for micro in range(t.grad_accum_steps):
+                batch = next(self.train_batches)
+                x = batch["input"].to(b.device, non_blocking=True)
+                y = batch["target"].to(b.device, non_blocking=True)
+                with b.micro_step_context(micro == t.grad_accum_steps - 1):
+                    with self.autocast():
+                        _, loss = model(x, y)
+                    b.backward(loss / t.grad_accum_steps)
+                loss_sum += float(loss.detach())
+            grad_norm = b.step(lr, cfg.optim.grad_clip)
+            self.state.step += 1
+            self.state.tokens += self.tokens_per_step
+            window_tokens += self.tokens_per_step
+            loss_val = b.all_reduce_mean(loss_sum / t.grad_accum_steps)
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"loss is {loss_val} at step {self.state.step}; lower optim.lr or check "
+                                         "the data. The last good checkpoint is untouched.")
+            result["losses"][self.state.step] = loss_val
+            logger.advance(1, loss_val)
+            step = self.state.step
+            if step % t.log_every == 0 or step == t.max_steps:
+                if b.device.type == "cuda":
+                    torch.cuda.synchronize(b.device)
+                dt = time.perf_counter() - window_t0
+                tps = window_tokens / dt
+                metrics = {"loss": loss_val, "lr": lr, "grad_norm": grad_norm, "tokens": float(self.state.tokens),
+                           "tokens_per_s": tps, "tokens_per_s_per_device": tps / b.world_size,
+                           "mem_gb": peak_memory_gb(b.device)}
+                if self.peak:
+                    metrics["mfu"] = self.flops_per_token * tps / b.world_size / self.peak
+                logger.log(step, metrics)
+                window_t0, window_tokens = time.perf_counter(), 0
+            if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps):
+                val = self.evaluate()
+                if val is not None:
+                    logger.log(step, {"val_loss": val, "val_ppl": math.exp(min(val, 50))}, kind="eval")
+                    result["val_losses"][step] = val
+            if step % cfg.checkpoint.every == 0 or step == t.max_steps:
+                path = self.save()
+                last_ckpt_step = step
+                if b.is_main:
+                    logger.log(step, {"checkpoint": path}, kind="checkpoint")
+            if self.should_stop():
+                if last_ckpt_step != step:
+                    self.save()
+                if b.is_main:
+                    print(f"[kiln] stop requested: checkpointed at step {step}", flush=True)
+                break
+        logger.close()
+        result["final_step"] = self.state.step
+        result["tokens"] = self.state.tokens
+        if b.is_main:
+            result["plot"] = plot_losses(os.path.join(self.run_dir, "metrics.jsonl"),
+                                         os.path.join(self.run_dir, "loss.png"), title=f"kiln: {cfg.run_name}") \
+                if cfg.logger.plot else None
+        return result
+
+    def should_stop(self) -> bool:
+        """Hook for signal-driven stops (preemption); overridden by the launcher."""
+        return False
+
+    def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
+        model = self.backend.raw_model
+        ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.backend.device)
+        g = torch.Generator(device=self.backend.device).manual_seed(seed)
+        with self.autocast():
+            out = generate(model, ids, max_new_tokens, temperature=0.8, top_k=40,
+                           eos_id=self.tokenizer.eos_id, generator=g)
+        return prompt + self.tokenizer.decode(out[0].tolist())
+
+    def _print_header(self, resumed: Optional[str]) -> None:
+        cfg, b, mc = self.cfg, self.backend, self.model_cfg
+        n = param_count(mc)
+        print(f"[kiln] model: {n / 1e6:.2f}M parameters ({param_count(mc, include_embeddings=False) / 1e6:.2f}M "
+              f"without embeddings), d_model={mc.d_model} layers={mc.n_layers} heads={mc.n_heads}/{mc.kv_heads} "
+              f"vocab={mc.vocab_size} seq_len={cfg.data.seq_len}", flush=True)
+        print(f"[kiln] backend={b.name} world_size={b.world_size} device={b.device} "
+              f"precision={'bf16' if self.use_bf16 else 'fp32'} compile={cfg.train.compile} "
+              f"activation_checkpointing={cfg.train.activation_checkpointing}", flush=True)
+        print(f"[kiln] global batch = micro {cfg.train.micro_batch_size} x accum {cfg.train.grad_accum_steps} "
+              f"x data-parallel {b.data_parallel_size} = {self.global_batch} sequences = {self.tokens_per_step:,} "
+              f"tokens/step; {len(self.val_batches)} validation batches", flush=True)
+        if resumed:
+            print(f"[kiln] resumed from {resumed} at step {self.state.step}", flush=True)
+
+
+def load_init_weights(model: Transformer, path: str) -> None:
+    """Start from the full weights of a kiln checkpoint directory (consolidated safetensors)."""
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.exists(weights):
+        raise ConfigError("init_from", f"{path} has no model.safetensors; consolidate it with "
+                          "launch/convert_checkpoint.py first")
+    load_model(model, weights)
