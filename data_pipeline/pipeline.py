@@ -6,7 +6,7 @@ tokenizer trainer and ``prepare_data`` all see the same documents.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.document import Document

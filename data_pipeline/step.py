@@ -9,8 +9,9 @@ trainer checkpoint it together with the reader position.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 from data_pipeline.document import Document
 

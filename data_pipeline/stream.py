@@ -12,7 +12,8 @@ reader position, the step states and the pack buffer are consistent with each ot
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Optional
 
 import torch
 

@@ -98,7 +98,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, mask: Optional[torch.Tensor], kv_cache: Optional["KVCache"] = None):
+    def forward(self, x, cos, sin, mask: Optional[torch.Tensor], kv_cache: Optional[KVCache] = None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)

@@ -34,6 +34,7 @@ class TokenizerConfig:
     path: Optional[str] = None  # None: train one on the training data, cached in the run directory
     vocab_size: int = 8192
     train_max_docs: int = 20000  # documents read from the pipeline to train it
+    output: str = "${run_dir}/tokenizer.model"  # where launch/train_tokenizer.py writes
 
 
 @dataclass

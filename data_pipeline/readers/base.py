@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import fsspec
 

@@ -1,0 +1,44 @@
+from data_pipeline.tokenizer import BOS, CHAT_TOKENS, EOS, PAD, UNK
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def f(x):\n    return {'a': x ** 2}  # comment\n\n\ttabbed",
+    "Zahlen 1234567890 und Umlaute äöüß; 日本語のテキスト; emoji 🙂",
+    "  leading and trailing spaces  ",
+    "",
+]
+
+
+def test_decode_of_encode_is_identity_on_varied_text(tokenizer):
+    for text in TEXTS:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_unknown_characters_fall_back_to_bytes_not_unk(tokenizer):
+    ids = tokenizer.encode("ꙮ𝔘𝔫𝔦𝔠𝔬𝔡𝔢")
+    assert UNK not in ids
+    assert tokenizer.decode(ids) == "ꙮ𝔘𝔫𝔦𝔠𝔬𝔡𝔢"
+
+
+def test_digits_are_split_one_per_token(tokenizer):
+    pieces = [tokenizer.sp.id_to_piece(i) for i in tokenizer.encode("2024")]
+    assert pieces == ["2", "0", "2", "4"]
+
+
+def test_special_ids_are_fixed_and_chat_tokens_reserved(tokenizer):
+    assert (tokenizer.sp.unk_id(), tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (UNK, BOS, EOS, PAD)
+    assert set(tokenizer.control) == set(CHAT_TOKENS)
+    for tok, i in tokenizer.control.items():
+        assert tokenizer.encode(tok) == [i]  # one id, never split
+    assert tokenizer.encode("hi", bos=True, eos=True)[0] == BOS
+    assert tokenizer.encode("hi", bos=True, eos=True)[-1] == EOS
+
+
+def test_training_twice_gives_the_same_model(tokenizer_path, tmp_path):
+    from data_pipeline.tokenizer import train_tokenizer
+
+    texts = ["alpha beta gamma delta " * 20, "epsilon zeta eta theta " * 20] * 20
+    a = train_tokenizer(texts, str(tmp_path / "a.model"), vocab_size=300)
+    b = train_tokenizer(texts, str(tmp_path / "b.model"), vocab_size=300)
+    assert a.model_bytes() == b.model_bytes()
+    assert a.vocab_size == 300
