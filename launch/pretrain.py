@@ -33,9 +33,11 @@ def main(cfg: DictConfig) -> None:
     trainer = Trainer(cfg)
     result = trainer.fit()
     b = trainer.backend
+    if result["final_step"] > result["start_step"] and cfg.train.sample_tokens > 0:
+        text = trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens)  # every rank: weights may be sharded
+        if b.is_main:
+            print("[kiln] sample:", text, flush=True)
     if b.is_main:
-        if result["final_step"] > result["start_step"] and cfg.train.sample_tokens > 0:
-            print("[kiln] sample:", trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens), flush=True)
         vals = result["val_losses"]
         if vals:
             first, last = min(vals), max(vals)

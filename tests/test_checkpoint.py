@@ -45,7 +45,7 @@ def test_checkpoint_holds_everything_needed_to_continue(tiny_cfg, tmp_path):
             "meta.json", "model_config.yaml"} <= names
     state = ckpt.read_trainer_state(path)
     assert state["step"] == 3 and state["tokens"] == 3 * 4 * 32
-    assert state["data"][0]["docs"]["reader"]["position"] is not None
+    assert state["data"][0]["stream"]["docs"]["reader"]["position"] is not None
     assert {"python", "numpy", "torch"} <= set(state["rng"][0])
     # Safe loading: the optimizer file loads with weights_only=True.
     opt = ckpt.torch_load(os.path.join(path, "optimizer.pt"))

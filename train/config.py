@@ -62,6 +62,7 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 10
     seed: int = 1337
+    data_sharding: str = "sequences"  # sequences (exact on any world size) | documents (see train/data.py)
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | fp32 | bf16
     compile: bool = False
@@ -176,6 +177,8 @@ def validate(cfg: Any) -> None:
     _check(t.grad_accum_steps > 0, "train.grad_accum_steps", f"must be positive, got {t.grad_accum_steps}")
     _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     _check(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
+    _check(t.data_sharding in ("sequences", "documents"), "train.data_sharding",
+           f"unknown mode {t.data_sharding!r} (sequences | documents)")
     _check(t.device in ("auto", "cpu", "cuda"), "train.device", f"unknown device {t.device!r} (auto | cpu | cuda)")
     _check(t.precision in ("auto", "fp32", "bf16"), "train.precision",
            f"unknown precision {t.precision!r} (auto | fp32 | bf16)")

@@ -32,6 +32,7 @@ from train.activation_checkpointing import apply_activation_checkpointing
 from train.backends import build_backend
 from train.compile import compile_blocks
 from train.config import ConfigError
+from train.data import build_train_stream, restore_stream
 from train.metrics import MetricsLogger, peak_flops, peak_memory_gb, plot_losses
 from train.optim import lr_at
 
@@ -106,8 +107,7 @@ class Trainer:
         dp = b.data_parallel_size
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp
         self.tokens_per_step = self.global_batch * cfg.data.seq_len
-        self.train_batches = data.train_batches(cfg.data, self.tokenizer, cfg.train.micro_batch_size,
-                                                shard=b.rank, num_shards=dp)
+        self.train_batches = build_train_stream(cfg, self.tokenizer, b.rank, dp)
         self.val_batches = data.validation_batches(cfg.data, self.tokenizer, cfg.train.micro_batch_size,
                                                    cfg.train.eval_batches, shard=b.rank, num_shards=dp)
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
@@ -127,18 +127,10 @@ class Trainer:
         self.backend.load(path, meta)
         ts = ckpt.read_trainer_state(path)
         self.state = TrainState(step=ts["step"], tokens=ts["tokens"])
-        data_states = ts.get("data", [])
-        if len(data_states) == self.backend.data_parallel_size:
-            self.train_batches.load_state_dict(data_states[self.backend.rank])
-        else:
-            # A different number of data-parallel ranks: the per-rank streams cannot be
-            # mapped one to one, so every rank restarts its shard at the beginning of the
-            # epoch the run had reached (documented in the README).
-            epoch = max(s["docs"]["epoch"] for s in data_states) if data_states else 0
-            self.train_batches.stream.docs.epoch = epoch
-            if self.backend.is_main:
-                print(f"[kiln] resume: {len(data_states)} data ranks then, {self.backend.data_parallel_size} now;"
-                      f" data streams restart at epoch {epoch}", flush=True)
+        note = restore_stream(self.train_batches, ts.get("data", []), self.backend.rank,
+                              self.backend.data_parallel_size)
+        if self.backend.is_main:
+            print(f"[kiln] resume: {note}", flush=True)
         rngs = ts.get("rng", [])
         if len(rngs) == self.backend.world_size:
             ckpt.set_rng_state(rngs[self.backend.rank])

@@ -9,7 +9,19 @@ def build_backend(cfg) -> Backend:
         from train.backends.single import SingleBackend
 
         return SingleBackend(cfg)
-    raise ValueError(f"config error: backend.name: backend {name!r} is not available in this build")
+    if name == "ddp":
+        from train.backends.ddp import DDPBackend
+
+        return DDPBackend(cfg)
+    if name == "fsdp":
+        from train.backends.fsdp import FSDPBackend
+
+        return FSDPBackend(cfg)
+    if name == "deepspeed":
+        from train.backends.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(cfg)
+    raise ValueError(f"config error: backend.name: unknown backend {name!r}")
 
 
 __all__ = ["Backend", "build_backend"]

@@ -28,6 +28,23 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def init_distributed(backend: Backend) -> None:
+    """Join the process group the launcher (torchrun, deepspeed, srun, accelerate) described
+    in the environment: nccl on GPUs, gloo on CPUs, unless backend.dist_backend says otherwise."""
+    if dist.is_initialized():
+        return
+    choice = backend.cfg.backend.dist_backend
+    if choice == "auto":
+        choice = "nccl" if backend.device.type == "cuda" else "gloo"
+    if backend.world_size > 1 or "MASTER_ADDR" in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        import datetime
+
+        dist.init_process_group(choice, rank=backend.rank, world_size=backend.world_size,
+                                timeout=datetime.timedelta(minutes=backend.cfg.backend.timeout_minutes))
+
+
 class Backend:
     name = "base"
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
-from safetensors.torch import load_model, save_model
 
 from train.backends.base import Backend
-from train.checkpoint import torch_load
+from train.full_state import FullState, adamw_export, adamw_import, named_params, read_full_state
 from train.optim import build_adamw
 
 
@@ -32,18 +29,16 @@ class SingleBackend(Backend):
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
+    def export_full(self) -> FullState:
+        moments, step = adamw_export(self.raw_model, self.optimizer)
+        return FullState(model=self.raw_model.state_dict(), moments=moments, step=step)
+
     def save(self, directory: str) -> None:
         if self.is_main:
-            save_model(self.raw_model, os.path.join(directory, "model.safetensors"))
-            torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+            self.export_full().save(directory)
 
     def load(self, directory: str, meta: dict) -> None:
-        weights = os.path.join(directory, "model.safetensors")
-        if not os.path.exists(weights):
-            raise FileNotFoundError(
-                f"{directory} has no model.safetensors (written by backend {meta.get('backend')!r}); "
-                "consolidate it first with launch/convert_checkpoint.py")
-        load_model(self.raw_model, weights, device=str(self.device))
-        opt = os.path.join(directory, "optimizer.pt")
-        if os.path.exists(opt):
-            self.optimizer.load_state_dict(torch_load(opt, map_location=self.device))
+        names, tied = named_params(self.raw_model)
+        st = read_full_state(directory, names, tied)
+        self.raw_model.load_state_dict(st.model)
+        adamw_import(self.raw_model, self.optimizer, st.moments, st.step)

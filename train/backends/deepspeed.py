@@ -1,0 +1,197 @@
+"""DeepSpeed ZeRO stage 0-3, with optional optimizer / parameter CPU offload.
+
+The DeepSpeed JSON config is generated from the Hydra config (batch sizes, clipping,
+precision, ZeRO stage, offload); a user's own ``backend.ds_config`` file is merged over
+it, except for the batch keys, which must agree with kiln's or the run stops naming them.
+kiln keeps control of the learning rate (written into the param groups each step) and of
+gradient accumulation (DeepSpeed's micro-step counter is advanced per micro-batch, the
+loss arrives already scaled).
+
+Checkpoints are DeepSpeed's own (``deepspeed/`` inside the kiln checkpoint). Resuming with
+the same world size and ZeRO stage uses DeepSpeed's loader; anything else (another world
+size, another stage, an FSDP or single-device checkpoint) goes through the portable full
+state and DeepSpeed's public full-parameter setters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from train.backends.base import Backend
+from train.full_state import DS_DIR, MOMENTS, FullState, named_params, read_full_state, storage_format
+from train.optim import param_groups
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_ds_config(cfg, bf16: bool) -> dict:
+    b, t, o = cfg.backend, cfg.train, cfg.optim
+    zero: dict = {"stage": int(b.zero_stage)}
+    if b.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if b.offload_params:
+        if b.zero_stage != 3:
+            raise ValueError("config error: backend.offload_params: parameter offload needs backend.zero_stage=3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if b.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    ds = {
+        "train_micro_batch_size_per_gpu": int(t.micro_batch_size),
+        "gradient_accumulation_steps": int(t.grad_accum_steps),
+        "gradient_clipping": float(o.grad_clip),
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(bf16)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if b.ds_config:
+        with open(b.ds_config) as f:
+            user = json.load(f)
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+            if key in user and key != "train_batch_size" and user[key] != ds[key]:
+                raise ValueError(f"config error: backend.ds_config: {key}={user[key]} in {b.ds_config} "
+                                 f"disagrees with kiln's {ds[key]} (set it through train.*)")
+        user.pop("train_batch_size", None)
+        for key in ("optimizer", "scheduler"):
+            if key in user:
+                raise ValueError(f"config error: backend.ds_config: {key!r} in {b.ds_config}: kiln builds the "
+                                 "optimizer and schedule from optim.*")
+        ds = deep_merge(ds, user)
+    return ds
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        import deepspeed
+
+        choice = cfg.backend.dist_backend
+        if choice == "auto":
+            choice = "nccl" if self.device.type == "cuda" else "gloo"
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        deepspeed.init_distributed(dist_backend=choice, auto_mpi_discovery=False)
+        self._is_last = True
+
+    def setup(self, model: torch.nn.Module) -> None:
+        import deepspeed
+
+        bf16 = self.cfg.train.precision == "bf16" or (
+            self.cfg.train.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.ds_config = build_ds_config(self.cfg, bf16)
+        o = self.cfg.optim
+        if self.cfg.backend.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            opt = DeepSpeedCPUAdam(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                   eps=o.eps, adamw_mode=True)
+        else:
+            fused = o.fused if o.fused is not None else self.device.type == "cuda"
+            kw = {"fused": True} if fused else {}
+            opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                    eps=o.eps, **kw)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds_config)
+        self.engine = engine
+        self.model = engine
+        self.raw_model = engine.module
+        self.optimizer = optimizer
+
+    def micro_step_context(self, is_last: bool):
+        self._is_last = is_last
+        return super().micro_step_context(is_last)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not self._is_last:
+            self.engine.step()  # advances DeepSpeed's micro-step counter; no update
+
+    def step(self, lr: float, max_norm: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save(self, directory: str) -> None:
+        self.engine.save_checkpoint(os.path.join(directory, DS_DIR), tag="ckpt", save_latest=True)
+
+    def load(self, directory: str, meta: dict) -> None:
+        native = (storage_format(directory) == "deepspeed" and meta.get("world_size") == self.world_size
+                  and meta.get("zero_stage") == int(self.cfg.backend.zero_stage))
+        if native:
+            path, _ = self.engine.load_checkpoint(os.path.join(directory, DS_DIR), tag="ckpt",
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed could not load {directory}")
+            return
+        names, tied = named_params(self.raw_model)
+        self.import_full(read_full_state(directory, names, tied))
+
+    def import_full(self, st: FullState) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        stage = int(self.cfg.backend.zero_stage)
+        for name, p in self.raw_model.named_parameters():
+            full = st.model[name].to(torch.float32)
+            if stage == 0:
+                with torch.no_grad():
+                    p.copy_(full.to(p.device, p.dtype))
+            else:
+                safe_set_full_fp32_param(p, full.to(self.device))
+            if name in st.moments:
+                for k in MOMENTS:
+                    if stage == 0:
+                        state = self.optimizer.state[p]
+                        state[k] = st.moments[name][k].to(p.device, torch.float32).clone()
+                        state.setdefault("step", torch.tensor(float(st.step)))
+                    else:
+                        safe_set_full_optimizer_state(p, st.moments[name][k].to(self.device), k)
+        self._set_step(st.step)
+
+    def _set_step(self, step: int) -> None:
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                s = inner.state[p]
+                if "step" in s:
+                    old = s["step"]
+                    s["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device) \
+                        if isinstance(old, torch.Tensor) else step
+
+    def export_full(self) -> FullState:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        names, _ = named_params(self.raw_model)
+        stage = int(self.cfg.backend.zero_stage)
+        params = dict(self.raw_model.named_parameters())
+        model, moments, step = {}, {}, 0
+        for n in names:
+            p = params[n]
+            if stage == 0:
+                model[n] = p.detach().float().cpu().clone()
+                s = self.optimizer.state.get(p, {})
+                if s:
+                    moments[n] = {k: s[k].float().cpu().clone() for k in MOMENTS}
+            else:
+                model[n] = safe_get_full_fp32_param(p).cpu()
+                got = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
+                if all(v is not None for v in got.values()):
+                    moments[n] = {k: v.cpu() for k, v in got.items()}
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if "step" in inner.state.get(p, {}):
+                    step = int(inner.state[p]["step"])
+        return FullState(model=model, moments=moments, step=step)

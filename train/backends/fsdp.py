@@ -1,0 +1,138 @@
+"""FSDP2: ``fully_shard`` on every transformer block and on the root.
+
+Parameters, gradients and optimizer state are sharded across ranks (or, with
+``backend.hybrid_shard``, sharded within a node and replicated across nodes). Checkpoints
+are torch.distributed.checkpoint directories, which DCP reshards on load, so a run saved
+on N ranks resumes on M. Portable full checkpoints (single/DDP/converted DeepSpeed) load
+too, with every rank reading the full tensors and keeping its shard.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from train.backends.base import Backend, init_distributed
+from train.full_state import DCP_DIR, MOMENTS, FullState, named_params, read_full_state, storage_format
+from train.optim import build_adamw
+
+
+class FSDPBackend(Backend):
+    name = "fsdp"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        init_distributed(self)
+
+    def _mesh(self):
+        dev = self.device.type
+        if self.cfg.backend.hybrid_shard:
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
+            if self.world_size % per_node:
+                raise ValueError(f"config error: backend.hybrid_shard: world size {self.world_size} is not a "
+                                 f"multiple of the {per_node} ranks per node")
+            return init_device_mesh(dev, (self.world_size // per_node, per_node),
+                                    mesh_dim_names=("replicate", "shard"))
+        return init_device_mesh(dev, (self.world_size,), mesh_dim_names=("shard",))
+
+    def setup(self, model: torch.nn.Module) -> None:
+        bcfg = self.cfg.backend
+        bf16 = self.cfg.train.precision == "bf16" or (
+            self.cfg.train.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        kwargs = {"mesh": self._mesh(), "reshard_after_forward": bcfg.reshard_after_forward}
+        if bf16:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bcfg.offload_params:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        if not bcfg.offload_params:
+            model = model.to(self.device)
+        for block in model.layers:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        self.raw_model = self.model = model
+        opt_device = torch.device("cpu") if bcfg.offload_params else self.device
+        self.optimizer = build_adamw(model, self.cfg.optim, opt_device)
+
+    def step(self, lr: float, max_norm: float) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if max_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save(self, directory: str) -> None:
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(directory, DCP_DIR))
+
+    def load(self, directory: str, meta: dict) -> None:
+        if storage_format(directory) == "dcp":
+            msd, osd = get_state_dict(self.model, self.optimizer)
+            if not osd.get("state"):
+                self._init_optimizer_state()
+                msd, osd = get_state_dict(self.model, self.optimizer)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=os.path.join(directory, DCP_DIR))
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+            return
+        names, tied = named_params(self.model)
+        self.import_full(read_full_state(directory, names, tied))
+
+    def _init_optimizer_state(self) -> None:
+        """Materialise AdamW's state (zeros) so DCP has tensors to load into."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                st = self.optimizer.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+
+    def import_full(self, st: FullState) -> None:
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, st.model, options=opts)
+        if st.moments:
+            self._init_optimizer_state()
+            full = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=False))
+            for name, m in st.moments.items():
+                full["state"][name] = {"step": torch.tensor(float(st.step)),
+                                       **{k: m[k].to(torch.float32) for k in MOMENTS}}
+            set_optimizer_state_dict(self.model, self.optimizer, full, options=opts)
+
+    def export_full(self) -> FullState:
+        """Gather the full state on every rank's CPU (for conversion; memory: whole model)."""
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd = get_model_state_dict(self.model, options=opts)
+        osd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        moments = {n: {k: s[k] for k in MOMENTS} for n, s in osd["state"].items()}
+        steps = [int(s["step"]) for s in osd["state"].values()]
+        return FullState(model=msd, moments=moments, step=steps[0] if steps else 0)
+
+    def load_weights(self, state_dict: dict) -> None:
+        set_model_state_dict(self.model, state_dict, options=StateDictOptions(full_state_dict=True))
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()

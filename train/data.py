@@ -1,0 +1,89 @@
+"""How the trainer's ranks share the data stream.
+
+``train.data_sharding=sequences`` (default): every rank reads the same global stream of
+packed windows and keeps its slice of each global batch. The global batch of step k is
+then the same windows whatever the world size, micro-batch size and accumulation, so
+backends can be compared loss for loss, and a checkpoint resumes exactly on any number of
+ranks (the stream state is global). The price is that every rank runs the pipeline on the
+whole stream, which is cheap for prepared or pre-filtered data.
+
+``train.data_sharding=documents``: each rank reads a disjoint part of the input (whole
+files, or every N-th record), so pipeline work is divided across ranks. Resuming on the
+same number of ranks is exact; on a different number, each rank restarts its new shard at
+the epoch the run had reached (documents of the interrupted epoch may be seen again).
+"""
+
+from __future__ import annotations
+
+from data_pipeline import pipeline as data
+from data_pipeline.stream import PackedStream, collate
+
+
+class GlobalBatchSlicer:
+    """Pulls one global batch of windows per optimizer step, yields this rank's micro-batches."""
+
+    def __init__(self, windows: PackedStream, micro: int, accum: int, rank: int, world: int):
+        self.windows, self.micro, self.accum, self.rank, self.world = windows, micro, accum, rank, world
+        self.pending: list[dict] = []
+        self.step_start_state = windows.state_dict()
+
+    def _fill(self) -> None:
+        self.step_start_state = self.windows.state_dict()
+        n = self.micro * self.accum * self.world
+        step = [next(self.windows) for _ in range(n)]
+        self.pending = []
+        for j in range(self.accum):
+            lo = (j * self.world + self.rank) * self.micro
+            self.pending.append(collate(step[lo : lo + self.micro]))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if not self.pending:
+            self._fill()
+        return self.pending.pop(0)
+
+    def state_dict(self) -> dict:
+        return {"stream": self.step_start_state, "consumed": self.accum - len(self.pending) if self.pending else 0,
+                "global": True}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.windows.load_state_dict(state["stream"])
+        self.step_start_state = state["stream"]
+        self.pending = []
+        if state["consumed"]:
+            self._fill()
+            del self.pending[: state["consumed"]]
+
+    @property
+    def epoch(self) -> int:
+        return self.windows.docs.epoch
+
+
+def build_train_stream(cfg, tokenizer, rank: int, world: int):
+    t = cfg.train
+    if t.data_sharding == "sequences":
+        docs = data.document_stream(cfg.data, split="train", loop=True)
+        return GlobalBatchSlicer(PackedStream(docs, tokenizer, cfg.data.seq_len), t.micro_batch_size,
+                                 t.grad_accum_steps, rank, world)
+    return data.train_batches(cfg.data, tokenizer, t.micro_batch_size, shard=rank, num_shards=world)
+
+
+def restore_stream(stream, states: list[dict], rank: int, world: int) -> str:
+    """Load the saved data state into ``stream``; returns a note on what was done."""
+    if not states:
+        return "no data state saved; starting the stream afresh"
+    if isinstance(stream, GlobalBatchSlicer):
+        if not states[0].get("global"):
+            raise ValueError("checkpoint was written with train.data_sharding=documents; resume with the same setting")
+        stream.load_state_dict(states[0])
+        return "global stream restored exactly"
+    if states[0].get("global"):
+        raise ValueError("checkpoint was written with train.data_sharding=sequences; resume with the same setting")
+    if len(states) == world:
+        stream.load_state_dict(states[rank])
+        return "per-rank streams restored exactly"
+    epoch = max(s["docs"]["epoch"] for s in states)
+    stream.stream.docs.epoch = epoch
+    return f"{len(states)} data ranks then, {world} now: shards restart at epoch {epoch}"

@@ -1,0 +1,204 @@
+"""kiln's portable training state: full (unsharded) weights and AdamW moments by parameter name.
+
+Every backend can export to and import from this form, which is what makes a checkpoint
+move between world sizes and between DeepSpeed and FSDP. On disk it is two safetensors
+files -- ``model.safetensors`` and ``optimizer.safetensors`` (keys ``<param>.exp_avg`` and
+``<param>.exp_avg_sq``, metadata ``step``) -- so loading never unpickles anything.
+
+Native sharded formats are read into it here as well:
+- a torch.distributed.checkpoint directory (FSDP) is loaded into full tensors;
+- a DeepSpeed ZeRO checkpoint is converted with DeepSpeed's universal-checkpoint tool,
+  which writes every parameter's fp32 value and moments unpartitioned.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+DCP_DIR = "dcp"
+DS_DIR = "deepspeed"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class FullState:
+    model: dict[str, torch.Tensor]
+    moments: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # name -> {exp_avg, exp_avg_sq}
+    step: int = 0
+
+    def save(self, directory: str) -> None:
+        save_file(_dedup_tied(self.model), os.path.join(directory, MODEL_FILE))
+        if self.moments:
+            flat = {f"{n}.{k}": v.contiguous() for n, m in self.moments.items() for k, v in m.items()}
+            save_file(flat, os.path.join(directory, OPTIM_FILE), metadata={"step": str(self.step)})
+
+
+def _dedup_tied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage; store a tied output projection once."""
+    out, seen = {}, {}
+    for k, v in sd.items():
+        v = v.detach().cpu().contiguous()
+        key = (v.data_ptr(), tuple(v.shape)) if v.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen[key] = k
+        out[k] = v
+    return out
+
+
+def storage_format(directory: str) -> str:
+    """Which writer produced the checkpoint: 'full', 'dcp' or 'deepspeed'."""
+    if os.path.isdir(os.path.join(directory, DS_DIR)):
+        return "deepspeed"
+    if os.path.isdir(os.path.join(directory, DCP_DIR)):
+        return "dcp"
+    if os.path.exists(os.path.join(directory, MODEL_FILE)):
+        return "full"
+    raise FileNotFoundError(f"{directory}: no kiln weights found (model.safetensors, dcp/ or deepspeed/)")
+
+
+def read_full_state(directory: str, param_names: list[str], tied: dict[str, str] | None = None,
+                    with_optimizer: bool = True) -> FullState:
+    """Load any kiln checkpoint into a FullState on CPU.
+
+    ``param_names`` are the model's parameter names (tied aliases excluded); ``tied`` maps an
+    alias to the name it shares storage with, so both keys are present in the result.
+    """
+    fmt = storage_format(directory)
+    if fmt == "full":
+        st = _read_full_files(directory, with_optimizer)
+    elif fmt == "dcp":
+        st = _read_dcp(os.path.join(directory, DCP_DIR), param_names, with_optimizer)
+    else:
+        st = _read_deepspeed(os.path.join(directory, DS_DIR), param_names, with_optimizer)
+    for alias, name in (tied or {}).items():
+        if alias not in st.model and name in st.model:
+            st.model[alias] = st.model[name]
+    missing = [n for n in param_names if n not in st.model]
+    if missing:
+        raise KeyError(f"{directory}: checkpoint lacks parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    return st
+
+
+def _read_full_files(directory: str, with_optimizer: bool) -> FullState:
+    model = load_file(os.path.join(directory, MODEL_FILE))
+    st = FullState(model=model)
+    opt = os.path.join(directory, OPTIM_FILE)
+    if with_optimizer and os.path.exists(opt):
+        from safetensors import safe_open
+
+        with safe_open(opt, "pt") as f:
+            st.step = int(f.metadata().get("step", 0))
+            for key in f.keys():
+                name, moment = key.rsplit(".", 1)
+                st.moments.setdefault(name, {})[moment] = f.get_tensor(key)
+    return st
+
+
+def _read_dcp(path: str, param_names: list[str], with_optimizer: bool) -> FullState:
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(path).read_metadata()
+    shapes = {k: v.size for k, v in meta.state_dict_metadata.items() if hasattr(v, "size")}
+    state: dict = {"model": {}, "optim": {"state": {}}, "step": torch.zeros((), dtype=torch.float32)}
+    for n in param_names:
+        state["model"][n] = torch.empty(shapes[f"model.{n}"], dtype=torch.float32)
+        if with_optimizer and f"optim.state.{n}.exp_avg" in shapes:
+            state["optim"]["state"][n] = {m: torch.empty(shapes[f"optim.state.{n}.{m}"]) for m in MOMENTS}
+            state["optim"]["state"][n]["step"] = torch.zeros(())
+    import torch.distributed as dist
+
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    moments = {n: {m: s[m] for m in MOMENTS} for n, s in state["optim"]["state"].items()}
+    steps = [int(s["step"]) for s in state["optim"]["state"].values()]
+    return FullState(model=state["model"], moments=moments, step=steps[0] if steps else 0)
+
+
+def _read_deepspeed(path: str, param_names: list[str], with_optimizer: bool) -> FullState:
+    """DeepSpeed ZeRO 1/2/3 shards -> full tensors, via DeepSpeed's ds_to_universal tool."""
+    tag_file = os.path.join(path, "latest")
+    tag = open(tag_file).read().strip() if os.path.exists(tag_file) else sorted(os.listdir(path))[-1]
+    with tempfile.TemporaryDirectory(prefix="kiln-universal-") as out:
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               os.path.join(path, tag), "--output_folder", os.path.join(out, "u"), "--num_extract_workers", "1",
+               "--num_merge_workers", "1", "--inject_missing_state"]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"converting DeepSpeed checkpoint {path} failed:\n{p.stderr[-2000:]}")
+        zero = os.path.join(out, "u", "zero")
+        st = FullState(model={})
+        for n in param_names:
+            pdir = os.path.join(zero, n)
+            st.model[n] = _load_universal(os.path.join(pdir, "fp32.pt"))
+            if with_optimizer and os.path.exists(os.path.join(pdir, "exp_avg.pt")):
+                st.moments[n] = {m: _load_universal(os.path.join(pdir, f"{m}.pt")) for m in MOMENTS}
+        step_files = glob.glob(os.path.join(zero, "optimizer_state.pt")) + glob.glob(os.path.join(zero, "*", "step.pt"))
+        for f in step_files:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+            val = obj.get("param") if isinstance(obj, dict) else obj
+            if isinstance(val, torch.Tensor) and val.numel() == 1:
+                st.step = int(val.item())
+                break
+        return st
+
+
+def _load_universal(path: str) -> torch.Tensor:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    t = obj["param"] if isinstance(obj, dict) else obj
+    return t.float()
+
+
+# ---- torch AdamW <-> FullState --------------------------------------------------------
+
+def named_params(model: torch.nn.Module) -> tuple[list[str], dict[str, str]]:
+    """Parameter names without tied aliases, and alias -> owner for the tied ones."""
+    names, tied, owner = [], {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = id(p)
+        if key in owner:
+            tied[name] = owner[key]
+        else:
+            owner[key] = name
+            names.append(name)
+    return names, tied
+
+
+def adamw_export(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, int]:
+    """Moments by parameter name from a plain (unsharded) torch AdamW."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    moments, step = {}, 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            s = opt.state.get(p)
+            if s:
+                moments[name_of[id(p)]] = {m: s[m].detach().cpu().clone() for m in MOMENTS}
+                step = int(s["step"])
+    return moments, step
+
+
+def adamw_import(model: torch.nn.Module, opt: torch.optim.Optimizer, moments: dict, step: int) -> None:
+    """Fill a plain torch AdamW's state from moments by name (missing names start fresh)."""
+    params = dict(model.named_parameters())
+    for name, m in moments.items():
+        p = params[name]
+        state = opt.state[p]
+        state["step"] = torch.tensor(float(step), dtype=torch.float32,
+                                     device=p.device if _step_on_device(opt) else "cpu")
+        for k in MOMENTS:
+            state[k] = m[k].to(device=p.device, dtype=p.dtype).clone()
+
+
+def _step_on_device(opt: torch.optim.Optimizer) -> bool:
+    g = opt.param_groups[0]
+    return bool(g.get("fused") or g.get("capturable"))
