@@ -56,6 +56,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 200
+    stop_at_step: Optional[int] = None  # checkpoint and exit after this step (the schedule still spans max_steps)
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
     eval_every: int = 50

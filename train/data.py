@@ -45,8 +45,9 @@ class GlobalBatchSlicer:
         return self.pending.pop(0)
 
     def state_dict(self) -> dict:
-        return {"stream": self.step_start_state, "consumed": self.accum - len(self.pending) if self.pending else 0,
-                "global": True}
+        if not self.pending:  # between optimizer steps: the stream itself is the position
+            return {"stream": self.windows.state_dict(), "consumed": 0, "global": True}
+        return {"stream": self.step_start_state, "consumed": self.accum - len(self.pending), "global": True}
 
     def load_state_dict(self, state: dict) -> None:
         self.windows.load_state_dict(state["stream"])

@@ -13,7 +13,6 @@ Native sharded formats are read into it here as well:
 
 from __future__ import annotations
 
-import glob
 import os
 import subprocess
 import sys
@@ -68,20 +67,22 @@ def storage_format(directory: str) -> str:
     raise FileNotFoundError(f"{directory}: no kiln weights found (model.safetensors, dcp/ or deepspeed/)")
 
 
-def read_full_state(directory: str, param_names: list[str], tied: dict[str, str] | None = None,
-                    with_optimizer: bool = True) -> FullState:
-    """Load any kiln checkpoint into a FullState on CPU.
+def read_full_state(directory: str, model: torch.nn.Module, with_optimizer: bool = True) -> FullState:
+    """Load any kiln checkpoint into a FullState on CPU, shaped for ``model``.
 
-    ``param_names`` are the model's parameter names (tied aliases excluded); ``tied`` maps an
-    alias to the name it shares storage with, so both keys are present in the result.
+    ``model`` may be plain, FSDP-sharded or DeepSpeed-partitioned: only its parameter names
+    and full shapes are used. Tied aliases (output = embedding) get the shared tensor.
     """
+    param_names, tied = named_params(model)
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
     fmt = storage_format(directory)
     if fmt == "full":
         st = _read_full_files(directory, with_optimizer)
     elif fmt == "dcp":
         st = _read_dcp(os.path.join(directory, DCP_DIR), param_names, with_optimizer)
     else:
-        st = _read_deepspeed(os.path.join(directory, DS_DIR), param_names, with_optimizer)
+        st = _read_deepspeed(os.path.join(directory, DS_DIR), shapes, param_names, with_optimizer)
+        st.step = _kiln_step(directory)
     for alias, name in (tied or {}).items():
         if alias not in st.model and name in st.model:
             st.model[alias] = st.model[name]
@@ -125,8 +126,19 @@ def _read_dcp(path: str, param_names: list[str], with_optimizer: bool) -> FullSt
     return FullState(model=state["model"], moments=moments, step=steps[0] if steps else 0)
 
 
-def _read_deepspeed(path: str, param_names: list[str], with_optimizer: bool) -> FullState:
-    """DeepSpeed ZeRO 1/2/3 shards -> full tensors, via DeepSpeed's ds_to_universal tool."""
+def _kiln_step(directory: str) -> int:
+    """AdamW's step count equals kiln's optimizer step (bf16/fp32 never skip a step)."""
+    import json
+
+    with open(os.path.join(directory, "trainer_state.json")) as f:
+        return int(json.load(f)["step"])
+
+
+def _read_deepspeed(path: str, shapes: dict, param_names: list[str], with_optimizer: bool) -> FullState:
+    """DeepSpeed ZeRO 1/2/3 shards -> full tensors, via DeepSpeed's ds_to_universal tool.
+
+    The tool writes one folder per parameter with fp32.pt / exp_avg.pt / exp_avg_sq.pt as
+    plain tensors (flattened under ZeRO-3), so they load with weights_only=True."""
     tag_file = os.path.join(path, "latest")
     tag = open(tag_file).read().strip() if os.path.exists(tag_file) else sorted(os.listdir(path))[-1]
     with tempfile.TemporaryDirectory(prefix="kiln-universal-") as out:
@@ -140,23 +152,19 @@ def _read_deepspeed(path: str, param_names: list[str], with_optimizer: bool) -> 
         st = FullState(model={})
         for n in param_names:
             pdir = os.path.join(zero, n)
-            st.model[n] = _load_universal(os.path.join(pdir, "fp32.pt"))
+            st.model[n] = _load_universal(os.path.join(pdir, "fp32.pt"), shapes[n])
             if with_optimizer and os.path.exists(os.path.join(pdir, "exp_avg.pt")):
-                st.moments[n] = {m: _load_universal(os.path.join(pdir, f"{m}.pt")) for m in MOMENTS}
-        step_files = glob.glob(os.path.join(zero, "optimizer_state.pt")) + glob.glob(os.path.join(zero, "*", "step.pt"))
-        for f in step_files:
-            obj = torch.load(f, map_location="cpu", weights_only=True)
-            val = obj.get("param") if isinstance(obj, dict) else obj
-            if isinstance(val, torch.Tensor) and val.numel() == 1:
-                st.step = int(val.item())
-                break
+                st.moments[n] = {m: _load_universal(os.path.join(pdir, f"{m}.pt"), shapes[n]) for m in MOMENTS}
         return st
 
 
-def _load_universal(path: str) -> torch.Tensor:
+def _load_universal(path: str, shape: tuple) -> torch.Tensor:
     obj = torch.load(path, map_location="cpu", weights_only=True)
-    t = obj["param"] if isinstance(obj, dict) else obj
-    return t.float()
+    t = (obj["param"] if isinstance(obj, dict) else obj).detach().float()
+    numel = 1
+    for d in shape:
+        numel *= d
+    return t.reshape(-1)[:numel].reshape(shape).clone()
 
 
 # ---- torch AdamW <-> FullState --------------------------------------------------------

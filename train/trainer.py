@@ -91,6 +91,7 @@ class Trainer:
         self.tokenizer = ensure_tokenizer(cfg, b)
         self.model_cfg = resolve_model_config(cfg, self.tokenizer)
         self.state = TrainState()
+        self._stop_requested = False
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = Transformer(self.model_cfg)
@@ -265,8 +266,13 @@ class Trainer:
         return result
 
     def should_stop(self) -> bool:
-        """Hook for signal-driven stops (preemption); overridden by the launcher."""
-        return False
+        """True when the run must checkpoint and exit now: ``train.stop_at_step`` reached, or
+        a stop requested through ``request_stop`` (signal handlers of launchers)."""
+        stop_at = self.cfg.train.stop_at_step
+        return self._stop_requested or (stop_at is not None and self.state.step >= stop_at)
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
         model = self.backend.raw_model

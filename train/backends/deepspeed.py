@@ -136,8 +136,7 @@ class DeepSpeedBackend(Backend):
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load {directory}")
             return
-        names, tied = named_params(self.raw_model)
-        self.import_full(read_full_state(directory, names, tied))
+        self.import_full(read_full_state(directory, self.raw_model))
 
     def import_full(self, st: FullState) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state

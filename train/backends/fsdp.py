@@ -27,7 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from train.backends.base import Backend, init_distributed
-from train.full_state import DCP_DIR, MOMENTS, FullState, named_params, read_full_state, storage_format
+from train.full_state import DCP_DIR, MOMENTS, FullState, read_full_state, storage_format
 from train.optim import build_adamw
 
 
@@ -96,8 +96,7 @@ class FSDPBackend(Backend):
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])
             return
-        names, tied = named_params(self.model)
-        self.import_full(read_full_state(directory, names, tied))
+        self.import_full(read_full_state(directory, self.model))
 
     def _init_optimizer_state(self) -> None:
         """Materialise AdamW's state (zeros) so DCP has tensors to load into."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from train.backends.base import Backend
-from train.full_state import FullState, adamw_export, adamw_import, named_params, read_full_state
+from train.full_state import FullState, adamw_export, adamw_import, read_full_state
 from train.optim import build_adamw
 
 
@@ -38,7 +38,6 @@ class SingleBackend(Backend):
             self.export_full().save(directory)
 
     def load(self, directory: str, meta: dict) -> None:
-        names, tied = named_params(self.raw_model)
-        st = read_full_state(directory, names, tied)
+        st = read_full_state(directory, self.raw_model)
         self.raw_model.load_state_dict(st.model)
         adamw_import(self.raw_model, self.optimizer, st.moments, st.step)
