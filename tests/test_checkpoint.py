@@ -41,15 +41,17 @@ def test_checkpoint_holds_everything_needed_to_continue(tiny_cfg, tmp_path):
     trainer, _ = run(tiny_cfg("train.max_steps=3", "checkpoint.every=3", "train.eval_every=0"))
     path = ckpt.find_latest(trainer.ckpt_root)
     names = set(os.listdir(path))
-    assert {"model.safetensors", "optimizer.pt", "trainer_state.json", "config.yaml", "tokenizer.model",
+    assert {"model.safetensors", "optimizer.safetensors", "trainer_state.json", "config.yaml", "tokenizer.model",
             "meta.json", "model_config.yaml"} <= names
     state = ckpt.read_trainer_state(path)
     assert state["step"] == 3 and state["tokens"] == 3 * 4 * 32
     assert state["data"][0]["stream"]["docs"]["reader"]["position"] is not None
     assert {"python", "numpy", "torch"} <= set(state["rng"][0])
-    # Safe loading: the optimizer file loads with weights_only=True.
-    opt = ckpt.torch_load(os.path.join(path, "optimizer.pt"))
-    assert opt["state"]
+    # Safe loading: weights and AdamW moments are safetensors, keyed by parameter name.
+    from safetensors.torch import load_file
+
+    moments = load_file(os.path.join(path, "optimizer.safetensors"))
+    assert "layers.0.attn.wq.weight.exp_avg" in moments and "layers.0.attn.wq.weight.exp_avg_sq" in moments
 
 
 def test_keep_last_prunes_old_checkpoints(tiny_cfg):

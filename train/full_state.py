@@ -112,7 +112,7 @@ def _read_dcp(path: str, param_names: list[str], with_optimizer: bool) -> FullSt
 
     meta = dcp.FileSystemReader(path).read_metadata()
     shapes = {k: v.size for k, v in meta.state_dict_metadata.items() if hasattr(v, "size")}
-    state: dict = {"model": {}, "optim": {"state": {}}, "step": torch.zeros((), dtype=torch.float32)}
+    state: dict = {"model": {}, "optim": {"state": {}}}
     for n in param_names:
         state["model"][n] = torch.empty(shapes[f"model.{n}"], dtype=torch.float32)
         if with_optimizer and f"optim.state.{n}.exp_avg" in shapes:
