@@ -8,9 +8,24 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import dataclasses
+
+from omegaconf import DictConfig, OmegaConf
+
 from data_pipeline.config import DataConfig, SourceConfig
+from data_pipeline.dedup import ExactDedup, MinHashDedup
 from data_pipeline.document import Document
 from data_pipeline.extract import HtmlExtractor
+from data_pipeline.filters import (
+    BadWordsFilter,
+    C4QualityFilter,
+    FineWebQualityFilter,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+    LanguageFilter,
+    PIIScrubber,
+    URLFilter,
+)
 from data_pipeline.readers import Reader, WarcReader
 from data_pipeline.step import PipelineStep
 from data_pipeline.stream import Batches, DocumentStream, PackedStream
@@ -22,13 +37,42 @@ def build_reader(src: SourceConfig, shard: int = 0, num_shards: int = 1) -> Read
     raise ValueError(f"data source {src.name!r}: reader for format {src.format!r} is not available")
 
 
+def _kwargs(block) -> dict:
+    """A step's config block as constructor kwargs (without ``enabled``)."""
+    if isinstance(block, DictConfig):
+        d = OmegaConf.to_container(block, resolve=True)
+    else:
+        d = dataclasses.asdict(block)
+    d.pop("enabled", None)
+    return d
+
+
+# (config block name, step class), in the order the steps run. The URL filter needs only
+# the URL, so it runs before the (expensive) HTML extraction; the cheap language filter
+# runs before the heuristics; dedup comes after filtering (FineWeb's order) so that its
+# bounded index only holds documents that are kept; PII scrubbing edits the final text.
+STEP_ORDER = (
+    ("url_filter", URLFilter),
+    ("extract", HtmlExtractor),
+    ("langid", LanguageFilter),
+    ("gopher_repetition", GopherRepetitionFilter),
+    ("gopher_quality", GopherQualityFilter),
+    ("c4_quality", C4QualityFilter),
+    ("fineweb_quality", FineWebQualityFilter),
+    ("bad_words", BadWordsFilter),
+    ("exact_dedup", ExactDedup),
+    ("minhash_dedup", MinHashDedup),
+    ("pii", PIIScrubber),
+)
+
+
 def build_steps(cfg: DataConfig) -> list[PipelineStep]:
     """The processing steps in their fixed order; disabled ones are left out."""
     steps: list[PipelineStep] = []
-    if cfg.extract.enabled:
-        steps.append(HtmlExtractor(main_content=cfg.extract.main_content,
-                                   max_replacement_ratio=cfg.extract.max_replacement_ratio,
-                                   min_chars=cfg.extract.min_chars))
+    for key, cls in STEP_ORDER:
+        block = getattr(cfg, key, None)
+        if block is not None and block.enabled:
+            steps.append(cls(**_kwargs(block)))
     return steps
 
 

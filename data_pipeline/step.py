@@ -80,6 +80,9 @@ class PipelineStep:
             examples.append({"id": doc.id, "url": doc.url, "text": (doc.text or "")[:500]})
         return None
 
+    def new_epoch(self) -> None:
+        """Called when the stream starts another pass over its input (dedup forgets)."""
+
     def state_dict(self) -> dict:
         return {}
 

@@ -52,6 +52,8 @@ class DocumentStream:
                                    "check the input paths and the filters")
             self.epoch += 1
             self.reader.reset()
+            for step in self.steps:
+                step.new_epoch()
 
     def __iter__(self):
         return self
