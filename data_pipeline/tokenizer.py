@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 

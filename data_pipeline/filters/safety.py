@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
 from urllib.parse import urlsplit
 
 from data_pipeline.document import Document
 from data_pipeline.step import Filter, PipelineStep
 from data_pipeline.text import words_of
 
-BLOCKLIST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "blocklists")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
 def read_list(path: str) -> set[str]:
@@ -29,8 +28,8 @@ def read_list(path: str) -> set[str]:
     return out
 
 
-def _lists(shipped: str, user_file: Optional[str], use_shipped: bool) -> set[str]:
-    items = read_list(os.path.join(BLOCKLIST_DIR, shipped)) if use_shipped else set()
+def _lists(shipped: str, user_file: str | None, use_shipped: bool) -> set[str]:
+    items = read_list(os.path.join(ASSETS, shipped)) if use_shipped else set()
     if user_file:
         items |= read_list(os.path.expanduser(user_file))
     return items
@@ -43,13 +42,13 @@ class URLFilter(Filter):
 
     name = "url_filter"
 
-    def __init__(self, use_shipped_lists: bool = True, domains_file: Optional[str] = None,
-                 words_file: Optional[str] = None):
+    def __init__(self, use_shipped_lists: bool = True, domains_file: str | None = None,
+                 words_file: str | None = None):
         super().__init__()
-        self.domains = _lists("domains.txt", domains_file, use_shipped_lists)
-        self.words = _lists("url_words.txt", words_file, use_shipped_lists)
+        self.domains = _lists("blocklist_domains.txt", domains_file, use_shipped_lists)
+        self.words = _lists("blocklist_url_words.txt", words_file, use_shipped_lists)
 
-    def reject(self, doc: Document) -> Optional[str]:
+    def reject(self, doc: Document) -> str | None:
         if not doc.url:
             return None
         try:
@@ -74,12 +73,12 @@ class BadWordsFilter(Filter):
 
     name = "bad_words"
 
-    def __init__(self, max_ratio: float = 0.0, use_shipped_lists: bool = True, words_file: Optional[str] = None):
+    def __init__(self, max_ratio: float = 0.0, use_shipped_lists: bool = True, words_file: str | None = None):
         super().__init__()
         self.max_ratio = max_ratio
         self.words = _lists("bad_words_en.txt", words_file, use_shipped_lists)
 
-    def reject(self, doc: Document) -> Optional[str]:
+    def reject(self, doc: Document) -> str | None:
         words = [w.lower() for w in words_of(doc.text) if w[0].isalnum()]
         if not words:
             return None

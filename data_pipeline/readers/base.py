@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import fsspec
 
@@ -29,7 +29,7 @@ def expand_paths(paths) -> list[str]:
     for p in paths:
         p = os.path.expanduser(str(p))
         if "://" in p:
-            fs, _, found = fsspec.get_fs_token_paths(p)
+            _fs, _, found = fsspec.get_fs_token_paths(p)
             proto = p.split("://", 1)[0]
             out.extend(sorted(f if "://" in f else f"{proto}://{f}" for f in found))
         elif any(ch in p for ch in "*?["):
@@ -71,7 +71,7 @@ class Reader:
 
     def reset(self) -> None:
         self.file_idx = 0
-        self.position: Optional[object] = None  # reader-specific resume point inside file
+        self.position: object | None = None  # reader-specific resume point inside file
         self.record_idx = 0  # global count of records passed, for record-level sharding
 
     def my_files(self) -> list[int]:
