@@ -34,8 +34,11 @@ class HtmlExtractor(PipelineStep):
         self.min_chars = min_chars
 
     def process(self, doc: Document):
-        if doc.raw is None:
-            return doc  # already text (WET, JSONL, ...)
+        if doc.raw is None:  # already text (WET, JSONL, ...): only the sanity checks
+            if _CONTROL.search(doc.text) and len(_CONTROL.findall(doc.text)) > self.max_control_ratio * len(doc.text):
+                return "binary"
+            doc.text = doc.text.replace("\x00", "")
+            return doc if doc.text.strip() else "no_text"
         raw = doc.raw
         head = raw[:4096]
         if b"\x00" in head:

@@ -25,15 +25,24 @@ from data_pipeline.filters import (
     PIIScrubber,
     URLFilter,
 )
-from data_pipeline.readers import Reader, WarcReader
+from data_pipeline.readers import HFReader, JsonlReader, ParquetReader, Reader, WarcReader
 from data_pipeline.step import PipelineStep
 from data_pipeline.stream import Batches, DocumentStream, PackedStream
 
 
 def build_reader(src: SourceConfig, shard: int = 0, num_shards: int = 1) -> Reader:
-    if src.format in ("warc", "wet"):
+    fmt = src.format
+    if fmt in ("warc", "wet"):
         return WarcReader(list(src.paths), source=src.name, shard=shard, num_shards=num_shards)
-    raise ValueError(f"data source {src.name!r}: reader for format {src.format!r} is not available")
+    keys = {"text_key": src.text_key, "id_key": src.id_key, "url_key": src.url_key}
+    if fmt == "jsonl":
+        return JsonlReader(list(src.paths), source=src.name, shard=shard, num_shards=num_shards, **keys)
+    if fmt == "parquet":
+        return ParquetReader(list(src.paths), source=src.name, shard=shard, num_shards=num_shards, **keys)
+    if fmt == "hf":
+        return HFReader(src.hf_name, list(src.paths) or None, config=src.hf_config, split=src.hf_split,
+                        source=src.name, shard=shard, num_shards=num_shards, **keys)
+    raise ValueError(f"data source {src.name!r}: unknown format {fmt!r} (warc | wet | jsonl | parquet | hf)")
 
 
 def _kwargs(block) -> dict:
