@@ -25,7 +25,13 @@ from data_pipeline.filters import (
     PIIScrubber,
     URLFilter,
 )
-from data_pipeline.readers import HFReader, JsonlReader, ParquetReader, Reader, WarcReader
+from data_pipeline.readers import (
+    HFReader,
+    JsonlReader,
+    ParquetReader,
+    Reader,
+    WarcReader,
+)
 from data_pipeline.step import PipelineStep
 from data_pipeline.stream import Batches, DocumentStream, PackedStream
 

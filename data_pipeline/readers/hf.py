@@ -8,8 +8,6 @@ records consumed and a resume uses ``IterableDataset.skip``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from data_pipeline.readers.base import Reader, expand_paths
 from data_pipeline.readers.jsonl import record_to_document
 from data_pipeline.step import StepStats
@@ -18,7 +16,7 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".jsonl.zst
              ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
-def _builder_for(files: list[str]) -> Optional[str]:
+def _builder_for(files: list[str]) -> str | None:
     for ext, builder in _BUILDERS.items():
         if all(f.endswith(ext) for f in files):
             return builder
@@ -28,7 +26,7 @@ def _builder_for(files: list[str]) -> Optional[str]:
 class HFReader(Reader):
     name = "hf_reader"
 
-    def __init__(self, name: Optional[str] = None, paths=None, config: Optional[str] = None,
+    def __init__(self, name: str | None = None, paths=None, config: str | None = None,
                  split: str = "train", source: str = "hf", shard: int = 0, num_shards: int = 1,
                  text_key: str = "text", id_key: str = "id", url_key: str = "url"):
         self.data_files = expand_paths(paths) if paths else None

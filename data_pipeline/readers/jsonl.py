@@ -27,7 +27,7 @@ def open_lines(path: str):
     raw = open_binary(path)
     if path.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)
-    if path.endswith(".zst") or path.endswith(".zstd"):
+    if path.endswith((".zst", ".zstd")):
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
     return raw
 
