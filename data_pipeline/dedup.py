@@ -11,18 +11,19 @@ process sees the whole shard set (``launch/prepare_data.py``).
 The first occurrence is kept. The index starts empty at every epoch, so a second pass
 over the same data yields the same documents as the first.
 
-State (for trainer checkpoints) is the remembered keys in insertion order, as int64
-tensors, which ``torch.load(weights_only=True)`` accepts.
+State (for trainer checkpoints) is the remembered keys in insertion order, packed as
+little-endian int64 and base64-encoded: compact, and it survives both the trainer's JSON
+state file and ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 import unicodedata
 from collections import OrderedDict
 
 import numpy as np
-import torch
 import xxhash
 
 from data_pipeline.document import Document
@@ -33,6 +34,14 @@ _MASK63 = (1 << 63) - 1
 
 def _to_int64(x: int) -> int:
     return x & _MASK63
+
+
+def pack(values) -> str:
+    return base64.b64encode(np.asarray(values, dtype="<i8").tobytes()).decode("ascii")
+
+
+def unpack(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<i8")
 
 
 class ExactDedup(PipelineStep):
@@ -66,12 +75,12 @@ class ExactDedup(PipelineStep):
         self.seen.clear()
 
     def state_dict(self) -> dict:
-        return {"keys": torch.tensor(list(self.seen), dtype=torch.int64), "evicted": self.evicted}
+        return {"keys": pack(list(self.seen)), "evicted": self.evicted}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
             return
-        self.seen = OrderedDict((int(k), None) for k in state["keys"].tolist())
+        self.seen = OrderedDict((int(k), None) for k in unpack(state["keys"]).tolist())
         self.evicted = int(state.get("evicted", 0))
 
 
@@ -197,21 +206,19 @@ class MinHashDedup(PipelineStep):
 
     def state_dict(self) -> dict:
         keys = [k for k, _ in self.docs.values()]
-        state = {"band_keys": torch.tensor(keys, dtype=torch.int64).reshape(len(keys), self.hasher.num_bands),
-                 "evicted": self.evicted}
+        state = {"n": len(keys), "band_keys": pack(keys), "evicted": self.evicted}
         if self.threshold > 0:
-            sigs = [s for _, s in self.docs.values()]
-            arr = np.stack(sigs).astype(np.int64) if sigs else np.zeros((0, self.hasher.num_hashes), np.int64)
-            state["signatures"] = torch.from_numpy(arr)
+            state["signatures"] = pack([s for _, s in self.docs.values()])
         return state
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
             return
         self._reset()
-        keys = state["band_keys"].tolist()
-        sigs = state.get("signatures")
+        n = state["n"]
+        keys = unpack(state["band_keys"]).reshape(n, self.hasher.num_bands).tolist()
+        sigs = unpack(state["signatures"]).reshape(n, self.hasher.num_hashes).astype(np.uint64) \
+            if "signatures" in state else None
         for i, ks in enumerate(keys):
-            sig = sigs[i].numpy().astype(np.uint64) if sigs is not None else None
-            self._add([int(k) for k in ks], sig)
+            self._add([int(k) for k in ks], sigs[i] if sigs is not None else None)
         self.evicted = int(state.get("evicted", 0))

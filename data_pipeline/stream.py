@@ -95,7 +95,9 @@ class PackedStream:
         need = self.seq_len + 1
         while len(self.buffer) < need:
             doc = next(self.docs)  # StopIteration ends a finite stream
-            ids = self.tok.encode(doc.text, bos=self.add_bos, eos=True)
+            ids = doc.metadata.pop("token_ids", None)  # already tokenized by a token-counting mixture
+            if ids is None or self.add_bos:
+                ids = self.tok.encode(doc.text, bos=self.add_bos, eos=True)
             self.buffer.extend(ids)
             self.buffer_docs.extend([self.doc_counter] * len(ids))
             self.doc_counter += 1
@@ -141,3 +143,7 @@ class Batches:
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the (fresh) document stream at ``epoch``: for resuming with another world size."""
+        self.stream.docs.epoch = epoch

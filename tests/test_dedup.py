@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 
 import numpy as np
@@ -36,6 +37,8 @@ def edit(text: str, changes: int, seed: int = 0) -> str:
 
 
 def roundtrip(state: dict) -> dict:
+    """Through the trainer's JSON state file and through torch.load(weights_only=True)."""
+    state = json.loads(json.dumps(state))
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
@@ -120,7 +123,7 @@ def test_minhash_state_survives_a_checkpoint(threshold):
     m = MinHashDedup(capacity=3, threshold=threshold)
     kept(m, [article(20), article(21), article(22), article(23)])
     state = roundtrip(m.state_dict())
-    assert state["band_keys"].shape == (3, 14)
+    assert state["n"] == 3 and len(state["band_keys"]) < 3 * 14 * 8 * 2  # packed int64, base64
     r = MinHashDedup(capacity=3, threshold=threshold)
     r.load_state_dict(state)
     later = [edit(article(20), 2), edit(article(22), 2), article(24)]
