@@ -119,4 +119,4 @@ def test_every_epoch_yields_the_same_documents_despite_dedup(tmp_path):
             break
         first_epoch.append(doc.id)
     second = [doc.id] + [next(s).id for _ in range(len(first_epoch) - 1)]
-    assert second == first_epoch and len(first_epoch) == 20 - 4  # 4 of the 5 duplicates removed
+    assert second == first_epoch and len(first_epoch) == 20 - 3  # 4 identical docs: 3 removed
