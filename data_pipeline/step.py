@@ -26,6 +26,8 @@ class StepStats:
     removed_by_reason: Counter = field(default_factory=Counter)
     bytes_removed_by_reason: Counter = field(default_factory=Counter)
     examples_by_reason: dict = field(default_factory=lambda: defaultdict(list))
+    kept_by_language: Counter = field(default_factory=Counter)  # "und" until language id has run
+    removed_by_language: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -36,7 +38,16 @@ class StepStats:
             "bytes_kept": self.bytes_kept,
             "removed_by_reason": dict(self.removed_by_reason),
             "bytes_removed_by_reason": dict(self.bytes_removed_by_reason),
+            "kept_by_language": dict(self.kept_by_language),
+            "removed_by_language": dict(self.removed_by_language),
         }
+
+    def merge(self, other: dict) -> None:
+        """Add the counts of another ``as_dict()`` (e.g. from another prepare_data task)."""
+        for k in ("seen", "kept", "removed", "bytes_seen", "bytes_kept"):
+            setattr(self, k, getattr(self, k) + other.get(k, 0))
+        for k in ("removed_by_reason", "bytes_removed_by_reason", "kept_by_language", "removed_by_language"):
+            getattr(self, k).update(other.get(k, {}))
 
 
 def doc_bytes(doc: Document) -> int:
@@ -68,12 +79,15 @@ class PipelineStep:
         s.seen += 1
         s.bytes_seen += size
         out = self.process(doc)
+        lang = doc.metadata.get("language", "und")
         if isinstance(out, Document):
             s.kept += 1
             s.bytes_kept += doc_bytes(out)
+            s.kept_by_language[lang] += 1
             return out
         reason = out or "removed"
         s.removed += 1
+        s.removed_by_language[lang] += 1
         s.removed_by_reason[reason] += 1
         s.bytes_removed_by_reason[reason] += size
         examples = s.examples_by_reason[reason]

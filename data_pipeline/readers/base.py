@@ -91,8 +91,10 @@ class Reader:
                     continue
                 self.stats.seen += 1
                 if isinstance(item, Document):
+                    size = len(item.raw or item.text.encode("utf-8", "replace"))
                     self.stats.kept += 1
-                    self.stats.bytes_kept += len(item.raw or item.text.encode())
+                    self.stats.bytes_kept += size
+                    self.stats.bytes_seen += size
                     yield item
                 else:
                     self.stats.removed += 1

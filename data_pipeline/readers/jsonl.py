@@ -97,7 +97,13 @@ def record_to_document(rec: dict, text_key: str, id_key: str, url_key: str, sour
         return "empty"
     if "\x00" in text:
         return "nul_bytes"
-    meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
+    meta = rec.get("metadata")
+    if isinstance(meta, str):  # parquet shards from prepare_data keep metadata as a JSON string
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            meta = {}
+    meta = meta if isinstance(meta, dict) else {}
     meta = {**meta, "file": path}
     rid = rec.get(id_key)
     url = rec.get(url_key)
