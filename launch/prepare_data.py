@@ -84,7 +84,7 @@ def process_file(cfg, src, path: str, out_path: str, fmt: str) -> dict:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        batch, writer = [], None
+        batch = []
         schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("url", pa.string()),
                             ("source", pa.string()), ("metadata", pa.string())])
         with pq.ParquetWriter(tmp, schema) as writer:
@@ -133,8 +133,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output-dir", required=True)
-    ap.add_argument("--shard-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)))
-    ap.add_argument("--num-shards", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)))
+    ap.add_argument("--shard-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")))
+    ap.add_argument("--num-shards", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1")))
     ap.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
     ap.add_argument("--input", nargs="*", default=None, help="input files/globs (replace data.sources paths)")
     ap.add_argument("--input-format", default=None, help="format of --input (warc | wet | jsonl | parquet)")

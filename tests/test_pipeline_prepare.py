@@ -55,7 +55,8 @@ def test_tasks_split_files_and_write_filtered_shards_with_done_markers(tmp_path)
     # short docs fail Gopher; the "dup" of part0 duplicates f0-good0 inside part0 only (dedup is per task file)
     expected = [f"f{f}-good{i}" for f in range(3) for i in range(4)] + ["f1-dup", "f2-dup"]
     assert sorted(ids) == sorted(expected)
-    stats = json.loads(open(shards[0] + ".done").read())
+    with open(shards[0] + ".done") as f:
+        stats = json.load(f)
     assert stats["docs"] == 4 and {n: st for n, st, _ in stats["steps"]}["gopher_quality"]["removed_by_reason"] == {"gopher_short_doc": 1}
 
 
