@@ -110,3 +110,18 @@ def test_write_report_tables_chart_and_examples(tmp_path):
     assert "### gopher_quality: gopher_short_doc" in md and "too short" in md
     assert "## By language" in md and "| langid |" in md
     assert (tmp_path / "rep" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prepared_data_config_reads_shards_without_steps(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from data_pipeline.pipeline import build_steps
+    from train.config import register_configs
+
+    paths, out = inputs(tmp_path, 2), tmp_path / "out"
+    run(out, paths)
+    register_configs()
+    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
+        cfg = compose(config_name="pretrain", overrides=["data=prepared", f"data.sources.0.paths=[{out}/*.jsonl.gz]"]).data
+    assert build_steps(cfg) == [] and cfg.sources[0].steps is False
+    assert len(list(document_stream(cfg, loop=False))) == 9
