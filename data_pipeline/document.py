@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass
@@ -14,5 +14,5 @@ class Document:
     text: str = ""
     url: str = ""
     source: str = "web"
-    raw: Optional[bytes] = None
+    raw: bytes | None = None
     metadata: dict[str, Any] = field(default_factory=dict)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import unicodedata
-from typing import Optional
 
 from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding
@@ -12,7 +10,8 @@ from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 from data_pipeline.document import Document
 from data_pipeline.step import PipelineStep
 
-_CHARSET = re.compile(r"charset=([\w\-:.]+)", re.I)
+_CHARSET = re.compile(r"charset=([\w\-:.]+)", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # Unicode category Cc minus \t \n \r
 
 
 class HtmlExtractor(PipelineStep):
@@ -35,8 +34,11 @@ class HtmlExtractor(PipelineStep):
         self.min_chars = min_chars
 
     def process(self, doc: Document):
-        if doc.raw is None:
-            return doc  # already text (WET, JSONL, ...)
+        if doc.raw is None:  # already text (WET, JSONL, ...): only the sanity checks
+            if _CONTROL.search(doc.text) and len(_CONTROL.findall(doc.text)) > self.max_control_ratio * len(doc.text):
+                return "binary"
+            doc.text = doc.text.replace("\x00", "")
+            return doc if doc.text.strip() else "no_text"
         raw = doc.raw
         head = raw[:4096]
         if b"\x00" in head:
@@ -51,7 +53,7 @@ class HtmlExtractor(PipelineStep):
             return "no_text"
         if text.count("\ufffd") > self.max_replacement_ratio * len(text):
             return "bad_encoding"
-        controls = sum(1 for ch in text if unicodedata.category(ch) == "Cc" and ch not in "\n\t\r")
+        controls = len(_CONTROL.findall(text))
         if controls > self.max_control_ratio * len(text):
             return "binary"
         doc.text = text
@@ -59,7 +61,7 @@ class HtmlExtractor(PipelineStep):
         return doc
 
 
-def decode_html(raw: bytes, content_type: str) -> Optional[str]:
+def decode_html(raw: bytes, content_type: str) -> str | None:
     """Bytes to str. Returns None if no codec gives a sane decode."""
     m = _CHARSET.search(content_type or "")
     candidates = []

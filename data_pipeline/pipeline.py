@@ -6,38 +6,126 @@ tokenizer trainer and ``prepare_data`` all see the same documents.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
+from omegaconf import DictConfig, OmegaConf
+
 from data_pipeline.config import DataConfig, SourceConfig
+from data_pipeline.dedup import ExactDedup, MinHashDedup
 from data_pipeline.document import Document
 from data_pipeline.extract import HtmlExtractor
-from data_pipeline.readers import Reader, WarcReader
+from data_pipeline.filters import (
+    BadWordsFilter,
+    C4QualityFilter,
+    FineWebQualityFilter,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+    LanguageFilter,
+    PIIScrubber,
+    URLFilter,
+)
+from data_pipeline.loader import StreamingLoader
+from data_pipeline.mixture import MixtureStream
+from data_pipeline.readers import (
+    HFReader,
+    JsonlReader,
+    ParquetReader,
+    Reader,
+    WarcReader,
+)
 from data_pipeline.step import PipelineStep
 from data_pipeline.stream import Batches, DocumentStream, PackedStream
 
 
 def build_reader(src: SourceConfig, shard: int = 0, num_shards: int = 1) -> Reader:
-    if src.format in ("warc", "wet"):
+    fmt = src.format
+    if fmt in ("warc", "wet"):
         return WarcReader(list(src.paths), source=src.name, shard=shard, num_shards=num_shards)
-    raise ValueError(f"data source {src.name!r}: reader for format {src.format!r} is not available")
+    keys = {"text_key": src.text_key, "id_key": src.id_key, "url_key": src.url_key}
+    if fmt == "jsonl":
+        return JsonlReader(list(src.paths), source=src.name, shard=shard, num_shards=num_shards, **keys)
+    if fmt == "parquet":
+        return ParquetReader(list(src.paths), source=src.name, shard=shard, num_shards=num_shards, **keys)
+    if fmt == "hf":
+        return HFReader(src.hf_name, list(src.paths) or None, config=src.hf_config, split=src.hf_split,
+                        source=src.name, shard=shard, num_shards=num_shards, **keys)
+    raise ValueError(f"data source {src.name!r}: unknown format {fmt!r} (warc | wet | jsonl | parquet | hf)")
+
+
+def _kwargs(block) -> dict:
+    """A step's config block as constructor kwargs (without ``enabled``)."""
+    if isinstance(block, DictConfig):
+        d = OmegaConf.to_container(block, resolve=True)
+    else:
+        d = dataclasses.asdict(block)
+    d.pop("enabled", None)
+    return d
+
+
+# (config block name, step class), in the order the steps run. The URL filter needs only
+# the URL, so it runs before the (expensive) HTML extraction; the cheap language filter
+# runs before the heuristics; dedup comes after filtering (FineWeb's order) so that its
+# bounded index only holds documents that are kept; PII scrubbing edits the final text.
+STEP_ORDER = (
+    ("url_filter", URLFilter),
+    ("extract", HtmlExtractor),
+    ("langid", LanguageFilter),
+    ("gopher_repetition", GopherRepetitionFilter),
+    ("gopher_quality", GopherQualityFilter),
+    ("c4_quality", C4QualityFilter),
+    ("fineweb_quality", FineWebQualityFilter),
+    ("bad_words", BadWordsFilter),
+    ("exact_dedup", ExactDedup),
+    ("minhash_dedup", MinHashDedup),
+    ("pii", PIIScrubber),
+)
 
 
 def build_steps(cfg: DataConfig) -> list[PipelineStep]:
     """The processing steps in their fixed order; disabled ones are left out."""
     steps: list[PipelineStep] = []
-    if cfg.extract.enabled:
-        steps.append(HtmlExtractor(main_content=cfg.extract.main_content,
-                                   max_replacement_ratio=cfg.extract.max_replacement_ratio,
-                                   min_chars=cfg.extract.min_chars))
+    for key, cls in STEP_ORDER:
+        block = getattr(cfg, key, None)
+        if block is not None and block.enabled:
+            steps.append(cls(**_kwargs(block)))
     return steps
 
 
+def source_stream(cfg: DataConfig, src: SourceConfig, split=None, shard: int = 0, num_shards: int = 1,
+                  loop: bool = True) -> DocumentStream:
+    """One source through the step chain (no steps for a source marked ``steps: false``,
+    e.g. shards already filtered by ``launch/prepare_data.py``)."""
+    reader = build_reader(src, shard, num_shards)
+    steps = build_steps(cfg) if src.steps else []
+    return DocumentStream(reader, steps, split=split, val_fraction=cfg.val_fraction, loop=loop)
+
+
+class TokenCounter:
+    """Mixture length function that tokenizes once: the ids ride along in the metadata
+    and ``PackedStream`` uses them, so token shares cost no second tokenization."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+
+    def __call__(self, doc: Document) -> int:
+        ids = self.tok.encode(doc.text, bos=False, eos=True)
+        doc.metadata["token_ids"] = ids
+        return len(ids)
+
+
 def document_stream(cfg: DataConfig, split=None, shard: int = 0, num_shards: int = 1,
-                    loop: bool = True) -> DocumentStream:
-    if len(cfg.sources) != 1:
-        raise ValueError("data.sources: exactly one source is supported by this stream builder")
-    reader = build_reader(cfg.sources[0], shard, num_shards)
-    return DocumentStream(reader, build_steps(cfg), split=split, val_fraction=cfg.val_fraction, loop=loop)
+                    loop: bool = True, tokenizer=None):
+    """A single source's ``DocumentStream``, or a ``MixtureStream`` over several sources
+    (weights are token shares; lengths in tokens when ``tokenizer`` is given, else bytes)."""
+    if not cfg.sources:
+        raise ValueError("data.sources: no data source configured")
+    streams = [source_stream(cfg, src, split, shard, num_shards, loop) for src in cfg.sources]
+    if len(streams) == 1:
+        return streams[0]
+    kw = {"length_fn": TokenCounter(tokenizer)} if tokenizer is not None else {}
+    return MixtureStream(streams, [src.weight for src in cfg.sources], [src.name for src in cfg.sources],
+                         seed=cfg.seed, loop=loop, **kw)
 
 
 def iter_texts(cfg: DataConfig, max_docs: int) -> Iterator[str]:
@@ -49,16 +137,37 @@ def iter_texts(cfg: DataConfig, max_docs: int) -> Iterator[str]:
         yield doc.text
 
 
+class TrainStreamFactory:
+    """Builds one shard's batch stream; called inside each DataLoader worker."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, micro_batch_size: int):
+        self.cfg, self.tokenizer, self.micro_batch_size = cfg, tokenizer, micro_batch_size
+
+    def __call__(self, shard: int, num_shards: int) -> Batches:
+        docs = document_stream(self.cfg, split="train", shard=shard, num_shards=num_shards, loop=True,
+                               tokenizer=self.tokenizer)
+        return Batches(PackedStream(docs, self.tokenizer, self.cfg.seq_len), self.micro_batch_size)
+
+
 def train_batches(cfg: DataConfig, tokenizer, micro_batch_size: int, shard: int = 0,
-                  num_shards: int = 1) -> Batches:
-    docs = document_stream(cfg, split="train", shard=shard, num_shards=num_shards, loop=True)
-    return Batches(PackedStream(docs, tokenizer, cfg.seq_len), micro_batch_size)
+                  num_shards: int = 1, num_workers: int | None = None):
+    """Endless training micro-batches for one rank (``shard`` of ``num_shards``).
+
+    With ``num_workers`` (default ``data.num_workers``) > 0, DataLoader worker processes
+    read disjoint sub-shards; either way the result has ``state_dict`` / ``load_state_dict``
+    and resumes with exactly the batches an uninterrupted run would have produced.
+    """
+    factory = TrainStreamFactory(cfg, tokenizer, micro_batch_size)
+    workers = getattr(cfg, "num_workers", 0) if num_workers is None else num_workers
+    if workers and workers > 0:
+        return StreamingLoader(factory, workers, rank=shard, world=num_shards)
+    return factory(shard, num_shards)
 
 
 def validation_batches(cfg: DataConfig, tokenizer, micro_batch_size: int, max_batches: int,
                        shard: int = 0, num_shards: int = 1) -> list[dict]:
     """The held-out split, packed once and kept in memory (at most ``max_batches``)."""
-    docs = document_stream(cfg, split="val", shard=shard, num_shards=num_shards, loop=False)
+    docs = document_stream(cfg, split="val", shard=shard, num_shards=num_shards, loop=False, tokenizer=tokenizer)
     batches = Batches(PackedStream(docs, tokenizer, cfg.seq_len), micro_batch_size)
     out = []
     for _ in range(max_batches):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 from data_pipeline.document import Document
 
@@ -26,6 +26,8 @@ class StepStats:
     removed_by_reason: Counter = field(default_factory=Counter)
     bytes_removed_by_reason: Counter = field(default_factory=Counter)
     examples_by_reason: dict = field(default_factory=lambda: defaultdict(list))
+    kept_by_language: Counter = field(default_factory=Counter)  # "und" until language id has run
+    removed_by_language: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -36,7 +38,16 @@ class StepStats:
             "bytes_kept": self.bytes_kept,
             "removed_by_reason": dict(self.removed_by_reason),
             "bytes_removed_by_reason": dict(self.bytes_removed_by_reason),
+            "kept_by_language": dict(self.kept_by_language),
+            "removed_by_language": dict(self.removed_by_language),
         }
+
+    def merge(self, other: dict) -> None:
+        """Add the counts of another ``as_dict()`` (e.g. from another prepare_data task)."""
+        for k in ("seen", "kept", "removed", "bytes_seen", "bytes_kept"):
+            setattr(self, k, getattr(self, k) + other.get(k, 0))
+        for k in ("removed_by_reason", "bytes_removed_by_reason", "kept_by_language", "removed_by_language"):
+            getattr(self, k).update(other.get(k, {}))
 
 
 def doc_bytes(doc: Document) -> int:
@@ -52,7 +63,7 @@ class PipelineStep:
     def __init__(self):
         self.stats = StepStats()
 
-    def process(self, doc: Document) -> Union[Document, str, None]:
+    def process(self, doc: Document) -> Document | str | None:
         """Return the (possibly changed) document to keep it, or a reason string to drop it."""
         return doc
 
@@ -62,24 +73,30 @@ class PipelineStep:
             if out is not None:
                 yield out
 
-    def run_one(self, doc: Document) -> Optional[Document]:
+    def run_one(self, doc: Document) -> Document | None:
         s = self.stats
         size = doc_bytes(doc)
         s.seen += 1
         s.bytes_seen += size
         out = self.process(doc)
+        lang = doc.metadata.get("language", "und")
         if isinstance(out, Document):
             s.kept += 1
             s.bytes_kept += doc_bytes(out)
+            s.kept_by_language[lang] += 1
             return out
         reason = out or "removed"
         s.removed += 1
+        s.removed_by_language[lang] += 1
         s.removed_by_reason[reason] += 1
         s.bytes_removed_by_reason[reason] += size
         examples = s.examples_by_reason[reason]
         if len(examples) < self.max_examples_per_reason:
             examples.append({"id": doc.id, "url": doc.url, "text": (doc.text or "")[:500]})
         return None
+
+    def new_epoch(self) -> None:
+        """Called when the stream starts another pass over its input (dedup forgets)."""
 
     def state_dict(self) -> dict:
         return {}
@@ -91,7 +108,7 @@ class PipelineStep:
 class Filter(PipelineStep):
     """A step that only keeps or drops. Subclasses implement ``reject`` -> reason or None."""
 
-    def reject(self, doc: Document) -> Optional[str]:
+    def reject(self, doc: Document) -> str | None:
         raise NotImplementedError
 
     def process(self, doc: Document):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from typing import Optional
 
 import torch
 
@@ -29,12 +28,12 @@ def split_of(doc_id: str, val_fraction: float) -> str:
 
 
 class DocumentStream:
-    def __init__(self, reader: Reader, steps: Sequence[PipelineStep], split: Optional[str] = None,
+    def __init__(self, reader: Reader, steps: Sequence[PipelineStep], split: str | None = None,
                  val_fraction: float = 0.0, loop: bool = True):
         self.reader, self.steps = reader, list(steps)
         self.split, self.val_fraction, self.loop = split, val_fraction, loop
         self.epoch = 0
-        self._it: Optional[Iterator[Document]] = None
+        self._it: Iterator[Document] | None = None
 
     def _chain(self) -> Iterator[Document]:
         while True:
@@ -53,6 +52,8 @@ class DocumentStream:
                                    "check the input paths and the filters")
             self.epoch += 1
             self.reader.reset()
+            for step in self.steps:
+                step.new_epoch()
 
     def __iter__(self):
         return self
@@ -94,7 +95,9 @@ class PackedStream:
         need = self.seq_len + 1
         while len(self.buffer) < need:
             doc = next(self.docs)  # StopIteration ends a finite stream
-            ids = self.tok.encode(doc.text, bos=self.add_bos, eos=True)
+            ids = doc.metadata.pop("token_ids", None)  # already tokenized by a token-counting mixture
+            if ids is None or self.add_bos:
+                ids = self.tok.encode(doc.text, bos=self.add_bos, eos=True)
             self.buffer.extend(ids)
             self.buffer_docs.extend([self.doc_counter] * len(ids))
             self.doc_counter += 1
@@ -140,3 +143,7 @@ class Batches:
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the (fresh) document stream at ``epoch``: for resuming with another world size."""
+        self.stream.docs.epoch = epoch

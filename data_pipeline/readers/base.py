@@ -14,7 +14,6 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Iterator
-from typing import Optional
 
 import fsspec
 
@@ -30,7 +29,7 @@ def expand_paths(paths) -> list[str]:
     for p in paths:
         p = os.path.expanduser(str(p))
         if "://" in p:
-            fs, _, found = fsspec.get_fs_token_paths(p)
+            _fs, _, found = fsspec.get_fs_token_paths(p)
             proto = p.split("://", 1)[0]
             out.extend(sorted(f if "://" in f else f"{proto}://{f}" for f in found))
         elif any(ch in p for ch in "*?["):
@@ -72,7 +71,7 @@ class Reader:
 
     def reset(self) -> None:
         self.file_idx = 0
-        self.position: Optional[object] = None  # reader-specific resume point inside file
+        self.position: object | None = None  # reader-specific resume point inside file
         self.record_idx = 0  # global count of records passed, for record-level sharding
 
     def my_files(self) -> list[int]:
@@ -92,8 +91,10 @@ class Reader:
                     continue
                 self.stats.seen += 1
                 if isinstance(item, Document):
+                    size = len(item.raw or item.text.encode("utf-8", "replace"))
                     self.stats.kept += 1
-                    self.stats.bytes_kept += len(item.raw or item.text.encode())
+                    self.stats.bytes_kept += size
+                    self.stats.bytes_seen += size
                     yield item
                 else:
                     self.stats.removed += 1

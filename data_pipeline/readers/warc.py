@@ -1,18 +1,45 @@
 """WARC / WET reader (gzip member per record, as Common Crawl ships them), via warcio.
 
 Only ``response`` records with an HTML payload (and ``conversion`` records of WET files)
-become documents; everything else is counted under a reason. A truncated or corrupt tail
-ends the file with reason ``truncated``; the records before it are kept.
+become documents; everything else is counted under a reason. Damaged input never ends the
+run: a record whose gzip member is corrupt is skipped (``corrupt_record``) and reading
+resumes at the next gzip member; a file that ends inside a record ends with ``truncated``,
+keeping the records before it. Payloads over ``max_payload_bytes`` are skipped without
+being held in memory (``too_large``).
 """
 
 from __future__ import annotations
 
+import zlib
+
 from warcio.archiveiterator import ArchiveIterator
+from warcio.exceptions import ArchiveLoadFailed
+from warcio.statusandheaders import StatusAndHeadersParserException
 
 from data_pipeline.document import Document
 from data_pipeline.readers.base import Reader, open_binary
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
+GZIP_MAGIC = b"\x1f\x8b\x08"
+# What a damaged record can raise inside warcio / zlib / gzip.
+READ_ERRORS = (ArchiveLoadFailed, StatusAndHeadersParserException, zlib.error, EOFError, OSError,
+               ValueError, UnicodeDecodeError)
+
+
+def _next_member(f, start: int, chunk: int = 1 << 20):
+    """Offset of the next gzip member header at or after ``start``, or None."""
+    f.seek(start)
+    pos, tail = start, b""
+    while True:
+        block = f.read(chunk)
+        if not block:
+            return None
+        data = tail + block
+        i = data.find(GZIP_MAGIC)
+        if i >= 0:
+            return pos - len(tail) + i
+        tail = data[-2:]
+        pos += len(block)
 
 
 class WarcReader(Reader):
@@ -27,32 +54,58 @@ class WarcReader(Reader):
         """Yield (offset_of_next_record, doc_or_reason). Resumes by seeking to ``start``."""
         with open_binary(path) as f:
             base = start or 0
-            if base:
+            while base is not None:
                 f.seek(base)
-            it = ArchiveIterator(f, check_digests=False)
-            try:
-                for rec in it:
-                    item = self._to_document(rec, path)
-                    if item is None:
-                        continue  # warcinfo/request/metadata records are not documents
-                    # Read the rest of the record so the iterator knows where the next starts.
-                    it.read_to_end(rec)
-                    offset, length = it.member_info
-                    yield base + offset + length, item
-            except Exception as exc:  # truncated gzip, malformed headers, ...
-                yield None, f"truncated:{type(exc).__name__}"
+                it = ArchiveIterator(f, check_digests=False)
+                next_off = base
+                try:
+                    for rec in it:
+                        item = self._to_document(rec, path)
+                        it.read_to_end(rec)
+                        offset, length = it.member_info
+                        next_off = base + offset + length
+                        if item is not None and getattr(rec.raw_stream, "limit", 0) > 0:
+                            item = "truncated"  # the stream ended before Content-Length bytes
+                        if item is not None:  # warcinfo/request/metadata records are not documents
+                            yield next_off, item
+                    f.seek(0, 2)
+                    if f.tell() <= next_off:
+                        return
+                    # warcio stopped early without an error: bytes are left after the last
+                    # complete record (a member cut inside its header, or trailing junk).
+                    exc = EOFError("unparsed bytes after the last record")
+                    raise exc
+                except READ_ERRORS as exc:
+                    resync = _next_member(f, next_off + 1)
+                    if resync is None:
+                        yield None, "truncated"
+                        return
+                    yield resync, f"corrupt_record:{type(exc).__name__}"
+                    base = resync
 
     def _to_document(self, rec, path):
-        if rec.rec_type == "conversion":  # WET: text already extracted
-            text = rec.content_stream().read().decode("utf-8", "replace")
-            url = rec.rec_headers.get_header("WARC-Target-URI") or ""
-            rid = rec.rec_headers.get_header("WARC-Record-ID") or url
-            return Document(id=rid, text=text, url=url, source=self.source, metadata={"file": path})
-        if rec.rec_type != "response":
-            return None
+        rtype = rec.rec_type
+        if rtype is None:
+            return "malformed_warc_header"
         url = rec.rec_headers.get_header("WARC-Target-URI") or ""
         rid = rec.rec_headers.get_header("WARC-Record-ID") or url
-        ctype = (rec.http_headers.get_header("Content-Type") or "") if rec.http_headers else ""
+        if rtype == "conversion":  # WET: text already extracted
+            raw = rec.content_stream().read(self.max_payload_bytes + 1)
+            if len(raw) > self.max_payload_bytes:
+                return "too_large"
+            if not raw.strip():
+                return "empty"
+            return Document(id=rid, text=raw.decode("utf-8", "replace"), url=url, source=self.source,
+                            metadata={"file": path})
+        if rtype != "response":
+            return None
+        http = rec.http_headers
+        status = http.get_statuscode() if http else None
+        if not status or not status.isdigit():
+            return "malformed_http_header"
+        if not status.startswith("2"):
+            return "http_status"
+        ctype = http.get_header("Content-Type") or ""
         if not ctype.lower().startswith(HTML_TYPES):
             return "non_html"
         payload = rec.content_stream().read(self.max_payload_bytes + 1)

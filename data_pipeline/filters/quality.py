@@ -1,0 +1,273 @@
+"""Heuristic quality filters from Gopher, C4 and FineWeb.
+
+Defaults are the published values; each constant cites where it comes from:
+  * Gopher: Rae et al. 2021, "Scaling Language Models", appendix A.1.1 and table A1, as
+    implemented in datatrove's ``GopherQualityFilter`` / ``GopherRepetitionFilter``.
+  * C4: Raffel et al. 2020, section 2.2, and the TFDS ``c4_utils`` code (the 1000-char word
+    and cookie/terms-of-use line rules), as in datatrove's ``C4QualityFilter``.
+  * FineWeb: Penedo et al. 2024, section 3.3 ("FineWeb custom filters"), as in datatrove's
+    ``FineWebQualityFilter``.
+Words are counted with ``data_pipeline.text.words_of`` (an NLTK-like tokenizer), so values
+right at a threshold may differ from datatrove's by a word.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+
+from data_pipeline.document import Document
+from data_pipeline.step import Filter, PipelineStep
+from data_pipeline.text import END_PUNCTUATION, content_words, find_duplicates, words_of
+
+# Gopher's stop words (Rae et al. 2021, A.1.1): a document needs at least two of them.
+GOPHER_STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
+
+
+class GopherQualityFilter(Filter):
+    """Drops pages that do not look like prose: too short/long, odd word lengths, symbol or
+    bullet dumps, trailing-ellipsis teaser lists, mostly non-alphabetic tokens, no stop words.
+    These rules are cheap and catch most machine-generated and navigation-only pages."""
+
+    name = "gopher_quality"
+
+    def __init__(self, min_doc_words: int | None = 50, max_doc_words: int | None = 100_000,
+                 min_avg_word_length: float | None = 3, max_avg_word_length: float | None = 10,
+                 max_symbol_word_ratio: float | None = 0.1, max_bullet_lines_ratio: float | None = 0.9,
+                 max_ellipsis_lines_ratio: float | None = 0.3, min_alpha_words_ratio: float | None = 0.8,
+                 min_stop_words: int | None = 2, stop_words: Sequence[str] = GOPHER_STOP_WORDS):
+        super().__init__()
+        self.min_doc_words, self.max_doc_words = min_doc_words, max_doc_words
+        self.min_avg_word_length, self.max_avg_word_length = min_avg_word_length, max_avg_word_length
+        self.max_symbol_word_ratio = max_symbol_word_ratio
+        self.max_bullet_lines_ratio = max_bullet_lines_ratio
+        self.max_ellipsis_lines_ratio = max_ellipsis_lines_ratio
+        self.min_alpha_words_ratio = min_alpha_words_ratio
+        self.min_stop_words = min_stop_words
+        self.stop_words = set(stop_words)
+
+    def reject(self, doc: Document) -> str | None:
+        text = doc.text
+        tokens = words_of(text)
+        words = content_words(tokens)
+        n = len(words)
+        if n == 0 or (self.min_doc_words is not None and n < self.min_doc_words):
+            return "gopher_short_doc"
+        if self.max_doc_words is not None and n > self.max_doc_words:
+            return "gopher_long_doc"
+        avg = sum(len(w) for w in words) / n
+        if self.min_avg_word_length is not None and avg < self.min_avg_word_length:
+            return "gopher_below_avg_word_length"
+        if self.max_avg_word_length is not None and avg > self.max_avg_word_length:
+            return "gopher_above_avg_word_length"
+        if self.max_symbol_word_ratio is not None:
+            if text.count("#") / n > self.max_symbol_word_ratio:
+                return "gopher_too_many_hashes"
+            if (text.count("...") + text.count("…")) / n > self.max_symbol_word_ratio:
+                return "gopher_too_many_ellipsis"
+        lines = text.splitlines() or [""]
+        if self.max_bullet_lines_ratio is not None:
+            bullets = sum(ln.lstrip().startswith("•") for ln in lines)
+            if bullets / len(lines) > self.max_bullet_lines_ratio:
+                return "gopher_too_many_bullets"
+        if self.max_ellipsis_lines_ratio is not None:
+            ell = sum(ln.rstrip().endswith(("...", "…")) for ln in lines)
+            if ell / len(lines) > self.max_ellipsis_lines_ratio:
+                return "gopher_too_many_end_ellipsis"
+        if self.min_alpha_words_ratio is not None:
+            alpha = sum(any(c.isalpha() for c in w) for w in words)
+            if alpha / n < self.min_alpha_words_ratio:
+                return "gopher_below_alpha_threshold"
+        if self.min_stop_words is not None:
+            stops = sum(w.lower() in self.stop_words for w in words)
+            if stops < self.min_stop_words:
+                return "gopher_enough_stop_words"
+        return None
+
+
+class _NGrams:
+    """n-grams of a word list as tuples of word ids, with their character length
+    (words joined by single spaces) from prefix sums: much faster than joining strings."""
+
+    def __init__(self, words: list[str]):
+        vocab: dict[str, int] = {}
+        self.ids = [vocab.setdefault(w, len(vocab)) for w in words]
+        self.prefix = [0]
+        for w in words:
+            self.prefix.append(self.prefix[-1] + len(w))
+
+    def grams(self, n: int) -> list[tuple]:
+        return list(zip(*(self.ids[i:] for i in range(n))))
+
+    def chars(self, start: int, n: int) -> int:
+        return self.prefix[start + n] - self.prefix[start] + n - 1
+
+    def top_chars(self, n: int) -> int:
+        """Characters covered by the most frequent n-gram, counted at every occurrence."""
+        grams = self.grams(n)
+        if not grams:
+            return 0
+        gram, count = Counter(grams).most_common(1)[0]
+        return self.chars(grams.index(gram), n) * count
+
+    def dup_chars(self, n: int) -> int:
+        """Characters in repeated n-grams, skipping past a repeat so overlaps count once."""
+        grams = self.grams(n)
+        seen: set[tuple] = set()
+        chars, i = 0, 0
+        while i < len(grams):
+            g = grams[i]
+            if g in seen:
+                chars += self.chars(i, n)
+                i += n
+            else:
+                seen.add(g)
+                i += 1
+        return chars
+
+
+class GopherRepetitionFilter(Filter):
+    """Drops repetitive pages (Gopher table A1): repeated lines/paragraphs, one n-gram
+    dominating, or many repeated long n-grams. Repetition is the signature of templated
+    spam and crawler traps, and repeated text also degrades LMs directly."""
+
+    name = "gopher_repetition"
+
+    def __init__(self, dup_line_frac: float | None = 0.3, dup_para_frac: float | None = 0.3,
+                 dup_line_char_frac: float | None = 0.2, dup_para_char_frac: float | None = 0.2,
+                 top_ngram_fracs: Sequence[float] = (0.20, 0.18, 0.16),  # n = 2, 3, 4
+                 dup_ngram_fracs: Sequence[float] = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)):  # n = 5..10
+        super().__init__()
+        self.dup_line_frac, self.dup_para_frac = dup_line_frac, dup_para_frac
+        self.dup_line_char_frac, self.dup_para_char_frac = dup_line_char_frac, dup_para_char_frac
+        self.top_ngram_fracs = list(top_ngram_fracs)
+        self.dup_ngram_fracs = list(dup_ngram_fracs)
+
+    def reject(self, doc: Document) -> str | None:
+        text = doc.text
+        if not text.strip():
+            return "empty"
+        size = len(text)
+        paras = re.split(r"\n{2,}", text.strip())
+        n_dup, c_dup = find_duplicates(paras)
+        if self.dup_para_frac is not None and n_dup / len(paras) > self.dup_para_frac:
+            return "dup_para_frac"
+        if self.dup_para_char_frac is not None and c_dup / size > self.dup_para_char_frac:
+            return "dup_para_char_frac"
+        # Blank lines are left out: resiliparse separates blocks with an empty line, which
+        # would otherwise make every page "repeat" ~40% of its lines (datatrove's reference
+        # extractor, trafilatura, emits no blank lines, so its counts match this).
+        lines = [ln for ln in text.splitlines() if ln.strip()] or [""]
+        n_dup, c_dup = find_duplicates(lines)
+        if self.dup_line_frac is not None and n_dup / len(lines) > self.dup_line_frac:
+            return "dup_line_frac"
+        if self.dup_line_char_frac is not None and c_dup / size > self.dup_line_char_frac:
+            return "dup_line_char_frac"
+        ngrams = _NGrams(words_of(text))
+        for n, frac in enumerate(self.top_ngram_fracs, start=2):
+            if frac is not None and ngrams.top_chars(n) / size > frac:
+                return f"top_{n}_gram"
+        for n, frac in enumerate(self.dup_ngram_fracs, start=5):
+            if frac is not None and ngrams.dup_chars(n) / size > frac:
+                return f"duplicated_{n}_n_grams"
+        return None
+
+
+# C4 (Raffel et al. 2020; TFDS c4_utils): lines mentioning cookies / terms are boilerplate.
+C4_POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses cookies",
+                        "use of cookies", "use cookies")
+_CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
+_SENTENCE_END = re.compile(r"[.!?]+(?:['\")\]]*)(?=\s|$)")
+
+
+def count_sentences(line: str) -> int:
+    """Sentence count of a line that already ends in terminal punctuation (at least 1)."""
+    return max(1, len(_SENTENCE_END.findall(line)))
+
+
+class C4QualityFilter(PipelineStep):
+    """C4's cleaning (Raffel et al. 2020, 2.2): keep only lines that end in terminal
+    punctuation and have >= 3 words, drop lines mentioning javascript or cookie/terms
+    policies, drop the page on "lorem ipsum" or a curly brace (code), or when fewer than
+    5 sentences remain. Unlike the other filters it edits the text (line removal)."""
+
+    name = "c4_quality"
+
+    def __init__(self, filter_no_terminal_punct: bool = True, min_words_per_line: int = 3,
+                 max_word_length: int = 1000, min_num_sentences: int = 5, filter_lorem_ipsum: bool = True,
+                 filter_javascript: bool = True, filter_curly_bracket: bool = True,
+                 filter_policy: bool = True, remove_citations: bool = True):
+        super().__init__()
+        self.filter_no_terminal_punct = filter_no_terminal_punct
+        self.min_words_per_line, self.max_word_length = min_words_per_line, max_word_length
+        self.min_num_sentences = min_num_sentences
+        self.filter_lorem_ipsum, self.filter_javascript = filter_lorem_ipsum, filter_javascript
+        self.filter_curly_bracket, self.filter_policy = filter_curly_bracket, filter_policy
+        self.remove_citations = remove_citations
+
+    def process(self, doc: Document):
+        kept, sentences = [], 0
+        for line in doc.text.splitlines():
+            line = line.strip()
+            words = line.split()
+            if self.max_word_length >= 0 and any(len(w) > self.max_word_length for w in words):
+                continue
+            if self.remove_citations:
+                line = _CITATION.sub("", line)
+            if self.filter_no_terminal_punct and (not line.endswith(END_PUNCTUATION) or line.endswith("...")):
+                continue
+            if len(words) < self.min_words_per_line:
+                continue
+            low = line.lower()
+            if self.filter_lorem_ipsum and "lorem ipsum" in low:
+                return "c4_lorem_ipsum"
+            if self.filter_javascript and "javascript" in low:
+                continue
+            if self.filter_curly_bracket and "{" in line:
+                return "c4_curly_bracket"
+            if self.filter_policy and any(p in low for p in C4_POLICY_SUBSTRINGS):
+                continue
+            sentences += count_sentences(line)
+            kept.append(line)
+        if sentences < self.min_num_sentences:
+            return "c4_too_few_sentences"
+        doc.text = "\n".join(kept).strip()
+        return doc
+
+
+class FineWebQualityFilter(Filter):
+    """FineWeb's extra rules (Penedo et al. 2024, 3.3), chosen because they removed content
+    that hurt downstream scores after the Gopher/C4 rules: pages where few lines end in
+    punctuation, that are mostly short lines, that repeat lines, or that are lists
+    (many newlines per word)."""
+
+    name = "fineweb_quality"
+
+    def __init__(self, line_punct_thr: float = 0.12, line_punct_exclude_zero: bool = False,
+                 short_line_thr: float = 0.67, short_line_length: int = 30,
+                 char_duplicates_ratio: float = 0.01, new_line_ratio: float = 0.3):
+        super().__init__()
+        self.line_punct_thr, self.line_punct_exclude_zero = line_punct_thr, line_punct_exclude_zero
+        self.short_line_thr, self.short_line_length = short_line_thr, short_line_length
+        self.char_duplicates_ratio, self.new_line_ratio = char_duplicates_ratio, new_line_ratio
+
+    def reject(self, doc: Document) -> str | None:
+        text = doc.text
+        chars = len(text.replace("\n", ""))
+        if chars == 0:
+            return "empty"
+        lines = text.split("\n")
+        ratio = sum(ln.endswith(END_PUNCTUATION) for ln in lines) / len(lines)
+        if ratio <= self.line_punct_thr and not (ratio == 0 and self.line_punct_exclude_zero):
+            return "fineweb_line_punct_ratio"
+        ratio = sum(len(ln) <= self.short_line_length for ln in lines) / len(lines)
+        if ratio >= self.short_line_thr:
+            return "fineweb_short_line_ratio"
+        _, dup_chars = find_duplicates([ln for ln in lines if ln.strip()])
+        if dup_chars / chars >= self.char_duplicates_ratio:
+            return "fineweb_char_dup_ratio"
+        words = words_of(text)
+        if text.count("\n") / max(1, len(words)) > self.new_line_ratio:
+            return "fineweb_list_ratio"
+        return None

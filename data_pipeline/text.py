@@ -1,0 +1,40 @@
+"""Text helpers shared by the filters: one word tokenizer so every heuristic counts the same words.
+
+The published heuristics (Gopher, C4, FineWeb via datatrove) count words with NLTK's
+``word_tokenize``; kiln does not depend on NLTK, so words are runs of word characters
+(apostrophes inside words kept) and every other non-space character is its own token.
+That matches NLTK on ordinary prose to within a few percent and never needs a download.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+_WORD_RE = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
+PUNCTUATION = set(string.punctuation)
+# Lines ending with one of these count as sentences / prose (C4's END_PUNCTUATION).
+END_PUNCTUATION = (".", "?", "!", '"', "'")
+
+
+def words_of(text: str) -> list[str]:
+    """Word and punctuation tokens, NLTK-like."""
+    return _WORD_RE.findall(text)
+
+
+def content_words(tokens: list[str]) -> list[str]:
+    """Tokens that are not a single punctuation character (Gopher's word count)."""
+    return [w for w in tokens if w not in PUNCTUATION]
+
+
+def find_duplicates(items: list[str]) -> tuple[int, int]:
+    """(number of repeated elements, characters in the repeats); first occurrences don't count."""
+    seen: set[str] = set()
+    dup_n = dup_chars = 0
+    for x in items:
+        if x in seen:
+            dup_n += 1
+            dup_chars += len(x)
+        else:
+            seen.add(x)
+    return dup_n, dup_chars

@@ -1,0 +1,127 @@
+"""launch/prepare_data.py: sharded tasks, atomic outputs, reruns skip finished work, the
+trainer reads the result; and the run report."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+
+from data_pipeline.config import DataConfig, SourceConfig
+from data_pipeline.pipeline import document_stream
+from data_pipeline.readers import JsonlReader, ParquetReader
+from data_pipeline.report import write_report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("prepare_data", os.path.join(REPO, "launch", "prepare_data.py"))
+prepare_data = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(prepare_data)
+
+# Only two steps, so the expected survivors are easy to state.
+OVERRIDES = [f"data.{k}.enabled=false" for k in ("url_filter", "langid", "gopher_repetition", "c4_quality",
+                                                  "fineweb_quality", "bad_words", "minhash_dedup", "pii")]
+OVERRIDES += ["data.gopher_quality.enabled=true", "data.exact_dedup.enabled=true"]
+
+GOOD = "The river and the stone garden were quiet in the morning, with letters on the window. " * 6
+
+
+def inputs(tmp_path, n_files=3):
+    paths = []
+    for f in range(n_files):
+        p = tmp_path / "in" / f"part{f}.jsonl"
+        p.parent.mkdir(exist_ok=True)
+        rows = [{"id": f"f{f}-good{i}", "text": f"Document {f}.{i}. " + GOOD} for i in range(4)]
+        rows += [{"id": f"f{f}-short", "text": "too short"}, {"id": f"f{f}-dup", "text": "Document 0.0. " + GOOD}]
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(str(p))
+    return paths
+
+
+def run(out, paths, *extra):
+    return prepare_data.main(["--output-dir", str(out), "--input", *paths, "--input-format", "jsonl", *extra,
+                              *OVERRIDES])
+
+
+def test_tasks_split_files_and_write_filtered_shards_with_done_markers(tmp_path):
+    paths, out = inputs(tmp_path), tmp_path / "out"
+    run(out, paths, "--shard-index", "0", "--num-shards", "2")
+    assert sorted(os.path.basename(p) for p in glob.glob(str(out / "*.jsonl.gz"))) == \
+        ["web-00000-part0.jsonl.gz", "web-00002-part2.jsonl.gz"]
+    run(out, paths, "--shard-index", "1", "--num-shards", "2")
+    shards = sorted(glob.glob(str(out / "*.jsonl.gz")))
+    assert len(shards) == 3 and all(os.path.exists(s + ".done") for s in shards)
+    ids = [d.id for d in JsonlReader(shards)]
+    # short docs fail Gopher; the "dup" of part0 duplicates f0-good0 inside part0 only (dedup is per task file)
+    expected = [f"f{f}-good{i}" for f in range(3) for i in range(4)] + ["f1-dup", "f2-dup"]
+    assert sorted(ids) == sorted(expected)
+    with open(shards[0] + ".done") as f:
+        stats = json.load(f)
+    assert stats["docs"] == 4 and {n: st for n, st, _ in stats["steps"]}["gopher_quality"]["removed_by_reason"] == {"gopher_short_doc": 1}
+
+
+def test_rerun_skips_finished_files_and_redoes_unfinished_ones(tmp_path):
+    paths, out = inputs(tmp_path, 2), tmp_path / "out"
+    run(out, paths)
+    first = out / "web-00000-part0.jsonl.gz"
+    mtime = os.path.getmtime(first)
+    os.remove(str(out / "web-00001-part1.jsonl.gz.done"))  # as if the task died after writing, before marking
+    (out / "web-00001-part1.jsonl.gz").write_bytes(b"partial garbage")
+    run(out, paths)
+    assert os.path.getmtime(first) == mtime
+    assert len(list(JsonlReader(str(out / "web-00001-part1.jsonl.gz")))) == 5
+
+
+def test_slurm_array_variables_pick_the_shard(tmp_path, monkeypatch):
+    paths, out = inputs(tmp_path), tmp_path / "out"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    run(out, paths)
+    assert [os.path.basename(p) for p in glob.glob(str(out / "*.jsonl.gz"))] == ["web-00001-part1.jsonl.gz"]
+
+
+def test_trainer_reads_prepared_shards_without_refiltering(tmp_path):
+    paths, out = inputs(tmp_path, 2), tmp_path / "out"
+    run(out, paths)
+    cfg = DataConfig(sources=[SourceConfig(paths=[str(out / "*.jsonl.gz")], format="jsonl", steps=False)])
+    docs = list(document_stream(cfg, loop=False))
+    assert len(docs) == 9 and all(d.text.startswith("Document") for d in docs)
+
+
+def test_parquet_output_and_summary_report(tmp_path):
+    paths, out = inputs(tmp_path, 2), tmp_path / "out"
+    run(out, paths, "--format", "parquet")
+    shards = sorted(glob.glob(str(out / "*.parquet")))
+    assert len(shards) == 2 and len(list(ParquetReader(shards))) == 9
+    prepare_data.main(["--output-dir", str(out), "--summarize"])
+    stats = json.loads((out / "report" / "stats.json").read_text())
+    assert stats["jsonl_reader"]["seen"] == 12 and stats["gopher_quality"]["removed"] == 2
+    assert stats["exact_dedup"]["removed_by_reason"] == {"exact_duplicate": 1}
+
+
+def test_write_report_tables_chart_and_examples(tmp_path):
+    cfg = DataConfig(sources=[SourceConfig(paths=inputs(tmp_path, 1), format="jsonl")])
+    cfg.gopher_quality.enabled = cfg.langid.enabled = True
+    s = document_stream(cfg, loop=False)
+    list(s)
+    write_report([s.reader, *s.steps], str(tmp_path / "rep"))
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| gopher_quality | 6 | 5 | 1 |" in md
+    assert "### gopher_quality: gopher_short_doc" in md and "too short" in md
+    assert "## By language" in md and "| langid |" in md
+    assert (tmp_path / "rep" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prepared_data_config_reads_shards_without_steps(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from data_pipeline.pipeline import build_steps
+    from train.config import register_configs
+
+    paths, out = inputs(tmp_path, 2), tmp_path / "out"
+    run(out, paths)
+    register_configs()
+    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
+        cfg = compose(config_name="pretrain", overrides=["data=prepared", f"data.sources.0.paths=[{out}/*.jsonl.gz]"]).data
+    assert build_steps(cfg) == [] and cfg.sources[0].steps is False
+    assert len(list(document_stream(cfg, loop=False))) == 9

@@ -1,0 +1,111 @@
+"""The embedded default (conf/data/sample.yaml) on the labelled sample: junk goes, good English stays.
+
+Measured on the bundled sample.warc.gz (335 records, 228 labelled good English pages):
+with conf/data/sample.yaml 160 good English pages survive the whole chain; with the
+published thresholds of every step (the dataclass defaults) only 74 do, which is why
+sample.yaml relaxes three thresholds (see the comments there).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from data_pipeline.pipeline import documents
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LABELS = os.path.join(REPO, "data_pipeline", "assets", "sample_labels.jsonl")
+
+
+def sample_data_cfg():
+    from train.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
+        return compose(config_name="pretrain").data
+
+
+@pytest.fixture(scope="module")
+def outcome():
+    """One pass of ``documents(cfg)``; per record id the step that removed it, or KEPT."""
+    cfg = sample_data_cfg()
+    stream = documents(cfg)
+    fate = {}
+
+    def recording(step):
+        inner = step.run_one
+
+        def run_one(doc):
+            out = inner(doc)
+            if out is None:
+                fate[doc.id] = step.name
+            return out
+        return run_one
+
+    for step in stream.steps:
+        step.run_one = recording(step)
+    for doc in stream:
+        fate[doc.id] = "KEPT"
+    with open(LABELS) as f:
+        labels = [json.loads(line) for line in f]
+    return fate, labels, stream.steps, stream.reader
+
+
+def test_sample_config_runs_the_full_chain(outcome):
+    _, _, steps, _ = outcome
+    assert [s.name for s in steps] == ["url_filter", "html_extract", "langid", "gopher_repetition",
+                                       "gopher_quality", "c4_quality", "fineweb_quality", "bad_words",
+                                       "exact_dedup", "minhash_dedup", "pii"]
+
+
+def test_sample_junk_is_removed(outcome):
+    fate, labels, _, _ = outcome
+    junk = {"spam", "adult_url", "symbols", "short", "binary", "charset", "pathological", "boilerplate"}
+    survivors = [lab["url"] for lab in labels if lab["kind"] in junk and fate.get(lab["record_id"]) == "KEPT"]
+    assert survivors == []
+
+
+def test_sample_adult_urls_are_removed_by_the_url_filter(outcome):
+    fate, labels, _, _ = outcome
+    assert {fate[lab["record_id"]] for lab in labels if lab["kind"] == "adult_url"} == {"url_filter"}
+
+
+def test_sample_keeps_at_most_one_page_of_each_duplicate_group(outcome):
+    fate, labels, _, _ = outcome
+    groups = collections.defaultdict(list)
+    for lab in labels:
+        groups[lab.get("dup_of_url") or lab["url"]].append(lab)
+    multi = {k: g for k, g in groups.items() if len(g) > 1}
+    assert len(multi) >= 15
+    for original, group in multi.items():
+        n_kept = sum(fate.get(lab["record_id"]) == "KEPT" for lab in group)
+        assert n_kept <= 1, (original, [(lab["url"], fate.get(lab["record_id"])) for lab in group])
+    dedup_removed = sum(fate.get(lab["record_id"]) in ("exact_dedup", "minhash_dedup") for g in multi.values() for lab in g)
+    assert dedup_removed >= 15  # measured 21: the rest were removed by a filter before dedup
+
+
+def test_sample_non_english_pages_are_removed(outcome):
+    fate, labels, _, _ = outcome
+    foreign = [lab for lab in labels if lab["kind"] == "good" and lab["lang"] != "en"]
+    assert len(foreign) == 48
+    kept = [lab["url"] for lab in foreign if fate[lab["record_id"]] == "KEPT"]
+    # Measured: one "French" Debian Reference chapter (ch07.fr) is an untranslated English page.
+    assert len(kept) <= 1
+
+
+def test_sample_most_good_english_pages_survive(outcome):
+    fate, labels, _, _ = outcome
+    good = [lab for lab in labels if lab["expected_keep_english"]]
+    n_kept = sum(fate.get(lab["record_id"]) == "KEPT" for lab in good)
+    assert len(good) == 228
+    assert n_kept >= 140  # measured 160 (70%); >= 100 needed for the default training run
+
+
+def test_sample_reader_skips_non_html_and_empty_records(outcome):
+    _, _, _, reader = outcome
+    assert dict(reader.stats.removed_by_reason) == {"non_html": 3, "empty": 1}
+    assert reader.stats.seen == 335
