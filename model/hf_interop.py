@@ -294,19 +294,6 @@ def is_hf_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def load_any(path: str, device: str = "cpu") -> tuple[Transformer, str, str]:
-    """(model, tokenizer model path, resolved directory) from a kiln checkpoint or HF dir
-    (an ``hf:`` prefix is accepted). The tokenizer must be SentencePiece in both cases."""
-    path = path.removeprefix("hf:")
-    if is_hf_dir(path):
-        cfg, state = load_hf_llama(path)
-        model = Transformer(cfg)
-        model.load_state_dict(state, strict=True)
-        return model.to(device).eval(), hf_sentencepiece_path(path), path
-    model, step_dir = load_kiln_checkpoint(path, device)
-    return model, os.path.join(step_dir, SPM_FILE), step_dir
-
-
 # ---- tokenizer -------------------------------------------------------------------------
 
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
