@@ -198,7 +198,6 @@ def test_exported_tokenizer_gives_kiln_ids(tmp_path_factory, spm_path):
 def test_init_from_hf_starts_training_from_the_imported_weights(tmp_path, spm_path):
     from hydra import compose, initialize_config_dir
 
-    from data_pipeline.pipeline import train_batches
     from train.config import ConfigError, register_configs
     from train.trainer import Trainer
 
@@ -220,7 +219,10 @@ def test_init_from_hf_starts_training_from_the_imported_weights(tmp_path, spm_pa
     mc = trainer.model_cfg
     assert (mc.d_model, mc.n_kv_heads, mc.ffn_hidden, mc.vocab_size, mc.rope_theta) == (64, 2, 96, vocab, 30000.0)
     assert trainer.tokenizer.path == str(tmp_path / "hf" / "tokenizer.model")
-    batch = next(train_batches(cfg.data, trainer.tokenizer, 2))  # the batch step 1 will train on
+    # The batch step 1 will train on: read it from the trainer's own stream, then rewind.
+    state = trainer.train_batches.state_dict()
+    batch = next(trainer.train_batches)
+    trainer.train_batches.load_state_dict(state)
     with torch.no_grad():
         logits = hf(batch["input"]).logits
     hf_loss = F.cross_entropy(logits.flatten(0, 1), batch["target"].flatten()).item()
