@@ -117,6 +117,21 @@ def test_hf_to_kiln_logits_match(tmp_path, tied):
     assert diff <= 1e-4
 
 
+@pytest.mark.parametrize("kept", ["tok_embeddings.weight", "output.weight"])
+def test_tied_checkpoint_loads_whichever_name_was_stored(tmp_path, spm_path, kept):
+    """Writers that de-duplicate shared tensors may keep either name of the tied pair."""
+    from safetensors.torch import save_file
+
+    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=2, vocab_size=1024, max_seq_len=16, tie_embeddings=True)
+    model = _kiln_step_dir(tmp_path, cfg, spm_path)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state.pop("output.weight" if kept == "tok_embeddings.weight" else "tok_embeddings.weight")
+    save_file(state, tmp_path / "model.safetensors")
+    loaded, _ = load_kiln_checkpoint(str(tmp_path))
+    assert torch.equal(loaded.tok_embeddings.weight, model.tok_embeddings.weight)
+    assert loaded.output.weight is loaded.tok_embeddings.weight
+
+
 BASE = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
         "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 100, "max_position_embeddings": 64}
 
