@@ -213,7 +213,7 @@ def test_exported_tokenizer_gives_kiln_ids(tmp_path_factory, spm_path):
 def test_init_from_hf_starts_training_from_the_imported_weights(tmp_path, spm_path):
     from hydra import compose, initialize_config_dir
 
-    from train.config import ConfigError, register_configs
+    from train.config import ConfigError, register_configs, validate
     from train.trainer import Trainer
 
     vocab = Tokenizer(spm_path).vocab_size
@@ -227,12 +227,15 @@ def test_init_from_hf_starts_training_from_the_imported_weights(tmp_path, spm_pa
     register_configs()
     overrides = [f"init_from=hf:{tmp_path / 'hf'}", f"run_dir={tmp_path / 'run'}", "data.seq_len=32",
                  "train.micro_batch_size=2", "train.eval_batches=1", "train.max_steps=1", "train.eval_every=0",
-                 "train.log_every=1", "train.sample_tokens=0", "logger.plot=false", "checkpoint.every=1000"]
+                 "train.log_every=1", "train.sample_tokens=0", "logger.plot=false", "checkpoint.every=1000",
+                 "model.max_seq_len=16", "model.d_model=48"]  # model.* is the HF config's, not these
     with initialize_config_dir(config_dir=os.path.join(hf_helpers.REPO, "conf"), version_base=None):
         cfg = compose("pretrain", overrides=overrides)
+    validate(cfg)  # data.seq_len=32 > model.max_seq_len=16 is fine: the HF model allows 64
     trainer = Trainer(cfg)
     mc = trainer.model_cfg
-    assert (mc.d_model, mc.n_kv_heads, mc.ffn_hidden, mc.vocab_size, mc.rope_theta) == (64, 2, 96, vocab, 30000.0)
+    assert (mc.d_model, mc.n_kv_heads, mc.ffn_hidden, mc.vocab_size, mc.rope_theta, mc.max_seq_len) == (
+        64, 2, 96, vocab, 30000.0, 64)
     assert trainer.tokenizer.path == str(tmp_path / "hf" / "tokenizer.model")
     # The batch step 1 will train on: read it from the trainer's own stream, then rewind.
     state = trainer.train_batches.state_dict()
