@@ -16,6 +16,7 @@ scaled down by 1/sqrt(2 * n_layers) so the residual variance stays O(1) with dep
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -195,6 +196,7 @@ class Transformer(nn.Module):
         doc_ids: Optional[torch.Tensor] = None,
         kv_caches: Optional[list[KVCache]] = None,
         return_hidden: bool = False,
+        key_mask: torch.Tensor | None = None,
     ):
         """tokens: (B, T). targets: (B, T) with -100 where no loss is wanted.
 
@@ -202,6 +204,8 @@ class Transformer(nn.Module):
         of its own document, so packed sequences never attend across documents.
         ``position_ids`` restarts rotary positions per document. Returns (logits, loss);
         loss is the mean over non-ignored targets, or None without targets.
+        ``key_mask`` (B, cached + T), True for real tokens, hides padding from attention
+        (left-padded batches in ``generate``); pass per-row ``position_ids`` with it.
         """
         B, T = tokens.shape
         start = kv_caches[0].pos if kv_caches else 0
@@ -215,6 +219,13 @@ class Transformer(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
             mask = (doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)) & causal
             mask = mask.unsqueeze(1)  # (B, 1, T, T), broadcast over heads
+        elif key_mask is not None:
+            q_pos = torch.arange(start, start + T, device=tokens.device)[:, None]
+            k_pos = torch.arange(start + T, device=tokens.device)[None, :]
+            # Every query also sees itself, so a padding query never has an all-masked row
+            # (which would give NaNs that leak into the cache); real queries never see pads.
+            mask = ((k_pos <= q_pos) & key_mask[:, None, :].bool()) | (k_pos == q_pos)
+            mask = mask.unsqueeze(1)  # (B, 1, T, cached + T)
         elif kv_caches is not None and start > 0:
             # Decoding with a cache: new queries see every cached key plus the causal part.
             mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(diagonal=start)
@@ -266,40 +277,65 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 @torch.no_grad()
 def generate(
     model: Transformer,
-    prompt: torch.Tensor,
+    prompt: torch.Tensor | Sequence[Sequence[int]],
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
-    eos_id: Optional[int] = None,
+    eos_id: int | Sequence[int] | None = None,
     use_cache: bool = True,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """Sample continuations of ``prompt`` (B, T). temperature 0 = greedy.
+    """Sample continuations of ``prompt``. temperature 0 = greedy.
 
-    Rows that emit ``eos_id`` stop growing (they are padded with eos). Returns only the
-    new tokens, (B, <= max_new_tokens).
+    ``prompt`` is a (B, T) tensor, or a list of token-id lists of different lengths: those
+    are left-padded, padding is masked out of attention and every row gets its own rotary
+    positions, so each row's output equals generating it alone (up to float rounding).
+    ``eos_id`` is one stop id or several (EOS and the end-of-turn token, say). Rows that
+    emit one stop growing (they are padded with the first stop id). Returns only the new
+    tokens, (B, <= max_new_tokens).
     """
     was_training = model.training
     model.eval()
+    device = model.tok_embeddings.weight.device
+    key_mask = pos = None
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.to(device)
+    else:
+        lengths = [len(p) for p in prompt]
+        if min(lengths) == 0:
+            raise ValueError("generate: every prompt needs at least one token")
+        T = max(lengths)
+        rows = [[0] * (T - len(p)) + [int(t) for t in p] for p in prompt]
+        prompt = torch.tensor(rows, dtype=torch.long, device=device)
+        if min(lengths) < T:
+            key_mask = torch.tensor([[False] * (T - n) + [True] * n for n in lengths], device=device)
+            pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+    stop = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id or []), device=device)
     B, T = prompt.shape
     total = min(T + max_new_tokens, model.cfg.max_seq_len)
     caches = model.new_kv_caches(B, total) if use_cache else None
     seq = prompt
     out = []
-    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    inp = prompt
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    inp, inp_pos = prompt, pos
     for _ in range(total - T):
-        logits, _ = model(inp if use_cache else seq, kv_caches=caches)
-        logits = logits[:, -1, :].float()
-        nxt = _sample(logits, temperature, top_k, top_p, generator)
-        if eos_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-            done |= nxt == eos_id
+        if use_cache:
+            logits, _ = model(inp, position_ids=inp_pos, kv_caches=caches, key_mask=key_mask)
+        else:
+            logits, _ = model(seq, position_ids=pos, key_mask=key_mask)
+        nxt = _sample(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+        if len(stop):
+            nxt = torch.where(done, stop[0], nxt)
+            done |= torch.isin(nxt, stop)
         out.append(nxt)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         inp = nxt[:, None]
-        if eos_id is not None and bool(done.all()):
+        if key_mask is not None:
+            key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=1)
+            inp_pos = pos[:, -1:] + 1
+            pos = torch.cat([pos, inp_pos], dim=1)
+        if len(stop) and bool(done.all()):
             break
     model.train(was_training)
     return torch.stack(out, dim=1) if out else prompt.new_zeros(B, 0)

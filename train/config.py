@@ -153,7 +153,8 @@ def validate(cfg: Any) -> None:
     _check(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", f"must be positive, got {m.vocab_size}")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _check(d.seq_len > 0, "data.seq_len", f"must be positive, got {d.seq_len}")
-    _check(d.seq_len <= m.max_seq_len, "data.seq_len",
+    # With init_from=hf: the HF config's max_position_embeddings applies (checked by the trainer).
+    _check(d.seq_len <= m.max_seq_len or str(cfg.init_from or "").startswith("hf:"), "data.seq_len",
            f"{d.seq_len} exceeds the model's maximum model.max_seq_len={m.max_seq_len}")
     _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
     _check(len(d.sources) > 0, "data.sources", "no data source configured")

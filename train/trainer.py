@@ -26,6 +26,7 @@ from safetensors.torch import load_model
 
 from data_pipeline import pipeline as data
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from model import hf_interop
 from model.llama import ModelConfig, Transformer, flops_per_token, generate, param_count
 from train import checkpoint as ckpt
 from train.activation_checkpointing import apply_activation_checkpointing
@@ -47,6 +48,11 @@ def ensure_tokenizer(cfg, backend) -> Tokenizer:
     """The configured tokenizer, or one trained on the training split and cached in run_dir."""
     if cfg.tokenizer.path:
         return Tokenizer(cfg.tokenizer.path)
+    if _hf_init_dir(cfg):  # an imported HF model brings its tokenizer (SentencePiece only)
+        try:
+            return Tokenizer(hf_interop.hf_sentencepiece_path(_hf_init_dir(cfg)))
+        except FileNotFoundError as e:
+            raise ConfigError("init_from", str(e)) from None
     path = os.path.join(cfg.run_dir, "tokenizer.model")
     if backend.is_main and not os.path.exists(path):
         t0 = time.time()
@@ -64,7 +70,13 @@ def resolve_model_config(cfg, tokenizer: Tokenizer) -> ModelConfig:
     Rounded up to a multiple of 64 so the embedding and output matmuls hit tensor-core
     friendly shapes; the extra rows are never produced by the tokenizer.
     """
-    mc = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    if _hf_init_dir(cfg):  # the architecture is the HF model's; only kiln-only knobs come from cfg.model
+        mc = hf_interop.model_config_from_hf(hf_interop.read_hf_config(_hf_init_dir(cfg)), dropout=cfg.model.dropout)
+        if cfg.data.seq_len > mc.max_seq_len:
+            raise ConfigError("data.seq_len", f"{cfg.data.seq_len} exceeds the imported model's "
+                              f"max_position_embeddings={mc.max_seq_len}")
+    else:
+        mc = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
     if mc.vocab_size is None:
         mc.vocab_size = 64 * math.ceil(tokenizer.vocab_size / 64)
     elif mc.vocab_size < tokenizer.vocab_size:
@@ -299,8 +311,19 @@ class Trainer:
             print(f"[kiln] resumed from {resumed} at step {self.state.step}", flush=True)
 
 
+def _hf_init_dir(cfg) -> str | None:
+    """The local directory of ``init_from=hf:<dir>``, else None."""
+    init = str(cfg.init_from) if cfg.init_from else ""
+    return init[3:] if init.startswith("hf:") else None
+
+
 def load_init_weights(model: Transformer, path: str) -> None:
-    """Start from the full weights of a kiln checkpoint directory (consolidated safetensors)."""
+    """Start from the full weights of a kiln checkpoint directory (consolidated safetensors),
+    or of a local Hugging Face Llama directory given as ``hf:<dir>``."""
+    if path.startswith("hf:"):
+        _, state = hf_interop.load_hf_llama(path[3:])
+        model.load_state_dict(state, strict=True)
+        return
     weights = os.path.join(path, "model.safetensors")
     if not os.path.exists(weights):
         raise ConfigError("init_from", f"{path} has no model.safetensors; consolidate it with "

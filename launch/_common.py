@@ -1,0 +1,105 @@
+"""Shared by the inference launchers (generate, evaluate): argument parsing and loading a
+model with its tokenizer from a kiln checkpoint or a Hugging Face directory.
+
+kiln's SentencePiece ``Tokenizer`` is used whenever the directory has ``tokenizer.model``
+(every kiln checkpoint and every kiln export does). An HF directory without one (Llama 3,
+say) falls back to its ``transformers`` tokenizer, which is enough for inference; training
+on such a model is refused by the trainer instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from model.hf_interop import (
+    END_OF_TURN,
+    SPM_FILE,
+    is_hf_dir,
+    load_hf_llama,
+    load_kiln_checkpoint,
+)
+from model.llama import Transformer
+
+
+def parse_kv(args: list[str], allowed: dict[str, object]) -> tuple[list[str], dict[str, object]]:
+    """Split ``key=value`` arguments (typed like the defaults in ``allowed``) from positional
+    ones; keys starting with ``data`` are passed through untouched as config overrides."""
+    positional, opts = [], dict(allowed)
+    opts["_data"] = []
+    for a in args:
+        if "=" not in a:
+            positional.append(a)
+            continue
+        key, value = a.split("=", 1)
+        if key == "data" or key.startswith("data."):
+            opts["_data"].append(a)
+            continue
+        if key not in allowed:
+            raise SystemExit(f"unknown option {key!r}; known: {', '.join(sorted(allowed))}, data=..., data.<key>=...")
+        default = allowed[key]
+        if isinstance(default, bool):
+            opts[key] = value.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, int):
+            opts[key] = int(value)
+        elif isinstance(default, float):
+            opts[key] = float(value)
+        else:
+            opts[key] = None if value.lower() in ("none", "null", "") else value
+    return positional, opts
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class TextTokenizer:
+    """The few things inference needs from a tokenizer, whatever its library."""
+
+    encode: object  # str -> list[int]
+    decode: object  # list[int] -> str
+    stop_ids: list[int]  # EOS and, when the vocabulary has it, the end-of-turn token
+    eos_id: int
+    pad_id: int
+
+
+def _kiln_tokenizer(path: str) -> TextTokenizer:
+    from data_pipeline.tokenizer import Tokenizer
+
+    tok = Tokenizer(path)
+    stop = [tok.eos_id] + ([tok.control[END_OF_TURN]] if END_OF_TURN in tok.control else [])
+    return TextTokenizer(tok.encode, tok.decode, stop, tok.eos_id, max(tok.pad_id, 0))
+
+
+def _transformers_tokenizer(directory: str) -> TextTokenizer:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    if tok.eos_token_id is None:
+        raise ValueError(f"{directory}: the tokenizer defines no eos_token")
+    stop = [tok.eos_token_id]
+    eot = tok.convert_tokens_to_ids(END_OF_TURN) if END_OF_TURN in tok.get_vocab() else None
+    if eot is not None:
+        stop.append(eot)
+    return TextTokenizer(lambda s: tok.encode(s, add_special_tokens=True),
+                         lambda ids: tok.decode(ids, skip_special_tokens=False), stop, tok.eos_token_id,
+                         tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+
+def load_model_and_tokenizer(path: str, device: torch.device) -> tuple[Transformer, TextTokenizer, str]:
+    """(model in eval mode on ``device``, tokenizer, resolved directory)."""
+    path = path.removeprefix("hf:")
+    if is_hf_dir(path):
+        cfg, state = load_hf_llama(path)
+        model = Transformer(cfg)
+        model.load_state_dict(state, strict=True)
+        spm = os.path.join(path, SPM_FILE)
+        tok = _kiln_tokenizer(spm) if os.path.isfile(spm) else _transformers_tokenizer(path)
+        return model.to(device).eval(), tok, path
+    model, step_dir = load_kiln_checkpoint(path, str(device))
+    return model, _kiln_tokenizer(os.path.join(step_dir, SPM_FILE)), step_dir

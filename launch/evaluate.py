@@ -1,0 +1,129 @@
+"""Perplexity and bits-per-byte of a model on the held-out split of a dataset.
+
+    python launch/evaluate.py <checkpoint or hf dir> [data=<conf/data name>] [data.<key>=<value> ...]
+        [seq_len=N] [batch_size=8] [max_docs=0] [device=auto] [out=result.json]
+
+The data config is the checkpoint's own (its config.yaml), so by default the model is
+evaluated on the validation documents it was held out from; ``data=<name>`` swaps in
+``conf/data/<name>.yaml`` and ``data.<key>=...`` overrides single keys. An HF directory
+has no run config and uses ``conf/data/sample.yaml`` unless told otherwise.
+
+Every validation document is scored as the model saw documents in training: preceded by
+EOS (the previous document's end) and followed by EOS, which is predicted too. A document
+longer than ``seq_len`` (default: the run's data.seq_len) is cut into consecutive windows,
+each starting from the previous window's last token, so every token is scored exactly once.
+
+    loss = total nats / predicted tokens        perplexity = exp(loss)
+    bits_per_byte = total nats / ln 2 / UTF-8 bytes of the documents' text
+
+Bits per byte does not depend on the tokenizer, so models with different vocabularies
+compare. The result is printed as one JSON line and written to ``out=`` if given.
+"""
+
+import _bootstrap  # noqa: F401, I001  (sys.path first: the imports below need it)
+
+import itertools
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from _common import load_model_and_tokenizer, parse_kv, pick_device
+from data_pipeline.config import DataConfig
+from data_pipeline.pipeline import document_stream
+from train.config import REPO_ROOT, register_configs
+
+OPTIONS = {"seq_len": 0, "batch_size": 8, "max_docs": 0, "device": "auto", "out": ""}
+
+
+def data_config(model_dir: str, overrides: list[str]):
+    """The data config: the checkpoint's, a conf/data group (``data=name``), then dotted overrides."""
+    register_configs()  # the ${asset:...} resolver of conf/data/*.yaml
+    base = OmegaConf.structured(DataConfig)
+    run_cfg = os.path.join(model_dir, "config.yaml")
+    group = next((o.split("=", 1)[1] for o in overrides if o.startswith("data=")), None)
+    if group is None and os.path.isfile(run_cfg):
+        layers = [OmegaConf.load(run_cfg).data]
+    else:
+        layers = [OmegaConf.load(os.path.join(REPO_ROOT, "conf", "data", f"{group or 'sample'}.yaml"))]
+    dotted = [o[len("data."):] for o in overrides if o.startswith("data.")]
+    cfg = OmegaConf.merge(base, *layers, OmegaConf.from_dotlist(dotted))
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+@torch.no_grad()
+def score_texts(model, tok, texts, seq_len: int, batch_size: int, device) -> dict:
+    """Sum of next-token nats over every document (see the module docstring)."""
+    nats, tokens, nbytes, docs = 0.0, 0, 0, 0
+    windows: list[list[int]] = []
+
+    def flush():
+        nonlocal nats, tokens
+        if not windows:
+            return
+        width = max(len(w) for w in windows) - 1
+        inp = torch.full((len(windows), width), tok.pad_id, dtype=torch.long)
+        tgt = torch.full((len(windows), width), -100, dtype=torch.long)
+        for i, w in enumerate(windows):
+            inp[i, :len(w) - 1] = torch.tensor(w[:-1])
+            tgt[i, :len(w) - 1] = torch.tensor(w[1:])
+        logits, _ = model(inp.to(device))  # causal: right padding cannot affect real positions
+        tgt = tgt.to(device)
+        nats += float(F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100,
+                                      reduction="sum"))
+        tokens += int((tgt != -100).sum())
+        windows.clear()
+
+    for text in texts:
+        ids = [tok.eos_id] + tok.encode(text) + [tok.eos_id]
+        docs += 1
+        nbytes += len(text.encode("utf-8"))
+        for j in range(0, len(ids) - 1, seq_len):
+            windows.append(ids[j:j + seq_len + 1])
+            if len(windows) == batch_size:
+                flush()
+    flush()
+    loss = nats / max(tokens, 1)
+    return {"docs": docs, "tokens": tokens, "bytes": nbytes, "nats": nats, "loss": loss,
+            "perplexity": math.exp(min(loss, 700)), "bits_per_byte": nats / math.log(2) / max(nbytes, 1)}
+
+
+def main(argv=None) -> int:
+    positional, opts = parse_kv(sys.argv[1:] if argv is None else argv, OPTIONS)
+    if len(positional) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    t0 = time.time()
+    device = pick_device(opts["device"])
+    try:
+        model, tok, model_dir = load_model_and_tokenizer(positional[0], device)
+        cfg = data_config(model_dir, opts["_data"])
+    except (FileNotFoundError, ValueError) as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 2
+    seq_len = min(opts["seq_len"] or cfg.seq_len, model.cfg.max_seq_len)
+    docs = document_stream(cfg, split="val", loop=False)
+    texts = (d.text for d in itertools.islice(docs, opts["max_docs"] or None))
+    result = {"model": os.path.abspath(model_dir), "data": cfg.name, "split": "val", "seq_len": seq_len,
+              **score_texts(model, tok, texts, seq_len, opts["batch_size"], device)}
+    if result["docs"] == 0:
+        print(f"evaluate: the validation split of data {cfg.name!r} is empty (data.val_fraction="
+              f"{cfg.val_fraction})", file=sys.stderr)
+        return 1
+    result["seconds"] = round(time.time() - t0, 2)
+    line = json.dumps(result)
+    print(line)
+    if opts["out"]:
+        with open(opts["out"], "w") as f:
+            f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Generate text from a kiln checkpoint or a Hugging Face Llama directory.
+
+    python launch/generate.py <checkpoint or hf dir> prompt="Once upon a time" [prompts.txt]
+        [max_new_tokens=64] [temperature=0.8] [top_k=40] [top_p=1.0] [seed=0]
+        [batch_size=8] [use_cache=true] [device=auto] [format=text|jsonl] [out=results.jsonl]
+
+Prompts come from ``prompt=`` and/or a file (one prompt per line; a ``.jsonl`` file holds
+objects with a "prompt" key). They are generated in left-padded batches with a KV cache;
+temperature=0 is greedy. A row stops at EOS or at ``<|end_of_turn|>``; the stop token is
+not part of the printed completion. With a fixed ``seed`` a run is reproducible; a
+prompt's sampled completion depends on the batch it is in (one random stream per batch),
+greedy ones do not.
+"""
+
+import _bootstrap  # noqa: F401, I001  (sys.path first: the imports below need it)
+
+import json
+import sys
+
+import torch
+
+from _common import load_model_and_tokenizer, parse_kv, pick_device
+from model.llama import generate
+
+OPTIONS = {"prompt": "", "max_new_tokens": 64, "temperature": 0.8, "top_k": 40, "top_p": 1.0, "seed": 0,
+           "batch_size": 8, "use_cache": True, "device": "auto", "format": "text", "out": ""}
+
+
+def read_prompts(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            return [json.loads(line)["prompt"] for line in f if line.strip()]
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def run(path: str, prompts: list[str], opts: dict) -> list[dict]:
+    device = pick_device(opts["device"])
+    model, tok, _ = load_model_and_tokenizer(path, device)
+    max_len = model.cfg.max_seq_len
+    g = torch.Generator(device=device).manual_seed(opts["seed"])
+    results = []
+    for start in range(0, len(prompts), opts["batch_size"]):
+        chunk = prompts[start:start + opts["batch_size"]]
+        ids = []
+        for p in chunk:
+            t = tok.encode(p) or [tok.eos_id]  # an empty prompt starts a fresh document
+            if len(t) >= max_len:
+                print(f"[generate] prompt of {len(t)} tokens cut to its last {max_len - 1}", file=sys.stderr)
+                t = t[-(max_len - 1):]
+            ids.append(t)
+        out = generate(model, ids, opts["max_new_tokens"], temperature=opts["temperature"],
+                       top_k=opts["top_k"] or None, top_p=opts["top_p"], eos_id=tok.stop_ids,
+                       use_cache=opts["use_cache"], generator=g)
+        for p, row in zip(chunk, out.tolist()):
+            stop = next((i for i, t in enumerate(row) if t in tok.stop_ids), None)
+            new = row if stop is None else row[:stop]
+            results.append({"prompt": p, "completion": tok.decode(new), "tokens": new,
+                            "stopped": stop is not None})
+    return results
+
+
+def main(argv=None) -> int:
+    positional, opts = parse_kv(sys.argv[1:] if argv is None else argv, OPTIONS)
+    if not positional:
+        print(__doc__, file=sys.stderr)
+        return 2
+    prompts = [opts["prompt"]] if opts["prompt"] else []
+    for f in positional[1:]:
+        prompts += read_prompts(f)
+    if not prompts:
+        print("generate: no prompt given (prompt=... or a prompts file)", file=sys.stderr)
+        return 2
+    try:
+        results = run(positional[0], prompts, opts)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"generate: {e}", file=sys.stderr)
+        return 2
+    for i, r in enumerate(results):
+        if opts["format"] == "jsonl":
+            print(json.dumps(r, ensure_ascii=False))
+        else:
+            print(f"--- [{i}] {r['prompt']!r}\n{r['prompt']}{r['completion']}")
+    if opts["out"]:
+        with open(opts["out"], "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,513 @@
+"""Hugging Face interop: kiln checkpoints <-> transformers Llama directories.
+
+kiln's ``Transformer`` is architecturally a ``LlamaForCausalLM`` (RMSNorm in fp32, rotary
+embeddings in the rotate-half convention, SwiGLU, GQA, no biases), so conversion is a
+renaming of tensors plus a config translation; no q/k permutation is needed.
+
+Export writes what ``AutoModelForCausalLM`` / ``AutoTokenizer`` (and therefore
+lm-evaluation-harness, vLLM, ...) expect: ``config.json``, safetensors weights (sharded
+above ``max_shard_size``, with ``model.safetensors.index.json``),
+``generation_config.json``, ``tokenizer.json`` + ``tokenizer_config.json`` +
+``special_tokens_map.json``, the original ``tokenizer.model`` (so the directory can be
+imported back into kiln), and ``chat_template.jinja`` when the checkpoint has one.
+
+The tokenizer is rebuilt as a ``tokenizers`` BPE model that reproduces SentencePiece's
+ids exactly, instead of going through ``LlamaTokenizer``: transformers' Llama tokenizer
+assumes ``add_dummy_prefix=True`` (it prepends "▁" to every text), which kiln's tokenizer
+does not do, so a converted ``LlamaTokenizer`` would disagree with kiln on the first token
+of every text. The exact settings and why each is needed are in ``build_hf_tokenizer``.
+
+Import (``load_hf_llama``) reads ``config.json`` and the weights with safetensors only
+(no transformers needed) and refuses, naming the field, anything kiln cannot represent
+exactly: other architectures, biases, rope scaling, sliding windows, non-SiLU MLPs.
+
+Everything here is a pure function of files on disk; nothing imports the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import fields
+from typing import Any
+
+import torch
+
+from model.llama import ModelConfig, Transformer
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+SPM_FILE = "tokenizer.model"
+SAFE_INDEX = "model.safetensors.index.json"
+END_OF_TURN = "<|end_of_turn|>"
+
+
+class UnsupportedModelError(ValueError):
+    """A Hugging Face checkpoint uses a feature kiln's Transformer cannot represent."""
+
+    def __init__(self, field: str, value: Any, why: str):
+        super().__init__(f"unsupported Hugging Face model: {field}={value!r}: {why}")
+        self.field = field
+
+
+# ---- tensor names ---------------------------------------------------------------------
+
+_LAYER_MAP = {  # kiln suffix inside layers.{i}. -> HF suffix inside model.layers.{i}.
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wk.weight": "self_attn.k_proj.weight",
+    "attn.wv.weight": "self_attn.v_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.w1.weight": "mlp.gate_proj.weight",
+    "mlp.w3.weight": "mlp.up_proj.weight",
+    "mlp.w2.weight": "mlp.down_proj.weight",
+}
+_TOP_MAP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+_HF_TO_KILN_LAYER = {v: k for k, v in _LAYER_MAP.items()}
+_HF_TO_KILN_TOP = {v: k for k, v in _TOP_MAP.items()}
+_LAYER_RE = re.compile(r"^(model\.)?layers\.(\d+)\.(.+)$")
+
+
+def kiln_to_hf_name(name: str) -> str:
+    if name in _TOP_MAP:
+        return _TOP_MAP[name]
+    m = re.match(r"^layers\.(\d+)\.(.+)$", name)
+    if m and m.group(2) in _LAYER_MAP:
+        return f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+    raise KeyError(f"no Hugging Face name for kiln parameter {name!r}")
+
+
+def kiln_to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename kiln tensors to LlamaForCausalLM names. With tied embeddings ``lm_head`` is
+    left out, as transformers does (it re-ties it to ``embed_tokens`` on load)."""
+    out = {}
+    for name, t in state.items():
+        if name == "output.weight" and cfg.tie_embeddings:
+            continue
+        out[kiln_to_hf_name(name)] = t
+    return out
+
+
+def hf_to_kiln_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename LlamaForCausalLM tensors to kiln names; unknown tensors are an error (a
+    bias or an extra module would otherwise be silently dropped and the model would be wrong)."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer older transformers saved; kiln derives it from rope_theta
+        if name in _HF_TO_KILN_TOP:
+            out[_HF_TO_KILN_TOP[name]] = t
+            continue
+        m = _LAYER_RE.match(name)
+        if m and m.group(3) in _HF_TO_KILN_LAYER:
+            out[f"layers.{m.group(2)}.{_HF_TO_KILN_LAYER[m.group(3)]}"] = t
+            continue
+        raise UnsupportedModelError(f"weights[{name}]", tuple(t.shape), "kiln's Llama has no such tensor "
+                                    "(biases and extra modules are not supported)")
+    if cfg.tie_embeddings:
+        # transformers ties lm_head to embed_tokens even if a copy was saved.
+        out["output.weight"] = out["tok_embeddings.weight"]
+    elif "output.weight" not in out:
+        raise UnsupportedModelError("tie_word_embeddings", False, "lm_head.weight is missing from the weights")
+    return out
+
+
+# ---- configs ---------------------------------------------------------------------------
+
+def hf_config_dict(cfg: ModelConfig, bos_id: int, eos_id: int, pad_id: int | None,
+                   dtype: str = "float32") -> dict:
+    """config.json of a LlamaForCausalLM equivalent to ``cfg``.
+
+    ``rope_theta`` is written both at the top level (transformers 4.x reads it there) and in
+    ``rope_parameters`` (transformers 5.x), so the directory loads with either.
+    """
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.hidden_dim,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "num_hidden_layers": cfg.n_layers,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "max_position_embeddings": cfg.max_seq_len,
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": cfg.init_std,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+        "use_cache": True,
+    }
+
+
+_SUPPORTED_TYPES = ("llama", "mistral")
+
+
+def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    """A kiln ModelConfig from a config.json dict; raises UnsupportedModelError naming the
+    first field kiln cannot honour exactly. ``overrides`` set kiln-only fields (dropout, ...)."""
+    mt = hf.get("model_type")
+    if mt not in _SUPPORTED_TYPES:
+        raise UnsupportedModelError("model_type", mt, f"kiln imports {' / '.join(_SUPPORTED_TYPES)} models only")
+    if mt == "mistral" and hf.get("sliding_window") is not None:
+        raise UnsupportedModelError("sliding_window", hf["sliding_window"],
+                                    "kiln's attention is full causal; no sliding-window attention")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise UnsupportedModelError(key, hf[key], "kiln's Linear layers have no bias")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError("hidden_act", act, "kiln's MLP is SwiGLU (silu)")
+    if hf.get("pretraining_tp", 1) not in (None, 1):
+        raise UnsupportedModelError("pretraining_tp", hf["pretraining_tp"], "only pretraining_tp=1 is supported")
+    rope = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling")
+    if scaling:
+        rope.update(scaling)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        field = "rope_scaling" if scaling else "rope_parameters"
+        raise UnsupportedModelError(f"{field}.rope_type", rope_type, "kiln implements plain rotary embeddings only "
+                                    "(no linear/dynamic/yarn/llama3 scaling)")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    d, h = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, d // h) or d % h:
+        raise UnsupportedModelError("head_dim", hf.get("head_dim"),
+                                    f"kiln needs head_dim = hidden_size / num_attention_heads = {d // h}")
+    kv = hf.get("num_key_value_heads") or h
+    cfg = ModelConfig(
+        d_model=d, n_layers=hf["num_hidden_layers"], n_heads=h, n_kv_heads=kv,
+        ffn_hidden=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=float(theta),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def read_hf_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} is not a Hugging Face model directory (no config.json)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_hf_weights(directory: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = os.path.join(directory, SAFE_INDEX)
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for name in files:
+            state.update(load_file(os.path.join(directory, name)))
+        return state
+    if os.path.isfile(single):
+        return load_file(single)
+    bin_path = os.path.join(directory, "pytorch_model.bin")
+    if os.path.isfile(bin_path):
+        return torch.load(bin_path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{directory}: no model.safetensors, {SAFE_INDEX} or pytorch_model.bin")
+
+
+def load_hf_llama(directory: str, **overrides) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(ModelConfig, kiln state dict) of a local Llama-family Hugging Face directory.
+
+    The config is checked before the weights are read, so an unsupported model fails fast.
+    Tensors keep their stored dtype; ``Transformer.load_state_dict`` casts them.
+    """
+    cfg = model_config_from_hf(read_hf_config(directory), **overrides)
+    return cfg, hf_to_kiln_state_dict(_read_hf_weights(directory), cfg)
+
+
+def hf_sentencepiece_path(directory: str) -> str:
+    """The SentencePiece model of an HF directory; kiln's Tokenizer cannot use anything else."""
+    path = os.path.join(directory, SPM_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{directory} has no {SPM_FILE}: kiln needs a SentencePiece tokenizer model (tokenizer.json-only "
+            "tokenizers such as Llama 3's tiktoken-style BPE cannot be used); set tokenizer.path to a "
+            "compatible .model file")
+    return path
+
+
+# ---- kiln checkpoints ------------------------------------------------------------------
+
+def resolve_checkpoint(path: str) -> str:
+    """A step directory from a step dir, a checkpoints root or a run dir (latest complete)."""
+    # train.checkpoint is a leaf module (torch only) holding the directory layout rules.
+    from train import checkpoint as ckpt
+
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, "model_config.yaml")) and (
+            os.path.isfile(os.path.join(path, "model.safetensors")) or ckpt.is_complete(path)):
+        return path
+    for root in (path, os.path.join(path, "checkpoints")):
+        found = ckpt.find_latest(root)
+        if found:
+            return found
+    raise FileNotFoundError(f"no complete kiln checkpoint at {path} (expected a step_* directory, "
+                            "a checkpoints root or a run directory)")
+
+
+def read_model_config(step_dir: str) -> ModelConfig:
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(os.path.join(step_dir, "model_config.yaml")), resolve=True)
+    names = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in raw.items() if k in names})
+
+
+def load_kiln_checkpoint(path: str, device: str = "cpu") -> tuple[Transformer, str]:
+    """(model in eval mode, step dir) of a kiln checkpoint; ``path`` as in resolve_checkpoint."""
+    from safetensors.torch import load_file
+
+    step_dir = resolve_checkpoint(path)
+    weights = os.path.join(step_dir, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{step_dir} has no consolidated model.safetensors (a sharded FSDP/DeepSpeed "
+                                "checkpoint must be consolidated first)")
+    model = Transformer(read_model_config(step_dir))
+    state = load_file(weights)
+    if model.cfg.tie_embeddings:  # a tied tensor is stored once, under either name
+        shared = state.get("tok_embeddings.weight", state.get("output.weight"))
+        if shared is not None:
+            state["tok_embeddings.weight"] = state["output.weight"] = shared
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), step_dir
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+# ---- tokenizer -------------------------------------------------------------------------
+
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _load_spm_proto(spm_path: str):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    with open(spm_path, "rb") as f:
+        m.ParseFromString(f.read())
+    return m
+
+
+def build_hf_tokenizer(spm_path: str):
+    """A ``tokenizers.Tokenizer`` that gives SentencePiece BPE's ids for every text.
+
+    - model: BPE over the SentencePiece vocabulary (same ids), ``byte_fallback=True`` so
+      characters outside the vocabulary become <0xNN> pieces as in SentencePiece. Merges
+      are every split of a normal piece into two pieces, ranked by the merged piece's score
+      (SentencePiece BPE merges the adjacent pair whose result scores highest).
+    - normalizer: only " " -> "▁" (SentencePiece's whitespace escaping); kiln trains with
+      identity normalization, no dummy prefix and no whitespace collapsing, so nothing
+      else may touch the text. A precompiled charsmap or a dummy prefix, if a model has
+      them, are reproduced too; whitespace collapsing is refused.
+    - added tokens: user-defined symbols (the chat tokens) are matched anywhere in the text
+      as SentencePiece does; they are *not* special, so ``skip_special_tokens`` keeps them
+      in decoded text like ``sp.decode`` does. Control symbols (<unk> <s> </s> <pad>) are
+      special; ``split_special_tokens=True`` in tokenizer_config.json keeps a literal
+      "</s>" in a document from turning into EOS, which SentencePiece never does either.
+    - no post-processor: kiln adds no BOS/EOS when encoding text.
+    - decoder: "▁" -> " ", byte pieces -> UTF-8, no stripping of a leading space.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+
+    m = _load_spm_proto(spm_path)
+    if m.trainer_spec.model_type != 2:
+        raise ValueError(f"{spm_path}: only SentencePiece BPE models can be converted "
+                         f"(model_type={m.trainer_spec.model_type})")
+    ns = m.normalizer_spec
+    if ns.remove_extra_whitespaces:
+        raise ValueError(f"{spm_path}: remove_extra_whitespaces=true cannot be reproduced exactly")
+    vocab = {p.piece: i for i, p in enumerate(m.pieces)}
+    unk = m.pieces[m.trainer_spec.unk_id].piece
+    normal = {p.piece: (p.score, i) for i, p in enumerate(m.pieces) if p.type == _NORMAL}
+    merges = []
+    for piece, (score, pid) in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                merges.append((-score, pid, normal[left][1], normal[right][1], left, right))
+    merges.sort()
+    tok = Tokenizer(BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token=unk,
+                        fuse_unk=True, byte_fallback=True))
+    norm = []
+    if ns.precompiled_charsmap:
+        norm.append(normalizers.Precompiled(ns.precompiled_charsmap))
+    if ns.add_dummy_prefix:
+        norm.append(normalizers.Prepend("▁"))
+    norm.append(normalizers.Replace(" ", "▁"))
+    tok.normalizer = normalizers.Sequence(norm)
+    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if ns.add_dummy_prefix:
+        dec.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(dec)
+    # Added in id order so each keeps its SentencePiece id.
+    tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
+                            for p in m.pieces if p.type in (_CONTROL, _UNKNOWN)])
+    tok.add_tokens([AddedToken(p.piece, special=False, normalized=False)
+                    for p in m.pieces if p.type == _USER_DEFINED])
+    return tok
+
+
+def save_hf_tokenizer(spm_path: str, out_dir: str, model_max_length: int,
+                      chat_template: str | None = None) -> None:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model and
+    (optionally) chat_template.jinja. ``tokenizer_class`` is PreTrainedTokenizerFast so
+    ``AutoTokenizer`` loads tokenizer.json as is, rather than LlamaTokenizer rebuilding
+    the pipeline with a dummy prefix (see the module docstring)."""
+    m = _load_spm_proto(spm_path)
+    tok = build_hf_tokenizer(spm_path)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    shutil.copyfile(spm_path, os.path.join(out_dir, SPM_FILE))
+    ts = m.trainer_spec
+
+    def piece(i):
+        return m.pieces[i].piece if 0 <= i < len(m.pieces) else None
+
+    special = {"bos_token": piece(ts.bos_id), "eos_token": piece(ts.eos_id), "unk_token": piece(ts.unk_id),
+               "pad_token": piece(ts.pad_id)}
+    special = {k: v for k, v in special.items() if v is not None}
+    added = {str(i): {"content": p.piece, "special": p.type != _USER_DEFINED, "normalized": False,
+                      "lstrip": False, "rstrip": False, "single_word": False}
+             for i, p in enumerate(m.pieces) if p.type in (_CONTROL, _UNKNOWN, _USER_DEFINED)}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,
+        "model_max_length": model_max_length,
+        "padding_side": "left",
+        "added_tokens_decoder": added,
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+        with open(os.path.join(out_dir, CHAT_TEMPLATE_FILE), "w", encoding="utf-8") as f:
+            f.write(chat_template)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump(special, f, indent=2, ensure_ascii=False)
+
+
+# ---- export ----------------------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5e9 bytes, '500MiB' -> 500 * 2**20 (transformers' convention)."""
+    if isinstance(size, int):
+        return size
+    m = _SIZE_RE.match(size)
+    if not m:
+        raise ValueError(f"cannot parse size {size!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(float(m.group(1)) * base ** power)
+
+
+def save_sharded_safetensors(state: dict[str, torch.Tensor], out_dir: str, max_shard_size: int | str) -> list[str]:
+    """Write ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus the
+    index transformers reads when the total exceeds ``max_shard_size``. A tensor larger
+    than the limit gets a shard of its own. Returns the file names written."""
+    from safetensors.torch import save_file
+
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += n
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=meta)
+        return ["model.safetensors"]
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata=meta)
+        names.append(fname)
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with open(os.path.join(out_dir, SAFE_INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def export_hf(checkpoint: str, out_dir: str, max_shard_size: int | str = "5GB",
+              dtype: str = "float32", chat_template: str | None = None) -> dict:
+    """Write a transformers Llama directory for a kiln checkpoint; returns a summary.
+
+    ``chat_template`` overrides the checkpoint's ``chat_template.jinja`` (if any).
+    Weights are kept in fp32 by default, which is what kiln trains in, so HF logits match
+    kiln's to float rounding; bf16 halves the size.
+    """
+    from data_pipeline.tokenizer import Tokenizer
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    torch_dtype = _DTYPES[dtype]
+    dtype_name = str(torch_dtype).replace("torch.", "")
+    model, step_dir = load_kiln_checkpoint(checkpoint)
+    cfg = model.cfg
+    spm = os.path.join(step_dir, SPM_FILE)
+    tok = Tokenizer(spm)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} pieces but the model only {cfg.vocab_size} rows")
+    if chat_template is None and os.path.isfile(os.path.join(step_dir, CHAT_TEMPLATE_FILE)):
+        with open(os.path.join(step_dir, CHAT_TEMPLATE_FILE), encoding="utf-8") as f:
+            chat_template = f.read()
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in os.listdir(out_dir):  # shards of an earlier export would be picked up by the index-less loader
+        if stale.endswith(".safetensors") or stale == SAFE_INDEX:
+            os.remove(os.path.join(out_dir, stale))
+    state = {k: v.detach().to(torch_dtype) for k, v in model.state_dict().items()}
+    files = save_sharded_safetensors(kiln_to_hf_state_dict(state, cfg), out_dir, max_shard_size)
+    pad = tok.pad_id if tok.pad_id >= 0 else None
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config_dict(cfg, tok.bos_id, tok.eos_id, pad, dtype_name), f, indent=2)
+    stop = [tok.eos_id] + ([tok.control[END_OF_TURN]] if END_OF_TURN in tok.control else [])
+    gen = {"bos_token_id": tok.bos_id, "eos_token_id": stop if len(stop) > 1 else stop[0], "pad_token_id": pad,
+           "do_sample": True, "temperature": 0.8, "top_k": 40, "max_length": cfg.max_seq_len}
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump(gen, f, indent=2)
+    save_hf_tokenizer(spm, out_dir, cfg.max_seq_len, chat_template)
+    return {"checkpoint": step_dir, "out_dir": os.path.abspath(out_dir), "weights": files, "dtype": dtype_name,
+            "chat_template": chat_template is not None,
+            "params": sum(t.numel() for t in model.parameters()), "shards": len(files)}
