@@ -84,7 +84,7 @@ def bench_packing(docs, seq_len: int = 256):
 
     t0 = time.perf_counter()
     n = 0
-    for w in PackedStream(Docs(), tok, seq_len):
+    for _ in PackedStream(Docs(), tok, seq_len):
         n += seq_len
     dt = time.perf_counter() - t0
     print(f"[tokenize+pack] {n} tokens in {dt:.2f} s: {n / dt:,.0f} tokens/s/core (SentencePiece BPE 4096, seq {seq_len})")

@@ -86,5 +86,5 @@ def restore_stream(stream, states: list[dict], rank: int, world: int) -> str:
         stream.load_state_dict(states[rank])
         return "per-rank streams restored exactly"
     epoch = max(s["docs"]["epoch"] for s in states)
-    stream.stream.docs.epoch = epoch
+    stream.set_epoch(epoch)
     return f"{len(states)} data ranks then, {world} now: shards restart at epoch {epoch}"
