@@ -22,8 +22,11 @@ from data_pipeline.stream import PackedStream, collate
 class GlobalBatchSlicer:
     """Pulls one global batch of windows per optimizer step, yields this rank's micro-batches."""
 
-    def __init__(self, windows: PackedStream, micro: int, accum: int, rank: int, world: int):
+    def __init__(self, windows, micro: int, accum: int, rank: int, world: int, collate_fn=collate):
+        """``windows``: any resumable iterator of rows (packed windows; SFT rows with their own
+        ``collate_fn``)."""
         self.windows, self.micro, self.accum, self.rank, self.world = windows, micro, accum, rank, world
+        self.collate_fn = collate_fn
         self.pending: list[dict] = []
         self.step_start_state = windows.state_dict()
 
@@ -34,7 +37,7 @@ class GlobalBatchSlicer:
         self.pending = []
         for j in range(self.accum):
             lo = (j * self.world + self.rank) * self.micro
-            self.pending.append(collate(step[lo : lo + self.micro]))
+            self.pending.append(self.collate_fn(step[lo : lo + self.micro]))
 
     def __iter__(self):
         return self
@@ -59,7 +62,7 @@ class GlobalBatchSlicer:
 
     @property
     def epoch(self) -> int:
-        return self.windows.docs.epoch
+        return getattr(self.windows, "docs", self.windows).epoch
 
 
 def build_train_stream(cfg, tokenizer, rank: int, world: int):

@@ -1,11 +1,21 @@
-"""The one training loop, for every backend.
+"""The one training loop, for every backend and every task (pretraining, SFT, classification).
 
-Per optimizer step: ``grad_accum_steps`` micro-batches are run through ``backend.model``,
-each loss divided by the number of micro-batches (every micro-batch holds the same number
-of target tokens in pretraining, so this is the exact token mean); then ``backend.step``
-clips and applies AdamW at the scheduled learning rate. Checkpoints hold everything
-needed to continue as if nothing had happened: weights, optimizer, step, tokens, the data
-stream position of every rank, and every RNG.
+Per optimizer step the loop takes this rank's ``grad_accum_steps`` micro-batches, counts
+their loss tokens (targets that are not -100, or a batch's own ``loss_tokens``), and
+all-reduces that count across data-parallel ranks. Each micro-batch's mean loss is then
+weighted by its share of the global count, so the step's gradient is the gradient of the
+sum of token losses divided by the number of loss tokens in the whole global batch --
+whatever the micro-batch size, accumulation or world size. (Backends average gradients
+over ranks, hence the factor ``data_parallel_size`` in the weight.) For pretraining every
+micro-batch holds the same number of tokens and the weight is exactly 1/accumulation, the
+same arithmetic as a plain mean. ``backend.step`` then clips and applies AdamW at the
+scheduled learning rate.
+
+Subclasses (``train/sft/trainer.py``) change what is built -- tokenizer, model, data,
+checkpoint contents -- through the ``build_*`` and ``*_model_state`` hooks; the loop
+itself is shared. Checkpoints hold everything needed to continue as if nothing had
+happened: weights, optimizer, step, tokens, the data stream position of every rank, and
+every RNG.
 """
 
 from __future__ import annotations
@@ -22,7 +32,6 @@ from typing import Optional
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_model
 
 from data_pipeline import pipeline as data
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
@@ -100,15 +109,13 @@ class Trainer:
         self.run_dir = cfg.run_dir
         os.makedirs(self.run_dir, exist_ok=True)
         self.ckpt_root = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
-        self.tokenizer = ensure_tokenizer(cfg, b)
-        self.model_cfg = resolve_model_config(cfg, self.tokenizer)
+        self.tokenizer = self.build_tokenizer()
+        self.model_cfg = self.build_model_config()
         self.state = TrainState()
         self._stop_requested = False
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = Transformer(self.model_cfg)
-        if cfg.init_from:
-            load_init_weights(model, cfg.init_from)
+        model = self.build_model()
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         if cfg.train.compile:
@@ -120,11 +127,41 @@ class Trainer:
         dp = b.data_parallel_size
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp
         self.tokens_per_step = self.global_batch * cfg.data.seq_len
-        self.train_batches = build_train_stream(cfg, self.tokenizer, b.rank, dp)
-        self.val_batches = data.validation_batches(cfg.data, self.tokenizer, cfg.train.micro_batch_size,
-                                                   cfg.train.eval_batches, shard=b.rank, num_shards=dp)
+        self.train_batches, self.val_batches = self.build_data()
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.peak = peak_flops(b.device, cfg.train.peak_tflops)
+
+    # -- what is trained: hooks for subclasses ----------------------------------------------
+    def build_tokenizer(self) -> Tokenizer:
+        return ensure_tokenizer(self.cfg, self.backend)
+
+    def build_model_config(self) -> ModelConfig:
+        return resolve_model_config(self.cfg, self.tokenizer)
+
+    def build_model(self) -> torch.nn.Module:
+        model = Transformer(self.model_cfg)
+        if self.cfg.init_from:
+            load_init_weights(model, self.cfg.init_from)
+        return model
+
+    def build_data(self):
+        """(endless training micro-batches of this rank, list of validation micro-batches)."""
+        cfg, b = self.cfg, self.backend
+        dp = b.data_parallel_size
+        train = build_train_stream(cfg, self.tokenizer, b.rank, dp)
+        val = data.validation_batches(cfg.data, self.tokenizer, cfg.train.micro_batch_size,
+                                      cfg.train.eval_batches, shard=b.rank, num_shards=dp)
+        return train, val
+
+    def save_model_state(self, directory: str) -> None:
+        """Weights and optimizer into a checkpoint being written (all ranks call)."""
+        self.backend.save(directory)
+
+    def load_model_state(self, directory: str, meta: dict) -> None:
+        self.backend.load(directory, meta)
+
+    def write_extra_files(self, directory: str) -> None:
+        """Rank 0 adds task files (chat template, adapter config, ...) to a checkpoint."""
 
     # -- checkpoints ----------------------------------------------------------------------
     def resume(self) -> Optional[str]:
@@ -137,7 +174,7 @@ class Trainer:
         if not ckpt.is_complete(path):
             raise RuntimeError(f"resume: {path} is not a complete kiln checkpoint (no valid meta.json)")
         meta = ckpt.read_meta(path)
-        self.backend.load(path, meta)
+        self.load_model_state(path, meta)
         ts = ckpt.read_trainer_state(path)
         self.state = TrainState(step=ts["step"], tokens=ts["tokens"])
         note = restore_stream(self.train_batches, ts.get("data", []), self.backend.rank,
@@ -153,7 +190,7 @@ class Trainer:
         b, cfg = self.backend, self.cfg
         tmp = ckpt.begin(self.ckpt_root, self.state.step) if b.is_main else None
         tmp = b.broadcast_object(tmp)
-        b.save(tmp)
+        self.save_model_state(tmp)
         data_states = b.all_gather_object(self.train_batches.state_dict())
         rngs = b.all_gather_object(ckpt.rng_state())
         b.barrier()
@@ -165,6 +202,7 @@ class Trainer:
             OmegaConf.save(cfg, os.path.join(tmp, "config.yaml"), resolve=True)
             OmegaConf.save(OmegaConf.structured(self.model_cfg), os.path.join(tmp, "model_config.yaml"))
             shutil.copyfile(self.tokenizer.path, os.path.join(tmp, "tokenizer.model"))
+            self.write_extra_files(tmp)
             meta = {"backend": b.name, "zero_stage": int(cfg.backend.zero_stage), "world_size": b.world_size,
                     "data_parallel_size": b.data_parallel_size, "tokens": self.state.tokens,
                     "model": OmegaConf.to_container(OmegaConf.structured(self.model_cfg))}
@@ -178,19 +216,63 @@ class Trainer:
             return torch.autocast(self.backend.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def model_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(input, target, extra forward kwargs) of a micro-batch on the training device.
+        Extra kwargs (packing's doc_ids/position_ids, a classifier's last_index) come from
+        the batch's ``model_kwargs``; pretraining batches have none."""
+        dev = self.backend.device
+        extra = {k: v.to(dev, non_blocking=True) for k, v in batch.get("model_kwargs", {}).items()}
+        return batch["input"].to(dev, non_blocking=True), batch["target"].to(dev, non_blocking=True), extra
+
+    @staticmethod
+    def loss_tokens(batch: dict) -> int:
+        if "loss_tokens" in batch:
+            return int(batch["loss_tokens"])
+        return int((batch["target"] != -100).sum())
+
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
+        """Validation loss: the token-weighted mean over every rank's validation batches."""
         if not self.val_batches:
             return None
         model = self.backend.model
         model.eval()
-        total = 0.0
+        loss_sum, count = 0.0, 0
         for batch in self.val_batches:
+            x, y, extra = self.model_inputs(batch)
             with self.autocast():
-                _, loss = model(batch["input"].to(self.backend.device), batch["target"].to(self.backend.device))
-            total += float(loss)
+                _, loss = model(x, y, **extra)
+            n = self.loss_tokens(batch)
+            loss_sum += float(loss) * n
+            count += n
         model.train()
-        return self.backend.all_reduce_mean(total / len(self.val_batches))
+        loss_sum, count = self.backend.all_reduce_sum([loss_sum, count])
+        return loss_sum / count
+
+    def forward_backward(self, micro_batches: list[dict]) -> tuple[float, int, int]:
+        """Accumulate the gradients of one optimizer step; returns (loss, global loss
+        tokens, global input tokens). The loss is the token mean over the global batch."""
+        b = self.backend
+        dp = b.data_parallel_size
+        local = [self.loss_tokens(mb) for mb in micro_batches]
+        tokens = sum(int(mb.get("tokens", mb["input"].numel())) for mb in micro_batches)
+        total, total_inputs = (int(v) for v in b.all_reduce_sum([sum(local), tokens]))
+        if total == 0:
+            raise ValueError(f"step {self.state.step + 1}: the global batch has no loss token")
+        loss_sum = 0.0
+        last = len(micro_batches) - 1
+        for i, (batch, n) in enumerate(zip(micro_batches, local)):
+            x, y, extra = self.model_inputs(batch)
+            with b.micro_step_context(i == last):
+                with self.autocast():
+                    logits, loss = self.backend.model(x, y, **extra)
+                if n == 0:  # nothing to learn here, but every rank must still run backward
+                    b.backward(logits.sum() * 0.0)
+                    continue
+                # mean * n * dp / total; for equal micro-batches total / (n * dp) == accum exactly.
+                b.backward(loss / (total / (n * dp)))
+            loss_sum += float(loss.detach()) * n
+        return b.all_reduce_sum([loss_sum])[0] / total, total, total_inputs
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -209,31 +291,19 @@ class Trainer:
             result["final_step"] = self.state.step
             return result
         if resumed is None and t.eval_every > 0:
-            val = self.evaluate()
-            if val is not None:
-                logger.log(0, {"val_loss": val, "val_ppl": math.exp(min(val, 50))}, kind="eval")
-                result["val_losses"][0] = val
+            self._evaluate_and_log(0, logger, result)
         model = b.model
         model.train()
         window_t0, window_tokens = time.perf_counter(), 0
         last_ckpt_step = self.state.step
         while self.state.step < t.max_steps:
             lr = lr_at(self.state.step, cfg.optim, t.max_steps)
-            loss_sum = 0.0
-            for micro in range(t.grad_accum_steps):
-                batch = next(self.train_batches)
-                x = batch["input"].to(b.device, non_blocking=True)
-                y = batch["target"].to(b.device, non_blocking=True)
-                with b.micro_step_context(micro == t.grad_accum_steps - 1):
-                    with self.autocast():
-                        _, loss = model(x, y)
-                    b.backward(loss / t.grad_accum_steps)
-                loss_sum += float(loss.detach())
+            micro_batches = [next(self.train_batches) for _ in range(t.grad_accum_steps)]
+            loss_val, _, step_tokens = self.forward_backward(micro_batches)
             grad_norm = b.step(lr, cfg.optim.grad_clip)
             self.state.step += 1
-            self.state.tokens += self.tokens_per_step
-            window_tokens += self.tokens_per_step
-            loss_val = b.all_reduce_mean(loss_sum / t.grad_accum_steps)
+            self.state.tokens += step_tokens
+            window_tokens += step_tokens
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"loss is {loss_val} at step {self.state.step}; lower optim.lr or check "
                                          "the data. The last good checkpoint is untouched.")
@@ -253,10 +323,7 @@ class Trainer:
                 logger.log(step, metrics)
                 window_t0, window_tokens = time.perf_counter(), 0
             if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps):
-                val = self.evaluate()
-                if val is not None:
-                    logger.log(step, {"val_loss": val, "val_ppl": math.exp(min(val, 50))}, kind="eval")
-                    result["val_losses"][step] = val
+                self._evaluate_and_log(step, logger, result)
             if step % cfg.checkpoint.every == 0 or step == t.max_steps:
                 path = self.save()
                 last_ckpt_step = step
@@ -272,10 +339,25 @@ class Trainer:
         result["final_step"] = self.state.step
         result["tokens"] = self.state.tokens
         if b.is_main:
-            result["plot"] = plot_losses(os.path.join(self.run_dir, "metrics.jsonl"),
-                                         os.path.join(self.run_dir, "loss.png"), title=f"kiln: {cfg.run_name}") \
-                if cfg.logger.plot else None
+            result["plot"] = self.plot() if cfg.logger.plot else None
         return result
+
+    def plot(self) -> Optional[str]:
+        return plot_losses(os.path.join(self.run_dir, "metrics.jsonl"), os.path.join(self.run_dir, "loss.png"),
+                           title=f"kiln: {self.cfg.run_name}")
+
+    def _evaluate_and_log(self, step: int, logger: MetricsLogger, result: dict) -> None:
+        val = self.evaluate()
+        if val is None:
+            return
+        metrics = {"val_loss": val, "val_ppl": math.exp(min(val, 50)), **self.extra_eval_metrics()}
+        logger.log(step, metrics, kind="eval")
+        result["val_losses"][step] = val
+        result.setdefault("eval_metrics", {})[step] = metrics
+
+    def extra_eval_metrics(self) -> dict:
+        """Task metrics logged beside the validation loss (classification: accuracy, macro-F1)."""
+        return {}
 
     def should_stop(self) -> bool:
         """True when the run must checkpoint and exit now: ``train.stop_at_step`` reached, or
@@ -318,14 +400,32 @@ def _hf_init_dir(cfg) -> str | None:
 
 
 def load_init_weights(model: Transformer, path: str) -> None:
-    """Start from the full weights of a kiln checkpoint directory (consolidated safetensors),
-    or of a local Hugging Face Llama directory given as ``hf:<dir>``."""
+    """Start from the full weights of a kiln checkpoint -- any backend's format (consolidated
+    safetensors, FSDP DCP, DeepSpeed ZeRO shards), given as a step dir, checkpoints root or
+    run dir -- or of a local Hugging Face Llama directory given as ``hf:<dir>``.
+
+    Parameters the model has beyond the checkpoint's (a classification head, LoRA
+    adapters) keep their initial values; every checkpoint tensor must fit the model.
+    """
+    from train.full_state import read_full_state
+
     if path.startswith("hf:"):
         _, state = hf_interop.load_hf_llama(path[3:])
-        model.load_state_dict(state, strict=True)
+        _load_base(model, state, path)
         return
-    weights = os.path.join(path, "model.safetensors")
-    if not os.path.exists(weights):
-        raise ConfigError("init_from", f"{path} has no model.safetensors; consolidate it with "
-                          "launch/convert_checkpoint.py first")
-    load_model(model, weights)
+    try:
+        step_dir = hf_interop.resolve_checkpoint(path)
+    except FileNotFoundError as e:
+        raise ConfigError("init_from", str(e)) from None
+    with torch.device("meta"):  # only names and shapes: read_full_state must not ask for head/adapter tensors
+        shape_model = Transformer(model.cfg)
+    _load_base(model, read_full_state(step_dir, shape_model, with_optimizer=False).model, step_dir)
+
+
+def _load_base(model: torch.nn.Module, state: dict, source: str) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    extra = getattr(model, "extra_parameter_names", lambda: set())()
+    really_missing = [k for k in missing if k not in extra]
+    if really_missing or unexpected:
+        raise ConfigError("init_from", f"{source} does not match the model: missing {really_missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")

@@ -91,6 +91,14 @@ class Backend:
         dist.all_reduce(t)
         return float(t.item()) / self.world_size
 
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sums over ranks of a few numbers in one collective (float64: token counts stay exact)."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return t.tolist()
+
     def all_gather_object(self, obj: Any) -> list:
         if self.world_size == 1 or not dist.is_initialized():
             return [obj]

@@ -1,0 +1,119 @@
+"""The fine-tuning config: ``PretrainConfig`` plus what only fine-tuning needs.
+
+``SFTConfig`` extends the pretraining schema rather than copying it, so optimizer, train,
+checkpoint, logger and backend keys mean the same thing in both entrypoints, and
+``task=continued_pretraining`` is literally the pretraining run started from a checkpoint.
+The sequence length is ``data.seq_len`` for every task (one key, not two).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from train.config import ConfigError, PretrainConfig, _check
+
+TASKS = ("instruction", "classification", "continued_pretraining")
+FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "classification")
+MASKS = ("assistant", "last_assistant", "all_turns", "all")
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@dataclass
+class SFTDataConfig:
+    paths: list[str] = field(default_factory=list)  # .jsonl / .parquet files, or local HF dataset dirs
+    source: str = "auto"  # auto (by extension; a directory = HF dataset) | jsonl | parquet | hf
+    hf_split: str = "train"  # split of a local HF DatasetDict
+    format: str = "auto"  # auto (per record, from its keys) | alpaca | chat | prompt_completion | classification
+    val_paths: list[str] = field(default_factory=list)  # explicit held-out files; else val_fraction of paths
+    val_fraction: float = 0.05  # stable hash of the record's content decides its split
+    mask: str = "assistant"  # loss on: assistant (every assistant turn) | last_assistant | all_turns | all
+    packing: bool = True  # several examples per sequence, isolated by doc_ids + per-document positions
+    truncation: str = "drop"  # examples longer than data.seq_len + 1 tokens: drop | truncate (both counted)
+    skip_bad_records: bool = False  # false: a bad record stops the run naming file and line
+    text_key: str = "text"  # classification: input text
+    label_key: str = "label"  # classification: class (string or int)
+    labels: list[str] = field(default_factory=list)  # classification: class names; empty = sorted labels of the data
+    class_weights: list[float] = field(default_factory=list)  # classification: one per class; empty = equal
+    seed: int = 1234  # epoch shuffling of the examples
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0  # scale = alpha / rank
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    name: str = "default"  # adapter name: several adapters can live on one base model
+    quantize: Optional[str] = None  # None | 4bit (QLoRA: needs bitsandbytes and CUDA)
+
+
+@dataclass
+class SFTEvalConfig:
+    prompts: list[str] = field(default_factory=list)  # fixed prompts for the before/after generation table
+    max_new_tokens: int = 48
+    report: str = "${run_dir}/generations.md"
+
+
+@dataclass
+class SFTConfig(PretrainConfig):
+    task: str = "instruction"  # instruction | classification | continued_pretraining
+    sft: SFTDataConfig = field(default_factory=SFTDataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)
+
+
+def register_sft_configs() -> None:
+    from train.config import register_configs
+
+    register_configs()
+    ConfigStore.instance().store(name="sft_schema", node=SFTConfig)
+
+
+def validate_sft(cfg: Any) -> None:
+    """Fine-tuning relations, after ``train.config.validate``. Raises ConfigError(key)."""
+    _check(cfg.task in TASKS, "task", f"unknown task {cfg.task!r} ({' | '.join(TASKS)})")
+    init = str(cfg.init_from or "")
+    if not init:
+        raise ConfigError("init_from", "fine-tuning needs a checkpoint: init_from=<kiln run, checkpoints root or "
+                          "step dir> or init_from=hf:<dir>")
+    if not init.startswith("hf:") and not os.path.isdir(init):
+        raise ConfigError("init_from", f"checkpoint directory not found: {init!r}. Make the default one with "
+                          "`python launch/pretrain.py` (writes runs/default), or pass init_from=<your run dir>")
+    s, lo = cfg.sft, cfg.lora
+    if cfg.task != "continued_pretraining":
+        _check(len(s.paths) > 0, "sft.paths", "no fine-tuning data file given")
+        for i, p in enumerate(list(s.paths) + list(s.val_paths)):
+            _check(os.path.exists(str(p)), f"sft.paths[{i}]", f"not found: {p!r}")
+    _check(s.source in ("auto", "jsonl", "parquet", "hf"), "sft.source",
+           f"unknown source {s.source!r} (auto | jsonl | parquet | hf)")
+    _check(s.format in FORMATS, "sft.format", f"unknown format {s.format!r} ({' | '.join(FORMATS)})")
+    _check(s.mask in MASKS, "sft.mask", f"unknown mask policy {s.mask!r} ({' | '.join(MASKS)})")
+    _check(s.truncation in ("drop", "truncate"), "sft.truncation",
+           f"unknown truncation policy {s.truncation!r} (drop | truncate)")
+    _check(0.0 <= s.val_fraction < 1.0, "sft.val_fraction", f"must be in [0, 1), got {s.val_fraction}")
+    if s.class_weights:
+        _check(all(w > 0 for w in s.class_weights), "sft.class_weights", "every weight must be positive")
+        _check(not s.labels or len(s.class_weights) == len(s.labels), "sft.class_weights",
+               f"{len(s.class_weights)} weights for {len(s.labels)} classes (sft.labels)")
+    if lo.enabled:
+        _check(lo.rank > 0, "lora.rank", f"must be positive, got {lo.rank}")
+        _check(lo.alpha > 0, "lora.alpha", f"must be positive, got {lo.alpha}")
+        _check(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+        bad = [t for t in lo.targets if t not in LORA_TARGETS]
+        _check(not bad and len(lo.targets) > 0, "lora.targets",
+               f"unknown projection(s) {bad} (choose from {' '.join(LORA_TARGETS)})")
+        _check(bool(lo.name) and lo.name.replace("_", "").isalnum(), "lora.name",
+               f"must be a non-empty identifier, got {lo.name!r}")
+        _check(cfg.task != "continued_pretraining", "lora.enabled", "LoRA is for instruction/classification tasks")
+    _check(lo.quantize in (None, "4bit"), "lora.quantize", f"unknown quantization {lo.quantize!r} (null | 4bit)")
+    if lo.quantize:
+        _check(lo.enabled, "lora.quantize", "4-bit base weights (QLoRA) need lora.enabled=true")
+        from model.lora import qlora_unavailable_reason
+
+        why = qlora_unavailable_reason()
+        _check(why is None, "lora.quantize", f"4bit needs bitsandbytes and a CUDA GPU: {why}")
