@@ -166,3 +166,57 @@ def plot_losses(metrics_path: str, out_png: str, title: str = "kiln") -> Optiona
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
+
+
+def _read_losses(metrics_path: str) -> dict[str, dict[int, float]]:
+    series: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
+    with open(metrics_path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("kind") == "train" and "loss" in r:
+                series["train"][r["step"]] = r["loss"]
+            elif r.get("kind") == "eval" and "val_loss" in r:
+                series["eval"][r["step"]] = r["val_loss"]
+    return series
+
+
+def plot_runs(runs: list[tuple[str, str]], out_png: str, title: str = "kiln") -> Optional[str]:
+    """Several runs' train/validation losses on one time axis: each run's steps continue after
+    the previous run's last step (pretraining, then fine-tuning from its checkpoint)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    offset, drawn = 0, 0
+    for label, path in runs:
+        if not os.path.exists(path):
+            continue
+        series = _read_losses(path)
+        if not series["train"]:
+            continue
+        for kind, style in (("train", "-"), ("eval", "o--")):
+            pts = sorted(series[kind].items())
+            if pts:
+                ax.plot([offset + s for s, _ in pts], [v for _, v in pts], style, markersize=3,
+                        label=f"{label}: {'train' if kind == 'train' else 'validation'} loss")
+        if len(runs) > 1:
+            ax.axvline(offset, color="grey", alpha=0.3)
+        offset += max(series["train"])
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step (runs laid end to end)")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png

@@ -138,11 +138,15 @@ class DeepSpeedBackend(Backend):
             return
         self.import_full(read_full_state(directory, self.raw_model))
 
-    def import_full(self, st: FullState) -> None:
+    def import_full(self, st: FullState, partial: bool = False) -> None:
+        """Set weights and moments from full tensors; ``partial``: only the names in ``st``
+        (adapter checkpoints)."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         stage = int(self.cfg.backend.zero_stage)
         for name, p in self.raw_model.named_parameters():
+            if partial and name not in st.model:
+                continue
             full = st.model[name].to(torch.float32)
             if stage == 0:
                 with torch.no_grad():
@@ -169,10 +173,20 @@ class DeepSpeedBackend(Backend):
                     s["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device) \
                         if isinstance(old, torch.Tensor) else step
 
-    def export_full(self) -> FullState:
+    def export_trainable(self) -> FullState:
+        """Trained parameters gathered from their ZeRO partitions (collective: every rank
+        calls), so an adapter checkpoint is never empty under ZeRO-3."""
+        return self.export_full(only_trainable=True)
+
+    def import_trainable(self, st: FullState) -> None:
+        self.import_full(st, partial=True)
+
+    def export_full(self, only_trainable: bool = False) -> FullState:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         names, _ = named_params(self.raw_model)
+        if only_trainable:
+            names = [n for n in names if dict(self.raw_model.named_parameters())[n].requires_grad]
         stage = int(self.cfg.backend.zero_stage)
         params = dict(self.raw_model.named_parameters())
         model, moments, step = {}, {}, 0

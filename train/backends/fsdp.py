@@ -129,6 +129,25 @@ class FSDPBackend(Backend):
         steps = [int(s["step"]) for s in osd["state"].values()]
         return FullState(model=msd, moments=moments, step=steps[0] if steps else 0)
 
+    def export_trainable(self) -> FullState:
+        """Full (gathered) trained parameters and their moments; every rank calls (collective)."""
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        st = self.export_full()
+        return FullState(model={n: t for n, t in st.model.items() if n in names},
+                         moments={n: m for n, m in st.moments.items() if n in names}, step=st.step)
+
+    def import_trainable(self, st: FullState) -> None:
+        set_model_state_dict(self.model, st.model, options=StateDictOptions(full_state_dict=True, strict=False))
+        if st.moments:
+            self._init_optimizer_state()
+            full = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=False))
+            for name, m in st.moments.items():
+                full["state"][name] = {"step": torch.tensor(float(st.step)),
+                                       **{k: m[k].to(torch.float32) for k in MOMENTS}}
+            set_optimizer_state_dict(self.model, self.optimizer, full,
+                                     options=StateDictOptions(full_state_dict=True))
+
     def load_weights(self, state_dict: dict) -> None:
         set_model_state_dict(self.model, state_dict, options=StateDictOptions(full_state_dict=True))
 
