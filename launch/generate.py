@@ -3,6 +3,7 @@
     python launch/generate.py <checkpoint or hf dir> prompt="Once upon a time" [prompts.txt]
         [max_new_tokens=64] [temperature=0.8] [top_k=40] [top_p=1.0] [seed=0]
         [batch_size=8] [use_cache=true] [device=auto] [format=text|jsonl] [out=results.jsonl]
+        [chat=false] [system=...]
 
 Prompts come from ``prompt=`` and/or a file (one prompt per line; a ``.jsonl`` file holds
 objects with a "prompt" key). They are generated in left-padded batches with a KV cache;
@@ -10,6 +11,10 @@ temperature=0 is greedy. A row stops at EOS or at ``<|end_of_turn|>``; the stop 
 not part of the printed completion. With a fixed ``seed`` a run is reproducible; a
 prompt's sampled completion depends on the batch it is in (one random stream per batch),
 greedy ones do not.
+
+``chat=true`` wraps every prompt as a user turn of kiln's chat template (optionally after a
+``system`` turn) and asks for the assistant's reply: exactly the ids fine-tuning trained on
+(``train/sft/chat.py``), and the same string the exported ``chat_template.jinja`` renders.
 """
 
 import _bootstrap  # noqa: F401, I001  (sys.path first: the imports below need it)
@@ -23,7 +28,8 @@ from _common import load_model_and_tokenizer, parse_kv, pick_device
 from model.llama import generate
 
 OPTIONS = {"prompt": "", "max_new_tokens": 64, "temperature": 0.8, "top_k": 40, "top_p": 1.0, "seed": 0,
-           "batch_size": 8, "use_cache": True, "device": "auto", "format": "text", "out": ""}
+           "batch_size": 8, "use_cache": True, "device": "auto", "format": "text", "out": "",
+           "chat": False, "system": ""}
 
 
 def read_prompts(path: str) -> list[str]:
@@ -31,6 +37,14 @@ def read_prompts(path: str) -> list[str]:
         if path.endswith(".jsonl"):
             return [json.loads(line)["prompt"] for line in f if line.strip()]
         return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def chat_text(prompt: str, system: str | None) -> str:
+    """The chat-template rendering of one user prompt, ending with the assistant tag."""
+    from train.sft.chat import render_text
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return render_text(messages, add_generation_prompt=True)
 
 
 def run(path: str, prompts: list[str], opts: dict) -> list[dict]:
@@ -43,6 +57,8 @@ def run(path: str, prompts: list[str], opts: dict) -> list[dict]:
         chunk = prompts[start:start + opts["batch_size"]]
         ids = []
         for p in chunk:
+            if opts["chat"]:
+                p = chat_text(p, opts["system"])
             t = tok.encode(p) or [tok.eos_id]  # an empty prompt starts a fresh document
             if len(t) >= max_len:
                 print(f"[generate] prompt of {len(t)} tokens cut to its last {max_len - 1}", file=sys.stderr)

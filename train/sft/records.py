@@ -72,8 +72,9 @@ def raw_records(path: str, source: str = "auto", hf_split: str = "train") -> Ite
         raise ValueError(f"sft.source: unknown source {source!r}")
 
 
-def _text(rec: dict, key: str, where: str, required: bool = True) -> str:
+def _text(rec: dict, key: str, where: str, required: bool = True, name: str | None = None) -> str:
     v = rec.get(key)
+    key = name or key
     if v is None:
         if required:
             raise BadRecord(where, f"missing field {key!r}")
@@ -125,7 +126,7 @@ def to_messages(rec: Any, fmt: str, where: str) -> list[dict]:
                 raise BadRecord(where, f"messages[{i}]: wrong role {role!r} (system | user | assistant)")
             if role == "system" and i != 0:
                 raise BadRecord(where, f"messages[{i}]: a system message may only come first")
-            content = _text(m, "content", f"{where} messages[{i}]", required=role == "assistant")
+            content = _text(m, "content", where, required=role == "assistant", name=f"messages[{i}].content")
             msgs.append({"role": role, "content": content})
     else:
         raise BadRecord(where, f"format {fmt!r} is not a conversation format")
