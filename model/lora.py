@@ -106,16 +106,17 @@ def lora_modules(model: nn.Module) -> list[LoRALinear]:
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    mods = lora_modules(model)
-    return sorted(mods[0].adapters) if mods else []
+    return sorted({a for m in lora_modules(model) for a in m.adapters})
 
 
 def set_active_adapter(model: nn.Module, name: str | None) -> None:
-    """Route every LoRA layer through adapter ``name`` (None: the bare base model)."""
-    for m in lora_modules(model):
-        if name is not None and name not in m.scale:
-            raise KeyError(f"no adapter named {name!r} (have {sorted(m.adapters)})")
-        m.active = name
+    """Route every LoRA layer through adapter ``name`` (None: the bare base model). Layers the
+    adapter does not target (adapters may target different projections) run their base weight."""
+    mods = lora_modules(model)
+    if name is not None and not any(name in m.scale for m in mods):
+        raise KeyError(f"no adapter named {name!r} (have {sorted({a for m in mods for a in m.adapters})})")
+    for m in mods:
+        m.active = name if name in m.scale else None
 
 
 def train_only(model: nn.Module, adapter: str, extra_prefixes: Iterable[str] = ()) -> list[str]:
