@@ -142,6 +142,8 @@ class DeepSpeedBackend(Backend):
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         stage = int(self.cfg.backend.zero_stage)
+        if st.moments and stage > 0:
+            self._materialize_optimizer_state()
         for name, p in self.raw_model.named_parameters():
             full = st.model[name].to(torch.float32)
             if stage == 0:
@@ -158,6 +160,22 @@ class DeepSpeedBackend(Backend):
                     else:
                         safe_set_full_optimizer_state(p, st.moments[name][k].to(self.device), k)
         self._set_step(st.step)
+
+    def _materialize_optimizer_state(self) -> None:
+        """AdamW creates its moments lazily at the first step, and DeepSpeed links each
+        parameter to its slice of them only then; create them (zeros) and link them now so
+        the full-state setters have somewhere to write."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                s = inner.state[p]
+                if not s:
+                    s["step"] = torch.zeros((), dtype=torch.float32)
+                    s["exp_avg"] = torch.zeros_like(p)
+                    s["exp_avg_sq"] = torch.zeros_like(p)
+        if hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
 
     def _set_step(self, step: int) -> None:
         inner = getattr(self.optimizer, "optimizer", self.optimizer)

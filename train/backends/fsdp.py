@@ -91,10 +91,12 @@ class FSDPBackend(Backend):
             if not osd.get("state"):
                 self._init_optimizer_state()
                 msd, osd = get_state_dict(self.model, self.optimizer)
-            state = {"model": msd, "optim": osd}
+            # Only tensors are read back: hyperparameters (param_groups) come from the config,
+            # so DCP directories written by convert_checkpoint load the same way.
+            state = {"model": msd, "optim": {"state": osd["state"]}}
             dcp.load(state, checkpoint_id=os.path.join(directory, DCP_DIR))
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
+                           optim_state_dict={"state": state["optim"]["state"], "param_groups": osd["param_groups"]})
             return
         self.import_full(read_full_state(directory, self.model))
 
