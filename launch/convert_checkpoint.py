@@ -123,7 +123,9 @@ def main(argv=None) -> None:
         print(json.dumps({"out": os.path.join(os.path.abspath(args.out), "model.safetensors"),
                           "parameters": param_count(read_model_config(src))}))
         return
-    tmp = tempfile.mkdtemp(prefix=".kiln-convert-", dir=os.path.dirname(os.path.abspath(args.out)) or ".")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".kiln-convert-", dir=parent)
     try:
         if args.to == "full":
             st, _ = load_full(src, with_optimizer=True)

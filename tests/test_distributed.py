@@ -49,7 +49,8 @@ def launch(launcher: str, args: list[str], nproc: int = 2, timeout: int = 600) -
     elif launcher == "deepspeed":
         cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", port, "launch/pretrain.py", *args]
     elif launcher == "accelerate":
-        cmd = ["accelerate", "launch", "--cpu", "--num_processes", str(nproc), "--main_process_port", port,
+        # --multi_gpu starts torch.distributed workers; without GPUs they run on CPU over gloo.
+        cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(nproc), "--main_process_port", port,
                "launch/pretrain.py", *args]
     else:
         raise ValueError(launcher)
@@ -92,6 +93,13 @@ def runs(tmp_path_factory, tokenizer_path):
     launch("python", common + [f"run_dir={single}", "train.micro_batch_size=4", "train.stop_at_step=5"])
     stopped["single"] = single
     return {"root": root, "ref": losses(ref), "stopped": stopped, "common": common}
+
+
+def test_accelerate_launch_runs_two_ranks_matching_the_reference(runs):
+    run_dir = runs["root"] / "accelerate"
+    out = launch("accelerate", runs["common"] + ["backend=ddp", f"run_dir={run_dir}", "train.stop_at_step=5"])
+    assert "world_size=2" in out
+    assert_close(losses(run_dir), runs["ref"], range(1, 6))
 
 
 def test_reference_run_learns(runs):
