@@ -48,6 +48,8 @@ def main(cfg: DictConfig) -> None:
         print(f"         metrics:     {os.path.join(run_dir, 'metrics.jsonl')}")
         if result.get("plot"):
             print(f"         loss plot:   {os.path.abspath(result['plot'])}")
+        if result.get("data_report"):
+            print(f"         data report: {os.path.abspath(result['data_report'])}")
         print(f"         tokenizer:   {os.path.abspath(trainer.tokenizer.path)}")
         print(f"         config:      {os.path.join(run_dir, '.hydra', 'config.yaml')}")
     b.shutdown()
