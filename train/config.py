@@ -203,3 +203,14 @@ def validate(cfg: Any) -> None:
     _check(tp is None or os.path.isfile(str(tp)), "tokenizer.path", f"file not found: {tp!r}")
     _check(cfg.tokenizer.vocab_size >= 300, "tokenizer.vocab_size",
            f"must be >= 300 (byte fallback needs 256 ids), got {cfg.tokenizer.vocab_size}")
+
+
+def validate_or_exit(cfg: Any) -> None:
+    """For launch scripts: a bad config ends the process with the key named, before any work."""
+    import sys
+
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(2)

@@ -67,19 +67,6 @@ class FSDPBackend(Backend):
         opt_device = torch.device("cpu") if bcfg.offload_params else self.device
         self.optimizer = build_adamw(model, self.cfg.optim, opt_device)
 
-    def step(self, lr: float, max_norm: float) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if max_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
 
     def save(self, directory: str) -> None:
         msd, osd = get_state_dict(self.model, self.optimizer)
