@@ -181,6 +181,9 @@ def validate(cfg: Any) -> None:
     _check(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
     _check(t.data_sharding in ("sequences", "documents"), "train.data_sharding",
            f"unknown mode {t.data_sharding!r} (sequences | documents)")
+    _check(d.num_workers == 0 or t.data_sharding == "documents", "data.num_workers",
+           f"{d.num_workers} DataLoader workers need train.data_sharding=documents (with sequences, every rank "
+           "reads the one global stream in order)")
     _check(t.device in ("auto", "cpu", "cuda"), "train.device", f"unknown device {t.device!r} (auto | cpu | cuda)")
     _check(t.precision in ("auto", "fp32", "bf16"), "train.precision",
            f"unknown precision {t.precision!r} (auto | fp32 | bf16)")
