@@ -9,24 +9,19 @@ Examples:
 import _bootstrap  # noqa: F401  (sys.path + launcher arguments)
 
 import os
-import sys
 import time
 
 import hydra
 from omegaconf import DictConfig
 
-from train.config import ConfigError, register_configs, validate
+from train.config import register_configs, validate_or_exit
 
 register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(2)
+    validate_or_exit(cfg)
     from train.trainer import Trainer
 
     t0 = time.time()
@@ -48,6 +43,8 @@ def main(cfg: DictConfig) -> None:
         print(f"         metrics:     {os.path.join(run_dir, 'metrics.jsonl')}")
         if result.get("plot"):
             print(f"         loss plot:   {os.path.abspath(result['plot'])}")
+        if result.get("data_report"):
+            print(f"         data report: {os.path.abspath(result['data_report'])}")
         print(f"         tokenizer:   {os.path.abspath(trainer.tokenizer.path)}")
         print(f"         config:      {os.path.join(run_dir, '.hydra', 'config.yaml')}")
     b.shutdown()

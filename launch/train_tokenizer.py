@@ -9,24 +9,19 @@ tokenizer sees, so the tokenizer matches what the model will be trained on.
 
 import _bootstrap  # noqa: F401
 
-import sys
 import time
 
 import hydra
 from omegaconf import DictConfig
 
-from train.config import ConfigError, register_configs, validate
+from train.config import register_configs, validate_or_exit
 
 register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(2)
+    validate_or_exit(cfg)
     from data_pipeline.pipeline import iter_texts
     from data_pipeline.tokenizer import train_tokenizer
 

@@ -278,21 +278,15 @@ def read_model_config(step_dir: str) -> ModelConfig:
 
 
 def load_kiln_checkpoint(path: str, device: str = "cpu") -> tuple[Transformer, str]:
-    """(model in eval mode, step dir) of a kiln checkpoint; ``path`` as in resolve_checkpoint."""
-    from safetensors.torch import load_file
+    """(model in eval mode, step dir) of a kiln checkpoint from any backend; ``path`` as in
+    resolve_checkpoint. Sharded FSDP (DCP) and DeepSpeed ZeRO checkpoints are consolidated
+    on the fly by ``train.full_state``."""
+    from train.full_state import read_full_state
 
     step_dir = resolve_checkpoint(path)
-    weights = os.path.join(step_dir, "model.safetensors")
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{step_dir} has no consolidated model.safetensors (a sharded FSDP/DeepSpeed "
-                                "checkpoint must be consolidated first)")
     model = Transformer(read_model_config(step_dir))
-    state = load_file(weights)
-    if model.cfg.tie_embeddings:  # a tied tensor is stored once, under either name
-        shared = state.get("tok_embeddings.weight", state.get("output.weight"))
-        if shared is not None:
-            state["tok_embeddings.weight"] = state["output.weight"] = shared
-    model.load_state_dict(state, strict=True)
+    state = read_full_state(step_dir, model, with_optimizer=False)
+    model.load_state_dict(state.model, strict=True)
     return model.to(device).eval(), step_dir
 
 

@@ -22,6 +22,17 @@ TINY = [
 ]
 
 
+@pytest.fixture
+def one_thread():
+    """Small models run faster on one thread than on two busy cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory):
     from data_pipeline.config import DataConfig, SourceConfig

@@ -37,8 +37,8 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_path: str) -> str:
 
 
 def sft_cfg(run_dir, init_from: str, data: list[str], *extra: str):
-    from train.sft.config import register_sft_configs, validate_sft
     from train.config import validate
+    from train.sft.config import register_sft_configs, validate_sft
 
     register_sft_configs()
     paths = "[" + ",".join(str(p) for p in data) + "]"

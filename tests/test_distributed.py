@@ -49,7 +49,8 @@ def launch(launcher: str, args: list[str], nproc: int = 2, timeout: int = 600) -
     elif launcher == "deepspeed":
         cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", port, "launch/pretrain.py", *args]
     elif launcher == "accelerate":
-        cmd = ["accelerate", "launch", "--cpu", "--num_processes", str(nproc), "--main_process_port", port,
+        # --multi_gpu starts torch.distributed workers; without GPUs they run on CPU over gloo.
+        cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(nproc), "--main_process_port", port,
                "launch/pretrain.py", *args]
     else:
         raise ValueError(launcher)
@@ -92,6 +93,13 @@ def runs(tmp_path_factory, tokenizer_path):
     launch("python", common + [f"run_dir={single}", "train.micro_batch_size=4", "train.stop_at_step=5"])
     stopped["single"] = single
     return {"root": root, "ref": losses(ref), "stopped": stopped, "common": common}
+
+
+def test_accelerate_launch_runs_two_ranks_matching_the_reference(runs):
+    run_dir = runs["root"] / "accelerate"
+    out = launch("accelerate", runs["common"] + ["backend=ddp", f"run_dir={run_dir}", "train.stop_at_step=5"])
+    assert "world_size=2" in out
+    assert_close(losses(run_dir), runs["ref"], range(1, 6))
 
 
 def test_reference_run_learns(runs):
@@ -156,3 +164,69 @@ def test_zero3_checkpoint_resumes_under_fsdp(runs):
 
 def test_fsdp_checkpoint_resumes_under_zero3(runs):
     resume_elsewhere(runs, "fsdp", "deepspeed", ["backend=deepspeed", "backend.zero_stage=3"])
+
+
+def convert(*args: str) -> dict:
+    p = subprocess.run([sys.executable, "launch/convert_checkpoint.py", *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def full_state(path: str):
+    from model.hf_interop import read_model_config
+    from model.llama import Transformer
+    from train.full_state import read_full_state
+
+    return read_full_state(path, Transformer(read_model_config(path)))
+
+
+def test_zero3_checkpoint_converted_offline_to_fsdp_resumes_under_fsdp(runs):
+    src = runs["root"] / "zero3-at5" / "checkpoints" / "step_00000005"
+    out = runs["root"] / "converted" / "zero3-as-fsdp"
+    info = convert(str(src), str(out), "--to", "fsdp")
+    assert info["format"] == "dcp" and (out / "dcp").is_dir() and not (out / "deepspeed").exists()
+    a, b = full_state(str(src)), full_state(str(out))
+    assert a.step == b.step == 5
+    assert all(torch_equal(a.model[k], b.model[k]) for k in a.model)
+    assert all(torch_equal(a.moments[k][m], b.moments[k][m]) for k in a.moments for m in ("exp_avg", "exp_avg_sq"))
+    run_dir = runs["root"] / "resumed-from-converted"
+    launch("torchrun", runs["common"] + ["backend=fsdp", f"run_dir={run_dir}", f"resume={out}"])
+    assert_close(losses(run_dir), runs["ref"], range(6, 11))
+
+
+def test_fsdp_checkpoint_converted_to_native_deepspeed_is_lossless_and_resumes_natively(runs):
+    src = runs["root"] / "fsdp-at5" / "checkpoints" / "step_00000005"
+    out = runs["root"] / "converted" / "fsdp-as-zero2"
+    info = convert(str(src), str(out), "--to", "deepspeed", "--zero-stage", "2", "--world-size", "2")
+    assert (info["backend"], info["zero_stage"], info["world_size"]) == ("deepspeed", 2, 2)
+    a, b = full_state(str(src)), full_state(str(out))
+    assert all(torch_equal(a.model[k], b.model[k]) for k in a.model)
+    assert all(torch_equal(a.moments[k][m], b.moments[k][m]) for k in a.moments for m in ("exp_avg", "exp_avg_sq"))
+    run_dir = runs["root"] / "resumed-natively"
+    out_text = launch("deepspeed", runs["common"] + ["backend=deepspeed", "backend.zero_stage=2",
+                                                     f"run_dir={run_dir}", f"resume={out}"])
+    assert "resumed from" in out_text
+    assert_close(losses(run_dir), runs["ref"], range(6, 11))
+
+
+def test_consolidated_weights_file_loads_into_the_model(runs):
+    from safetensors.torch import load_model
+
+    from model.hf_interop import read_model_config
+    from model.llama import Transformer
+
+    src = runs["root"] / "zero2-at5" / "checkpoints" / "step_00000005"
+    out = runs["root"] / "converted" / "weights"
+    info = convert(str(src), str(out), "--to", "weights")
+    model = Transformer(read_model_config(str(src)))
+    load_model(model, info["out"])
+    ref = full_state(str(src))
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert all(torch_equal(p, ref.model[n]) for n, p in model.state_dict().items())
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a.float(), b.float()))

@@ -23,12 +23,7 @@ TEXTS = ["Short one.", "A somewhat longer document, with digits 1234 and ünïc�
          "日本語 and\nnewlines\n\n"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

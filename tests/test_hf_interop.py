@@ -32,12 +32,7 @@ from model.llama import ModelConfig, Transformer
 SAMPLE_WARC = os.path.join(hf_helpers.REPO, "data_pipeline", "assets", "sample.warc.gz")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

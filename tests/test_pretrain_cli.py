@@ -29,6 +29,9 @@ def test_pretrain_cli_trains_checkpoints_logs_plots_and_samples(tmp_path, tokeni
     train = [r for r in records if r["kind"] == "train"]
     assert len(train) == 40 and all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in train)
     assert (run_dir / "loss.png").stat().st_size > 10_000
+    report = (run_dir / "data_report" / "report.md").read_text()  # every pipeline step with its counts
+    for step in ("warc_reader", "html_extract", "langid", "gopher_quality", "c4_quality", "minhash_dedup"):
+        assert f"| {step} |" in report
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["latest", "step_00000020", "step_00000040"]
     assert "[kiln] sample: The Python interpreter" in out
     assert "global batch = micro 4 x accum 1 x data-parallel 1 = 4 sequences" in out

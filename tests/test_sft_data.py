@@ -12,7 +12,7 @@ import pytest
 from tests.sft_helpers import write_jsonl
 from train.sft.batches import IGNORE, Example, collate_lm, lm_example, pack_rows
 from train.sft.chat import encode_chat, render_text
-from train.sft.records import BadRecord, Record, SkipCounter, read_records, to_messages
+from train.sft.records import BadRecord, Record, SkipCounter, read_records
 
 CHAT = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "What is a list?"},

@@ -181,6 +181,9 @@ def validate(cfg: Any) -> None:
     _check(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
     _check(t.data_sharding in ("sequences", "documents"), "train.data_sharding",
            f"unknown mode {t.data_sharding!r} (sequences | documents)")
+    _check(d.num_workers == 0 or t.data_sharding == "documents", "data.num_workers",
+           f"{d.num_workers} DataLoader workers need train.data_sharding=documents (with sequences, every rank "
+           "reads the one global stream in order)")
     _check(t.device in ("auto", "cpu", "cuda"), "train.device", f"unknown device {t.device!r} (auto | cpu | cuda)")
     _check(t.precision in ("auto", "fp32", "bf16"), "train.precision",
            f"unknown precision {t.precision!r} (auto | fp32 | bf16)")
@@ -203,3 +206,14 @@ def validate(cfg: Any) -> None:
     _check(tp is None or os.path.isfile(str(tp)), "tokenizer.path", f"file not found: {tp!r}")
     _check(cfg.tokenizer.vocab_size >= 300, "tokenizer.vocab_size",
            f"must be >= 300 (byte fallback needs 256 ids), got {cfg.tokenizer.vocab_size}")
+
+
+def validate_or_exit(cfg: Any) -> None:
+    """For launch scripts: a bad config ends the process with the key named, before any work."""
+    import sys
+
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(2)

@@ -68,7 +68,7 @@ class GlobalBatchSlicer:
 def build_train_stream(cfg, tokenizer, rank: int, world: int):
     t = cfg.train
     if t.data_sharding == "sequences":
-        docs = data.document_stream(cfg.data, split="train", loop=True)
+        docs = data.document_stream(cfg.data, split="train", loop=True, tokenizer=tokenizer)
         return GlobalBatchSlicer(PackedStream(docs, tokenizer, cfg.data.seq_len), t.micro_batch_size,
                                  t.grad_accum_steps, rank, world)
     return data.train_batches(cfg.data, tokenizer, t.micro_batch_size, shard=rank, num_shards=world)
@@ -91,3 +91,16 @@ def restore_stream(stream, states: list[dict], rank: int, world: int) -> str:
     epoch = max(s["docs"]["epoch"] for s in states)
     stream.set_epoch(epoch)
     return f"{len(states)} data ranks then, {world} now: shards restart at epoch {epoch}"
+
+
+def pipeline_steps(stream) -> list:
+    """The reader and steps (with their stats) behind a training stream, in run order; empty
+    when they live in DataLoader worker processes."""
+    packed = getattr(stream, "windows", None) or getattr(stream, "stream", None)
+    docs = getattr(packed, "docs", None)
+    sources = getattr(docs, "streams", None) or ([docs] if docs is not None else [])
+    out = []
+    for src in sources:
+        if hasattr(src, "reader") and hasattr(src, "steps"):
+            out += [src.reader, *src.steps]
+    return out

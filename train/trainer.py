@@ -34,6 +34,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data_pipeline import pipeline as data
+from data_pipeline.report import write_report
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 from model import hf_interop
 from model.llama import ModelConfig, Transformer, flops_per_token, generate, param_count
@@ -42,7 +43,7 @@ from train.activation_checkpointing import apply_activation_checkpointing
 from train.backends import build_backend
 from train.compile import compile_blocks
 from train.config import ConfigError
-from train.data import build_train_stream, restore_stream
+from train.data import build_train_stream, pipeline_steps, restore_stream
 from train.metrics import MetricsLogger, peak_flops, peak_memory_gb, plot_losses
 from train.optim import lr_at
 
@@ -339,8 +340,18 @@ class Trainer:
         result["final_step"] = self.state.step
         result["tokens"] = self.state.tokens
         if b.is_main:
+            steps = pipeline_steps(self.train_batches)
+            if steps:
+                report_dir = os.path.join(self.run_dir, "data_report")
+                write_report(steps, report_dir, title=f"Data pipeline: training stream of rank 0 "
+                             f"({self.train_batches_epoch()} full passes over the input)")
+                result["data_report"] = os.path.join(report_dir, "report.md")
             result["plot"] = self.plot() if cfg.logger.plot else None
         return result
+
+    def train_batches_epoch(self) -> int:
+        packed = getattr(self.train_batches, "windows", None) or getattr(self.train_batches, "stream", None)
+        return int(getattr(getattr(packed, "docs", None), "epoch", 0))
 
     def plot(self) -> Optional[str]:
         return plot_losses(os.path.join(self.run_dir, "metrics.jsonl"), os.path.join(self.run_dir, "loss.png"),

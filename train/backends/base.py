@@ -81,7 +81,18 @@ class Backend:
 
     def step(self, lr: float, max_norm: float) -> float:
         """Clip, apply the optimizer at ``lr``, zero grads. Returns the pre-clip grad norm."""
-        raise NotImplementedError
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if max_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
+            norm = norm.full_tensor()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
 
     # -- collectives ------------------------------------------------------------------
     def all_reduce_mean(self, value: float) -> float:

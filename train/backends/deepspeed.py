@@ -144,6 +144,8 @@ class DeepSpeedBackend(Backend):
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         stage = int(self.cfg.backend.zero_stage)
+        if st.moments and stage > 0:
+            self._materialize_optimizer_state()
         for name, p in self.raw_model.named_parameters():
             if partial and name not in st.model:
                 continue
@@ -161,17 +163,48 @@ class DeepSpeedBackend(Backend):
                         state.setdefault("step", torch.tensor(float(st.step)))
                     else:
                         safe_set_full_optimizer_state(p, st.moments[name][k].to(self.device), k)
+        if stage > 0:
+            self._copy_master_to_model_weights()
         self._set_step(st.step)
+
+    def _materialize_optimizer_state(self) -> None:
+        """AdamW creates its moments lazily at the first step, and DeepSpeed links each
+        parameter to its slice of them only then; create them (zeros) on the flat fp32
+        partitions (ZeRO-3: ``fp32_partitioned_groups_flat``; ZeRO-1/2: the inner
+        optimizer's params) and link them now, so the full-state setters have a target."""
+        opt = self.optimizer
+        inner = opt.optimizer
+        flats = getattr(opt, "fp32_partitioned_groups_flat", None)
+        if flats is None:
+            flats = [p for group in inner.param_groups for p in group["params"]]
+        for p in flats:
+            s = inner.state[p]
+            if not s:
+                s["step"] = torch.zeros((), dtype=torch.float32)
+                s["exp_avg"] = torch.zeros_like(p)
+                s["exp_avg_sq"] = torch.zeros_like(p)
+        if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+
+    def _copy_master_to_model_weights(self) -> None:
+        """The setters write DeepSpeed's fp32 master copy; the weights the model computes
+        with are a separate (possibly bf16) copy that DeepSpeed refreshes only after a step."""
+        opt = self.optimizer
+        if hasattr(opt, "fp16_partitioned_groups_flat"):  # ZeRO-3
+            for lp, hp in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat):
+                if lp is not None:
+                    lp.data.copy_(hp.data)
+        elif hasattr(opt, "update_lp_params"):  # ZeRO-1/2 and the bf16 optimizer
+            opt.update_lp_params()
 
     def _set_step(self, step: int) -> None:
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        for group in inner.param_groups:
-            for p in group["params"]:
-                s = inner.state[p]
-                if "step" in s:
-                    old = s["step"]
-                    s["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device) \
-                        if isinstance(old, torch.Tensor) else step
+        for s in inner.state.values():
+            if "step" in s:
+                old = s["step"]
+                s["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device) \
+                    if isinstance(old, torch.Tensor) else step
 
     def export_trainable(self) -> FullState:
         """Trained parameters gathered from their ZeRO partitions (collective: every rank

@@ -67,19 +67,6 @@ class FSDPBackend(Backend):
         opt_device = torch.device("cpu") if bcfg.offload_params else self.device
         self.optimizer = build_adamw(model, self.cfg.optim, opt_device)
 
-    def step(self, lr: float, max_norm: float) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if max_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
 
     def save(self, directory: str) -> None:
         msd, osd = get_state_dict(self.model, self.optimizer)
@@ -91,10 +78,12 @@ class FSDPBackend(Backend):
             if not osd.get("state"):
                 self._init_optimizer_state()
                 msd, osd = get_state_dict(self.model, self.optimizer)
-            state = {"model": msd, "optim": osd}
+            # Only tensors are read back: hyperparameters (param_groups) come from the config,
+            # so DCP directories written by convert_checkpoint load the same way.
+            state = {"model": msd, "optim": {"state": osd["state"]}}
             dcp.load(state, checkpoint_id=os.path.join(directory, DCP_DIR))
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
+                           optim_state_dict={"state": state["optim"]["state"], "param_groups": osd["param_groups"]})
             return
         self.import_full(read_full_state(directory, self.model))
 

@@ -17,17 +17,6 @@ class SingleBackend(Backend):
         self.model = self.raw_model
         self.optimizer = build_adamw(self.raw_model, self.cfg.optim, self.device)
 
-    def step(self, lr: float, max_norm: float) -> float:
-        params = [p for p in self.raw_model.parameters() if p.grad is not None]
-        if max_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
 
     def export_full(self) -> FullState:
         moments, step = adamw_export(self.raw_model, self.optimizer)

@@ -1,0 +1,149 @@
+"""Convert a kiln checkpoint between storage formats, offline.
+
+  # one safetensors file of model weights (for export, inspection, init_from)
+  python launch/convert_checkpoint.py runs/x/checkpoints/step_00001000 out/ --to weights
+  # a portable checkpoint (full weights + AdamW moments) any backend resumes from
+  python launch/convert_checkpoint.py runs/x --to full out/step_00001000
+  # DeepSpeed ZeRO (any stage, any world size) -> FSDP (torch.distributed.checkpoint)
+  python launch/convert_checkpoint.py runs/zero3 out/ --to fsdp
+  # FSDP (or anything) -> a native DeepSpeed ZeRO checkpoint for N ranks
+  python launch/convert_checkpoint.py runs/fsdp out/ --to deepspeed --zero-stage 3 --world-size 2
+
+The input may be a step directory, a checkpoints root or a run directory (latest complete
+checkpoint). The output is a complete kiln checkpoint directory (manifest, trainer state,
+config, tokenizer), so ``resume=<out>`` continues training from it; ``--to weights``
+writes only ``model.safetensors``. Every backend can also resume any format directly;
+conversion is for moving a run to another system, sharing weights, or avoiding the
+conversion cost at start-up.
+"""
+
+import _bootstrap  # noqa: F401
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+
+import torch
+from omegaconf import OmegaConf
+
+from model.hf_interop import read_model_config, resolve_checkpoint
+from model.llama import Transformer, param_count
+from train import checkpoint as ckpt
+from train.full_state import DCP_DIR, MOMENTS, FullState, read_full_state, storage_format
+
+CARRIED = ("trainer_state.json", "config.yaml", "model_config.yaml", "tokenizer.model", "chat_template.jinja")
+
+
+def load_full(src: str, with_optimizer: bool) -> tuple[FullState, Transformer]:
+    with torch.device("meta"):
+        model = Transformer(read_model_config(src))
+    return read_full_state(src, model, with_optimizer=with_optimizer), model
+
+
+def write_dcp(st: FullState, directory: str) -> None:
+    """The layout the FSDP backend saves: {"model": ..., "optim": {"state": ...}} by parameter name."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": {k: v.contiguous() for k, v in st.model.items()}, "optim": {"state": {}}}
+    for name, m in st.moments.items():
+        state["optim"]["state"][name] = {"step": torch.tensor(float(st.step)),
+                                         **{k: m[k].float().contiguous() for k in MOMENTS}}
+    dcp.save(state, checkpoint_id=os.path.join(directory, DCP_DIR), no_dist=True)
+
+
+def finish(src: str, tmp: str, out: str, meta_updates: dict) -> str:
+    """Carry the trainer state, config and tokenizer over, seal with a manifest, move into place."""
+    for name in CARRIED:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+    meta = {k: v for k, v in ckpt.read_meta(src).items() if k not in ("files", "complete", "time", "step")}
+    meta.update(meta_updates, converted_from=os.path.abspath(src))
+    step = ckpt.read_meta(src)["step"]
+    meta = dict(meta, step=step, files=ckpt.manifest(tmp), complete=True)
+    ckpt.write_json_atomic(os.path.join(tmp, ckpt.META), meta)
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} exists; refusing to overwrite")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def convert_to_deepspeed(src: str, tmp: str, zero_stage: int, world_size: int) -> None:
+    """Start ``world_size`` local DeepSpeed ranks (gloo on CPU, nccl on GPUs), load the full
+    state through DeepSpeed's public setters and let DeepSpeed write its own shards."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_deepspeed_worker, args=(world_size, port, src, tmp, zero_stage), nprocs=world_size, join=True)
+
+
+def _deepspeed_worker(rank: int, world_size: int, port: int, src: str, tmp: str, zero_stage: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from train.backends.deepspeed import DeepSpeedBackend
+    from train.config import register_configs
+
+    register_configs()
+    cfg = OmegaConf.load(os.path.join(src, "config.yaml"))
+    cfg.backend.name, cfg.backend.zero_stage = "deepspeed", zero_stage
+    cfg.backend.offload_optimizer = cfg.backend.offload_params = False
+    backend = DeepSpeedBackend(cfg)
+    torch.manual_seed(0)
+    backend.setup(Transformer(read_model_config(src)))
+    backend.load(src, {"world_size": -1})  # never native: go through the portable full state
+    backend.save(tmp)
+    backend.shutdown()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="step dir, checkpoints root or run dir")
+    ap.add_argument("out", help="output checkpoint directory (for --to weights: a directory for model.safetensors)")
+    ap.add_argument("--to", choices=["weights", "full", "fsdp", "deepspeed"], required=True)
+    ap.add_argument("--zero-stage", type=int, default=3, choices=[1, 2, 3])
+    ap.add_argument("--world-size", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    src = resolve_checkpoint(args.checkpoint)
+    if not ckpt.is_complete(src):
+        sys.exit(f"{src} is not a complete kiln checkpoint")
+    print(f"[kiln] converting {src} ({storage_format(src)}, backend {ckpt.read_meta(src).get('backend')}) "
+          f"-> {args.to}", flush=True)
+    if args.to == "weights":
+        st, _ = load_full(src, with_optimizer=False)
+        os.makedirs(args.out, exist_ok=True)
+        FullState(model=st.model).save(args.out)
+        shutil.copyfile(os.path.join(src, "model_config.yaml"), os.path.join(args.out, "model_config.yaml"))
+        print(json.dumps({"out": os.path.join(os.path.abspath(args.out), "model.safetensors"),
+                          "parameters": param_count(read_model_config(src))}))
+        return
+    parent = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".kiln-convert-", dir=parent)
+    try:
+        if args.to == "full":
+            st, _ = load_full(src, with_optimizer=True)
+            st.save(tmp)
+            meta = {"backend": "single", "world_size": 1, "zero_stage": 0}
+        elif args.to == "fsdp":
+            st, _ = load_full(src, with_optimizer=True)
+            write_dcp(st, tmp)
+            meta = {"backend": "fsdp", "world_size": args.world_size, "zero_stage": 0}
+        else:
+            convert_to_deepspeed(src, tmp, args.zero_stage, args.world_size)
+            meta = {"backend": "deepspeed", "world_size": args.world_size, "zero_stage": args.zero_stage}
+        out = finish(src, tmp, args.out, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(json.dumps({"out": os.path.abspath(out), "format": storage_format(out), **meta}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+from model.llama import ModelConfig, Transformer
+from tests.conftest import compose
+from train.activation_checkpointing import apply_activation_checkpointing
+from train.backends.deepspeed import build_ds_config
+from train.compile import compile_blocks
+from train.optim import lr_at
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=32))
+
+
+def loss_and_grads(model, x):
+    model.zero_grad()
+    _, loss = model(x, x)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_gives_identical_loss_and_gradients():
+    x = torch.randint(0, 97, (2, 16))
+    ref_loss, ref_grads = loss_and_grads(tiny_model(), x)
+    m = tiny_model()
+    apply_activation_checkpointing(m)
+    loss, grads = loss_and_grads(m, x)
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.allclose(grads[n], ref_grads[n], atol=1e-7) for n in ref_grads)
+    assert set(m.state_dict()) == set(tiny_model().state_dict())  # checkpoints unchanged
+
+
+def test_compiled_blocks_match_eager_and_keep_parameter_names():
+    x = torch.randint(0, 97, (2, 16))
+    ref_loss, ref_grads = loss_and_grads(tiny_model(), x)
+    m = tiny_model()
+    compile_blocks(m)
+    loss, grads = loss_and_grads(m, x)
+    assert torch.allclose(loss, ref_loss, atol=1e-5)
+    assert all(torch.allclose(grads[n], ref_grads[n], atol=1e-5) for n in ref_grads)
+    assert set(m.state_dict()) == set(tiny_model().state_dict())
+
+
+def test_deepspeed_config_is_generated_from_hydra_and_user_file_merges(tmp_path):
+    cfg = compose(["backend=deepspeed", "backend.zero_stage=3", "train.micro_batch_size=3",
+                   "train.grad_accum_steps=5", "optim.grad_clip=0.5"])
+    ds = build_ds_config(cfg, bf16=True)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"]["stage"] == 3
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123}, "train_micro_batch_size_per_gpu": 3}))
+    cfg.backend.ds_config = str(user)
+    merged = build_ds_config(cfg, bf16=False)
+    assert merged["zero_optimization"] == {**ds["zero_optimization"], "reduce_bucket_size": 123}
+    user.write_text(json.dumps({"gradient_accumulation_steps": 2}))
+    with pytest.raises(ValueError, match="backend.ds_config: gradient_accumulation_steps=2"):
+        build_ds_config(cfg, bf16=False)
+    user.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ValueError, match="backend.ds_config: 'optimizer'"):
+        build_ds_config(cfg, bf16=False)
+
+
+def test_parameter_offload_without_zero3_is_rejected_naming_the_key():
+    cfg = compose(["backend=deepspeed", "backend.zero_stage=2", "backend.offload_params=true"])
+    with pytest.raises(ValueError, match="backend.offload_params"):
+        build_ds_config(cfg, bf16=False)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_schedules_warm_up_linearly_then_follow_their_shape(schedule):
+    cfg = compose([f"optim.schedule={schedule}", "optim.lr=1.0", "optim.min_lr_ratio=0.1",
+                   "optim.warmup_steps=10", "optim.decay_fraction=0.2"]).optim
+    lrs = [lr_at(s, cfg, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    if schedule == "cosine":
+        assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+        assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    elif schedule == "wsd":
+        assert all(v == 1.0 for v in lrs[10:80]) and lrs[-1] == pytest.approx(0.1)
+        assert lrs[85] < 1.0
+    else:
+        assert all(v == 1.0 for v in lrs[10:])
