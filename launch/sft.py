@@ -28,8 +28,8 @@ register_sft_configs()
 @hydra.main(config_path="../conf", config_name="sft", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
+        validate_sft(cfg)  # first: its init_from message says how to make the default checkpoint
         validate(cfg)
-        validate_sft(cfg)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         sys.exit(2)
