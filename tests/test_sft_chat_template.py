@@ -28,9 +28,23 @@ def sft_run(tmp_path_factory, tokenizer_path):
 
     base = tiny_checkpoint(tmp_path_factory, tokenizer_path)
     tmp = tmp_path_factory.mktemp("sft_chat")
-    cfg = sft_cfg(tmp / "run", base, [chat_file(tmp, 16)], "train.max_steps=2", "checkpoint.every=2")
+    cfg = sft_cfg(tmp / "run", base, [chat_file(tmp, 16)], "train.max_steps=2", "checkpoint.every=2",
+                  "eval.prompts=[What is a list?,Hi there]", "eval.max_new_tokens=4", "logger.plot=true")
     SFTTrainer(cfg).fit()
     return tmp / "run"
+
+
+def test_before_after_generations_and_one_loss_plot_for_both_runs(sft_run):
+    table = (sft_run / "generations.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| What is a list?") or line.startswith("| Hi")]
+    assert len(rows) == 2 and all(row.count(" | ") == 2 for row in rows)
+    assert "| prompt | base model | fine-tuned |" in table
+    import json
+
+    base = json.loads((sft_run / "generations_base.json").read_text())
+    assert list(base["answers"]) == ["What is a list?", "Hi there"]
+    png = sft_run / "loss.png"
+    assert png.is_file() and png.stat().st_size > 10_000
 
 
 def test_checkpoint_carries_tokenizer_and_template(sft_run):

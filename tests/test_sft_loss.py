@@ -92,3 +92,14 @@ def test_packed_rows_give_each_example_its_own_loss():
     assert packed == pytest.approx(alone, abs=1e-5)
     naive = per_example_losses(model, [examples[:3], examples[3:]], packed=True, doc_mask=False)
     assert max(abs(a - b) for a, b in zip(naive[1:3], alone[1:3])) > 1e-3  # the mask is what makes it exact
+
+
+def test_continued_pretraining_reuses_the_pretraining_stream(tmp_path, base):
+    from train.sft.trainer import SFTTrainer
+
+    cfg = sft_cfg(tmp_path / "cpt", base, [], "task=continued_pretraining", "data.seq_len=32", "train.max_steps=2")
+    tr = SFTTrainer(cfg)
+    batch = next(tr.train_batches)
+    assert batch["input"].shape == (4, 32) and tr.loss_tokens(batch) == 4 * 32  # every token is a target
+    res = tr.fit()
+    assert res["final_step"] == 2 and tr.tokenizer.path.endswith("step_00000002/tokenizer.model")
