@@ -33,7 +33,7 @@ from train.config import ConfigError
 from train.data import GlobalBatchSlicer
 from train.full_state import MOMENTS, FullState
 from train.metrics import plot_runs
-from train.sft.batches import load_sft_data, make_collate, validation_batches
+from train.sft.batches import RowStream, load_sft_data, make_collate, validation_batches
 from train.sft.chat import JINJA_TEMPLATE, TEMPLATE_FILE, control_ids, encode_prompt
 from train.sft.metrics import classification_report
 from train.trainer import Trainer, load_init_weights, resolve_model_config
@@ -126,8 +126,6 @@ class SFTTrainer(Trainer):
         t, s = cfg.train, cfg.sft
         packed = bool(s.packing) and not self.classification
         collate = make_collate(max(self.tokenizer.pad_id, 0), self.classification, packed)
-        from train.sft.batches import RowStream
-
         rows = RowStream(self.sft_data.train, int(cfg.data.seq_len), packed, int(s.seed))
         train = GlobalBatchSlicer(rows, t.micro_batch_size, t.grad_accum_steps, b.rank, b.data_parallel_size,
                                   collate_fn=collate)
