@@ -3,7 +3,7 @@
 Two tiny pretraining runs are made the way users make them: FSDP over 2 processes (torchrun,
 a DCP checkpoint) and DeepSpeed ZeRO-3 over 2 processes (a ZeRO-partitioned checkpoint).
 - SFT starts from the ZeRO-3 checkpoint with exactly its weights;
-- a 2-process DeepSpeed ZeRO-3 LoRA fine-tune from the FSDP checkpoint gives the same
+- a 2-process (torchrun) DeepSpeed ZeRO-3 LoRA fine-tune from the FSDP checkpoint gives the same
   losses as 1 process with the same global batch (the token count is all-reduced before
   the step), and its adapter checkpoint holds full, trained tensors (gathered, not the
   empty ZeRO-3 partitions).
@@ -84,7 +84,7 @@ def test_two_process_zero3_lora_from_fsdp_checkpoint_matches_one_process(sharded
     steps = ["train.max_steps=3", "checkpoint.every=3", "train.grad_accum_steps=2"]
     one = SFTTrainer(sft_cfg(tmp_path / "one", fsdp, [data], *LORA, *steps, "train.micro_batch_size=4")).fit()
     args = [a for a in SFT_TINY if not a.startswith("train.micro_batch_size")]
-    launch("deepspeed", "launch/sft.py", args + LORA + steps + [
+    launch("torchrun", "launch/sft.py", args + LORA + steps + [
         f"init_from={fsdp}", f"sft.paths=[{data}]", f"run_dir={tmp_path / 'two'}", "train.micro_batch_size=2",
         "backend=deepspeed", "backend.zero_stage=3"])
     two = train_losses(tmp_path / "two")
