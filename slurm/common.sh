@@ -57,7 +57,7 @@ kiln_gpus_per_node() {
 
 # The rendezvous every launcher uses: the job's first node, a port derived from the job id.
 kiln_rendezvous() {
-  MASTER_ADDR=${KILN_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+  MASTER_ADDR=${KILN_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk "NR == 1")}
   MASTER_PORT=${KILN_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
   export MASTER_ADDR MASTER_PORT
 }

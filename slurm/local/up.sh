@@ -9,8 +9,8 @@
 #   sbatch ...; squeue; ...; bash slurm/local/down.sh
 #
 # SLURM_LOCAL_CTLD_PORT / SLURM_LOCAL_SLURMD_PORT (default 6817 / 6818) let two such
-# clusters (two test sessions) run side by side. Tuned for tests: cred_expire=10 and
-# sched_interval=2 bring the hold of a requeued job from ~120 s to ~14 s
+# clusters (two test sessions) run side by side; SLURM_LOCAL_CPUS sets the node's CPUs.
+# Tuned for tests: cred_expire=10 and sched_interval=2 bring the hold of a requeued job from ~120 s to ~14 s
 # (`scontrol update jobid=N StartTime=now` releases it in ~4 s).
 set -euo pipefail
 D=${SLURM_LOCAL_DIR:-${TMPDIR:-/tmp}/slurm-local}; H=$(hostname -s)
@@ -28,6 +28,8 @@ fi
 mkdir -p "$D"/{munge,state,spool,log}
 chmod 755 "$D" "$D/munge"          # munged insists the socket dir is o+x
 [ -s "$D/munge/munge.key" ] || mungekey -c -k "$D/munge/munge.key"
+# nproc honours OMP_NUM_THREADS, which test environments often set to 1
+CPUS=${SLURM_LOCAL_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}
 MEM_MB=$(( $(awk '/MemTotal/{print int($2/1024)}' /proc/meminfo) * 8 / 10 ))
 cat > "$SLURM_CONF" <<CONF
 ClusterName=localci
@@ -58,7 +60,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobRequeue=1
 KillWait=5
-NodeName=$H NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$MEM_MB State=UNKNOWN
+NodeName=$H NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
