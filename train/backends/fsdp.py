@@ -119,11 +119,16 @@ class FSDPBackend(Backend):
         return FullState(model=msd, moments=moments, step=steps[0] if steps else 0)
 
     def export_trainable(self) -> FullState:
-        """Full (gathered) trained parameters and their moments; every rank calls (collective)."""
+        """Full (gathered) trained parameters and their moments, on rank 0 (which writes them);
+        every rank calls: gathering is collective."""
         names = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        st = self.export_full()
-        return FullState(model={n: t for n, t in st.model.items() if n in names},
-                         moments={n: m for n, m in st.moments.items() if n in names}, step=st.step)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors on rank 0 only
+        msd = get_model_state_dict(self.model, options=opts)
+        state = get_optimizer_state_dict(self.model, self.optimizer, options=opts).get("state", {})
+        moments = {n: {k: s[k] for k in MOMENTS} for n, s in state.items() if n in names}
+        steps = [int(s["step"]) for s in state.values()]
+        return FullState(model={n: t for n, t in msd.items() if n in names}, moments=moments,
+                         step=steps[0] if steps else 0)
 
     def import_trainable(self, st: FullState) -> None:
         set_model_state_dict(self.model, st.model, options=StateDictOptions(full_state_dict=True, strict=False))

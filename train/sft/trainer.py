@@ -138,9 +138,9 @@ class SFTTrainer(Trainer):
         if not self.lora:
             return super().save_model_state(directory)
         st = self.backend.export_trainable()  # every rank: gathering is collective under ZeRO-3/FSDP
-        if not st.model:
-            raise RuntimeError("LoRA checkpoint: the backend returned no trained parameter")
         if self.backend.is_main:
+            if not st.model:
+                raise RuntimeError("LoRA checkpoint: the backend returned no trained parameter")
             save_file({k: v.contiguous() for k, v in st.model.items()}, os.path.join(directory, ADAPTER_FILE))
             flat = {f"{n}.{k}": v.contiguous() for n, m in st.moments.items() for k, v in m.items()}
             if flat:
