@@ -33,8 +33,10 @@ kiln_die() {
 # Activate the user's environment and choose the interpreter.
 kiln_env() {
   if [ -n "${KILN_ENV:-}" ]; then
+    set +u  # activation scripts (conda, modules) often read unset variables
     # shellcheck disable=SC1090
     source "$KILN_ENV"
+    set -u
   fi
   KILN_PYTHON=${KILN_PYTHON:-python3}
   command -v "$KILN_PYTHON" >/dev/null || kiln_die "KILN_PYTHON=$KILN_PYTHON not found (set KILN_PYTHON or KILN_ENV)"
