@@ -26,9 +26,11 @@ def main(cfg: DictConfig) -> None:
 
     t0 = time.time()
     trainer = Trainer(cfg)
+    trainer.stop_on_signals()  # SIGUSR1/SIGTERM (Slurm time limit, preemption): checkpoint and exit
     result = trainer.fit()
     b = trainer.backend
-    if result["final_step"] > result["start_step"] and cfg.train.sample_tokens > 0:
+    stopped = result.get("stopped", False)  # the scheduler wants the job gone soon: no sample
+    if result["final_step"] > result["start_step"] and cfg.train.sample_tokens > 0 and not stopped:
         text = trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens)  # every rank: weights may be sharded
         if b.is_main:
             print("[kiln] sample:", text, flush=True)

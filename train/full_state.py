@@ -83,9 +83,11 @@ def read_full_state(directory: str, model: torch.nn.Module, with_optimizer: bool
     else:
         st = _read_deepspeed(os.path.join(directory, DS_DIR), shapes, param_names, with_optimizer)
         st.step = _kiln_step(directory)
-    for alias, name in (tied or {}).items():
+    for alias, name in tied.items():  # a tied tensor may have been stored under either name
         if alias not in st.model and name in st.model:
             st.model[alias] = st.model[name]
+        elif name not in st.model and alias in st.model:
+            st.model[name] = st.model[alias]
     missing = [n for n in param_names if n not in st.model]
     if missing:
         raise KeyError(f"{directory}: checkpoint lacks parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")

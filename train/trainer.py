@@ -25,6 +25,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -114,6 +115,8 @@ class Trainer:
         self.model_cfg = self.build_model_config()
         self.state = TrainState()
         self._stop_requested = False
+        # A job scheduler asks for a stop by creating this file (slurm/common.sh does on USR1/TERM).
+        self._stop_file = os.environ.get("KILN_STOP_FILE") or None
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = self.build_model()
@@ -335,6 +338,7 @@ class Trainer:
                     self.save()
                 if b.is_main:
                     print(f"[kiln] stop requested: checkpointed at step {step}", flush=True)
+                result["stopped"] = True
                 break
         logger.close()
         result["final_step"] = self.state.step
@@ -372,12 +376,28 @@ class Trainer:
 
     def should_stop(self) -> bool:
         """True when the run must checkpoint and exit now: ``train.stop_at_step`` reached, or
-        a stop requested through ``request_stop`` (signal handlers of launchers)."""
+        a stop requested on any rank, through ``request_stop`` (the signal handlers of
+        ``stop_on_signals``) or the file named by ``$KILN_STOP_FILE``. Called by every rank
+        after every step; the request is all-reduced so that all ranks stop at the same step."""
         stop_at = self.cfg.train.stop_at_step
-        return self._stop_requested or (stop_at is not None and self.state.step >= stop_at)
+        requested = self._stop_requested or bool(self._stop_file and os.path.exists(self._stop_file))
+        requested = self.backend.all_reduce_mean(float(requested)) > 0
+        return requested or (stop_at is not None and self.state.step >= stop_at)
 
     def request_stop(self) -> None:
         self._stop_requested = True
+
+    def stop_on_signals(self, signals=(signal.SIGUSR1, signal.SIGTERM)) -> None:
+        """Make these signals request a stop: checkpoint after the current step, then return
+        from ``fit`` (Slurm's time-limit warning, preemption, ``kill -USR1``)."""
+        def handler(signum, frame):
+            if not self._stop_requested:  # os.write: print() may not be re-entered from a handler
+                os.write(2, f"[kiln] rank {self.backend.rank}: {signal.Signals(signum).name}: checkpointing after "
+                            "this step, then stopping\n".encode())
+            self.request_stop()
+
+        for s in signals:
+            signal.signal(s, handler)
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
         model = self.backend.raw_model
