@@ -48,6 +48,7 @@ def main(cfg: DictConfig) -> None:
         print(f"[kiln] sft data: {json.dumps(dict(d.counts))}", flush=True)
         if d.skipped and d.skipped.total:
             print(f"[kiln] skipped bad records: {dict(d.skipped.reasons)} (first: {d.skipped.examples})", flush=True)
+    trainer.stop_on_signals()  # SIGUSR1/SIGTERM (Slurm time limit, preemption): checkpoint and exit
     result = trainer.fit()
     if b.is_main:
         run_dir = os.path.abspath(cfg.run_dir)

@@ -223,7 +223,7 @@ class SFTTrainer(Trainer):
                     json.dump({"init_from": str(cfg.init_from), "answers": dict(zip(prompts, before))}, f, indent=1)
             b.barrier()
         result = super().fit()
-        if b.broadcast_object(bool(prompts) and os.path.exists(base_file)
+        if b.broadcast_object(bool(prompts) and os.path.exists(base_file) and not result.get("stopped")
                               and result["final_step"] > result["start_step"]):
             after = self.generate_answers(prompts, cfg.eval.max_new_tokens)
             if b.is_main:
