@@ -16,7 +16,7 @@
 #   KILN_PYTHON          interpreter (default python3); KILN_ENV: a file sourced first
 #                        (module load, conda activate, ...)
 #   KILN_MASTER_ADDR / KILN_MASTER_PORT  rendezvous; default: first node of the job and
-#                        20000 + job id % 20000
+#                        10000 + job id % 20000
 #   KILN_SRUN_ARGS       extra flags for the srun that starts the tasks
 #   KILN_STOP_FILE       file whose existence asks training to checkpoint and stop; default
 #                        $SLURM_SUBMIT_DIR/.kiln-stop.<job id> (must be visible to all nodes)
@@ -60,7 +60,7 @@ kiln_gpus_per_node() {
 # The rendezvous every launcher uses: the job's first node, a port derived from the job id.
 kiln_rendezvous() {
   MASTER_ADDR=${KILN_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk "NR == 1")}
-  MASTER_PORT=${KILN_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  MASTER_PORT=${KILN_MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}  # below the ephemeral range (32768+)
   export MASTER_ADDR MASTER_PORT
 }
 
