@@ -139,17 +139,7 @@ def plot_losses(metrics_path: str, out_png: str, title: str = "kiln") -> Optiona
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, dict[int, float]] = {"train": {}, "eval": {}}
-    with open(metrics_path) as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if r.get("kind") == "train" and "loss" in r:
-                series["train"][r["step"]] = r["loss"]
-            elif r.get("kind") == "eval" and "val_loss" in r:
-                series["eval"][r["step"]] = r["val_loss"]
+    series = _read_losses(metrics_path)
     if not series["train"]:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)

@@ -97,9 +97,10 @@ class FSDPBackend(Backend):
                     st["exp_avg"] = torch.zeros_like(p)
                     st["exp_avg_sq"] = torch.zeros_like(p)
 
-    def import_full(self, st: FullState) -> None:
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.model, st.model, options=opts)
+    def import_full(self, st: FullState, strict: bool = True) -> None:
+        """Shard full weights and AdamW moments into this rank's pieces. ``strict=False``
+        for adapter checkpoints, which hold only the trained parameters."""
+        set_model_state_dict(self.model, st.model, options=StateDictOptions(full_state_dict=True, strict=strict))
         if st.moments:
             self._init_optimizer_state()
             full = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
@@ -107,40 +108,25 @@ class FSDPBackend(Backend):
             for name, m in st.moments.items():
                 full["state"][name] = {"step": torch.tensor(float(st.step)),
                                        **{k: m[k].to(torch.float32) for k in MOMENTS}}
-            set_optimizer_state_dict(self.model, self.optimizer, full, options=opts)
+            set_optimizer_state_dict(self.model, self.optimizer, full, options=StateDictOptions(full_state_dict=True))
 
-    def export_full(self) -> FullState:
-        """Gather the full state on every rank's CPU (for conversion; memory: whole model)."""
+    def export_full(self, trainable_only: bool = False) -> FullState:
+        """Gather full weights and moments to CPU (rank 0 holds them; every rank must call:
+        gathering is collective). ``trainable_only`` keeps adapters/heads alone."""
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         msd = get_model_state_dict(self.model, options=opts)
-        osd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
-        moments = {n: {k: s[k] for k in MOMENTS} for n, s in osd["state"].items()}
-        steps = [int(s["step"]) for s in osd["state"].values()]
-        return FullState(model=msd, moments=moments, step=steps[0] if steps else 0)
+        state = get_optimizer_state_dict(self.model, self.optimizer, options=opts).get("state", {})
+        keep = {n for n, p in self.model.named_parameters() if p.requires_grad} if trainable_only else None
+        moments = {n: {k: s[k] for k in MOMENTS} for n, s in state.items() if keep is None or n in keep}
+        steps = [int(s["step"]) for s in state.values()]
+        model = msd if keep is None else {n: t for n, t in msd.items() if n in keep}
+        return FullState(model=model, moments=moments, step=steps[0] if steps else 0)
 
     def export_trainable(self) -> FullState:
-        """Full (gathered) trained parameters and their moments, on rank 0 (which writes them);
-        every rank calls: gathering is collective."""
-        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors on rank 0 only
-        msd = get_model_state_dict(self.model, options=opts)
-        state = get_optimizer_state_dict(self.model, self.optimizer, options=opts).get("state", {})
-        moments = {n: {k: s[k] for k in MOMENTS} for n, s in state.items() if n in names}
-        steps = [int(s["step"]) for s in state.values()]
-        return FullState(model={n: t for n, t in msd.items() if n in names}, moments=moments,
-                         step=steps[0] if steps else 0)
+        return self.export_full(trainable_only=True)
 
     def import_trainable(self, st: FullState) -> None:
-        set_model_state_dict(self.model, st.model, options=StateDictOptions(full_state_dict=True, strict=False))
-        if st.moments:
-            self._init_optimizer_state()
-            full = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
-                full_state_dict=True, cpu_offload=False))
-            for name, m in st.moments.items():
-                full["state"][name] = {"step": torch.tensor(float(st.step)),
-                                       **{k: m[k].to(torch.float32) for k in MOMENTS}}
-            set_optimizer_state_dict(self.model, self.optimizer, full,
-                                     options=StateDictOptions(full_state_dict=True))
+        self.import_full(st, strict=False)
 
     def load_weights(self, state_dict: dict) -> None:
         set_model_state_dict(self.model, state_dict, options=StateDictOptions(full_state_dict=True))
