@@ -164,15 +164,15 @@ def train_batches(cfg: DataConfig, tokenizer, micro_batch_size: int, shard: int 
     return factory(shard, num_shards)
 
 
-def validation_batches(cfg: DataConfig, tokenizer, micro_batch_size: int, max_batches: int,
-                       shard: int = 0, num_shards: int = 1) -> list[dict]:
-    """The held-out split, packed once and kept in memory (at most ``max_batches``)."""
-    docs = document_stream(cfg, split="val", shard=shard, num_shards=num_shards, loop=False, tokenizer=tokenizer)
-    batches = Batches(PackedStream(docs, tokenizer, cfg.seq_len), micro_batch_size)
+def validation_windows(cfg: DataConfig, tokenizer, max_windows: int) -> list[dict]:
+    """The first ``max_windows`` packed windows of the held-out split: one global list,
+    the same whatever the world size (the trainer splits it across ranks)."""
+    docs = document_stream(cfg, split="val", loop=False, tokenizer=tokenizer)
+    windows = PackedStream(docs, tokenizer, cfg.seq_len)
     out = []
-    for _ in range(max_batches):
+    for _ in range(max_windows):
         try:
-            out.append(next(batches))
+            out.append(next(windows))
         except StopIteration:
             break
     return out

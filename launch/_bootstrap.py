@@ -31,3 +31,22 @@ def strip_launcher_args() -> None:
 
 
 strip_launcher_args()
+
+
+def exit_on_checkpoint_error(main):
+    """Decorate a launch script's ``main``: a checkpoint that does not verify, is unsafe to
+    unpickle or cannot be read ends the process with its message (which names the files)
+    and exit status 3, not a traceback."""
+    import functools
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        from train.checkpoint import CheckpointError
+
+        try:
+            return main(*args, **kwargs)
+        except CheckpointError as e:
+            print(f"[kiln] checkpoint error: {e}", file=sys.stderr, flush=True)
+            sys.exit(3)
+
+    return wrapper

@@ -30,7 +30,7 @@ import tempfile
 import torch
 from omegaconf import OmegaConf
 
-from model.hf_interop import read_model_config, resolve_checkpoint
+from model.hf_interop import read_model_config
 from model.llama import Transformer, param_count
 from train import checkpoint as ckpt
 from train.full_state import DCP_DIR, MOMENTS, FullState, read_full_state, storage_format
@@ -101,6 +101,7 @@ def _deepspeed_worker(rank: int, world_size: int, port: int, src: str, tmp: str,
     backend.shutdown()
 
 
+@_bootstrap.exit_on_checkpoint_error
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="step dir, checkpoints root or run dir")
@@ -110,7 +111,7 @@ def main(argv=None) -> None:
     ap.add_argument("--world-size", type=int, default=1)
     args = ap.parse_args(argv)
 
-    src = resolve_checkpoint(args.checkpoint)
+    src = ckpt.resolve(args.checkpoint)
     if not ckpt.is_complete(src):
         sys.exit(f"{src} is not a complete kiln checkpoint")
     print(f"[kiln] converting {src} ({storage_format(src)}, backend {ckpt.read_meta(src).get('backend')}) "

@@ -94,6 +94,7 @@ def score_texts(model, tok, texts, seq_len: int, batch_size: int, device) -> dic
             "perplexity": math.exp(min(loss, 700)), "bits_per_byte": nats / math.log(2) / max(nbytes, 1)}
 
 
+@_bootstrap.exit_on_checkpoint_error
 def main(argv=None) -> int:
     positional, opts = parse_kv(sys.argv[1:] if argv is None else argv, OPTIONS)
     if len(positional) != 1:

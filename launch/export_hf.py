@@ -17,6 +17,7 @@ import sys
 from model.hf_interop import export_hf
 
 
+@_bootstrap.exit_on_checkpoint_error
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")

@@ -75,6 +75,7 @@ def run(path: str, prompts: list[str], opts: dict) -> list[dict]:
     return results
 
 
+@_bootstrap.exit_on_checkpoint_error
 def main(argv=None) -> int:
     positional, opts = parse_kv(sys.argv[1:] if argv is None else argv, OPTIONS)
     if not positional:

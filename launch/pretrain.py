@@ -20,6 +20,7 @@ register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base=None)
+@_bootstrap.exit_on_checkpoint_error
 def main(cfg: DictConfig) -> None:
     validate_or_exit(cfg)
     from train.trainer import Trainer

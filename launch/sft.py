@@ -26,6 +26,7 @@ register_sft_configs()
 
 
 @hydra.main(config_path="../conf", config_name="sft", version_base=None)
+@_bootstrap.exit_on_checkpoint_error
 def main(cfg: DictConfig) -> None:
     try:
         validate_sft(cfg)  # first: its init_from message says how to make the default checkpoint

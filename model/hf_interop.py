@@ -252,23 +252,6 @@ def hf_sentencepiece_path(directory: str) -> str:
 
 # ---- kiln checkpoints ------------------------------------------------------------------
 
-def resolve_checkpoint(path: str) -> str:
-    """A step directory from a step dir, a checkpoints root or a run dir (latest complete)."""
-    # train.checkpoint is a leaf module (torch only) holding the directory layout rules.
-    from train import checkpoint as ckpt
-
-    path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, "model_config.yaml")) and (
-            os.path.isfile(os.path.join(path, "model.safetensors")) or ckpt.is_complete(path)):
-        return path
-    for root in (path, os.path.join(path, "checkpoints")):
-        found = ckpt.find_latest(root)
-        if found:
-            return found
-    raise FileNotFoundError(f"no complete kiln checkpoint at {path} (expected a step_* directory, "
-                            "a checkpoints root or a run directory)")
-
-
 def read_model_config(step_dir: str) -> ModelConfig:
     from omegaconf import OmegaConf
 
@@ -279,11 +262,13 @@ def read_model_config(step_dir: str) -> ModelConfig:
 
 def load_kiln_checkpoint(path: str, device: str = "cpu") -> tuple[Transformer, str]:
     """(model in eval mode, step dir) of a kiln checkpoint from any backend; ``path`` as in
-    resolve_checkpoint. Sharded FSDP (DCP) and DeepSpeed ZeRO checkpoints are consolidated
+    ``train.checkpoint.resolve``. Sharded FSDP (DCP) and DeepSpeed ZeRO checkpoints are consolidated
     on the fly by ``train.full_state``."""
     from train.full_state import read_full_state
 
-    step_dir = resolve_checkpoint(path)
+    from train.checkpoint import resolve
+
+    step_dir = resolve(path)
     model = Transformer(read_model_config(step_dir))
     state = read_full_state(step_dir, model, with_optimizer=False)
     model.load_state_dict(state.model, strict=True)

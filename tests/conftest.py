@@ -17,7 +17,7 @@ sys.path.insert(0, REPO)
 # Overrides that make a run take seconds on a CPU while exercising every part.
 TINY = [
     "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
-    "data.seq_len=32", "train.micro_batch_size=4", "train.eval_batches=2", "train.log_every=1",
+    "data.seq_len=32", "train.micro_batch_size=4", "train.eval_sequences=8", "train.log_every=1",
     "train.sample_tokens=0", "optim.warmup_steps=2", "logger.plot=false",
 ]
 

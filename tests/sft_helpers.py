@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 _cache: dict[str, str] = {}
 
 SFT_TINY = [
-    "data.seq_len=64", "train.micro_batch_size=4", "train.grad_accum_steps=1", "train.eval_every=0",
+    "data.seq_len=64", "train.micro_batch_size=4", "train.grad_accum_steps=1",
     "train.log_every=1", "train.max_steps=4", "checkpoint.every=100", "logger.plot=false", "eval.prompts=[]",
     "optim.warmup_steps=1", "optim.lr=3e-3", "sft.val_fraction=0.0",
 ]
@@ -30,7 +30,7 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_path: str) -> str:
 
         run_dir = tmp_path_factory.mktemp("sft_base") / "run"
         cfg = compose(TINY + [f"run_dir={run_dir}", f"tokenizer.path={tokenizer_path}", "train.max_steps=2",
-                              "checkpoint.every=2", "train.eval_every=0"])
+                              "checkpoint.every=2"])
         Trainer(cfg).fit()
         _cache["ckpt"] = str(run_dir)
     return _cache["ckpt"]

@@ -5,6 +5,11 @@ same 10-step schedule, checkpoints and exits (train.stop_at_step=5); a fresh lau
 resumes to step 10. Losses must match the reference step for step, which also proves that
 the global batch (micro x accumulation x data-parallel) is the same data on every backend.
 
+Every run here is a fresh run as a user starts one: it trains its own tokenizer (rank 0,
+while the other rank waits) and evaluates at step 0 and every 2 steps, so the validation
+split across ranks and its collectives are exercised under every backend. DDP and ZeRO-2
+are launched with no backend key: ``backend=auto`` must follow torchrun and deepspeed.
+
 Tolerance: single, DDP and FSDP reduce gradients in the same order as the reference and
 DeepSpeed in its own bucket order, so fp32 sums may differ in the last bits: losses are
 compared to 1e-4 absolute (they are ~6.9; a wrong batch or a lost optimizer state moves
@@ -27,16 +32,18 @@ from tests.conftest import REPO
 TOL = 1e-4
 COMMON = [
     "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
-    "data.seq_len=32", "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.eval_every=0",
-    "train.log_every=1", "train.sample_tokens=0", "logger.plot=false", "train.max_steps=10", "checkpoint.every=5",
-    "optim.warmup_steps=2", "optim.lr=3e-3",
+    "data.seq_len=32", "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.eval_every=2",
+    "train.eval_sequences=8", "train.log_every=1", "train.sample_tokens=0", "logger.plot=false",
+    "train.max_steps=10", "checkpoint.every=5", "optim.warmup_steps=2", "optim.lr=3e-3",
+    "tokenizer.vocab_size=1024", "tokenizer.train_max_docs=120",
 ]
-BACKENDS = {
-    "ddp": ("torchrun", ["backend=ddp"]),
-    "fsdp": ("torchrun", ["backend=fsdp"]),
-    "zero1": ("deepspeed", ["backend=deepspeed", "backend.zero_stage=1"]),
-    "zero2": ("deepspeed", ["backend=deepspeed", "backend.zero_stage=2"]),
-    "zero3": ("deepspeed", ["backend=deepspeed", "backend.zero_stage=3"]),
+VAL_TOL = 1e-5  # step-0 validation: same weights, same windows; only the summation order differs
+BACKENDS = {  # name: (launcher, overrides, what the header must say)
+    "ddp": ("torchrun", [], "backend=ddp (auto: torchrun started 2 processes"),
+    "fsdp": ("torchrun", ["backend=fsdp"], "backend=fsdp (set in the config)"),
+    "zero1": ("deepspeed", ["backend=deepspeed", "backend.zero_stage=1"], "backend=deepspeed"),
+    "zero2": ("deepspeed", [], "backend=deepspeed (auto: deepspeed started 2 processes; ZeRO stage 2"),
+    "zero3": ("deepspeed", ["backend=deepspeed", "backend.zero_stage=3"], "backend=deepspeed"),
 }
 
 
@@ -60,13 +67,15 @@ def launch(launcher: str, args: list[str], nproc: int = 2, timeout: int = 600) -
     return p.stdout + p.stderr
 
 
-def losses(run_dir) -> dict[int, float]:
+def losses(run_dir, kind: str = "train") -> dict[int, float]:
+    """Training losses by step, or with kind="eval" the validation losses."""
+    key = "loss" if kind == "train" else "val_loss"
     out = {}
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
             r = json.loads(line)
-            if r["kind"] == "train":
-                out[r["step"]] = r["loss"]
+            if r["kind"] == kind:
+                out[r["step"]] = r[key]
     return out
 
 
@@ -79,27 +88,59 @@ def assert_close(got: dict, want: dict, steps) -> None:
 def runs(tmp_path_factory, tokenizer_path):
     """The reference run, and every backend stopped at step 5 (checkpoint kept aside)."""
     root = tmp_path_factory.mktemp("dist")
-    common = COMMON + [f"tokenizer.path={tokenizer_path}"]
     # The reference: one process, micro-batch 4 = 2 per rank x 2 ranks, same accumulation.
     ref = root / "reference"
-    launch("python", common + [f"run_dir={ref}", "train.micro_batch_size=4"])
-    stopped = {}
-    for name, (launcher, extra) in BACKENDS.items():
+    launch("python", COMMON + [f"run_dir={ref}", "train.micro_batch_size=4"])
+    stopped, headers = {}, {}
+    for name, (launcher, extra, _) in BACKENDS.items():
         run_dir = root / name
-        launch(launcher, common + extra + [f"run_dir={run_dir}", "train.stop_at_step=5"])
+        headers[name] = launch(launcher, COMMON + extra + [f"run_dir={run_dir}", "train.stop_at_step=5"])
         shutil.copytree(run_dir, root / f"{name}-at5")  # pristine copy for cross-resume tests
         stopped[name] = run_dir
     single = root / "single"
-    launch("python", common + [f"run_dir={single}", "train.micro_batch_size=4", "train.stop_at_step=5"])
+    headers["single"] = launch("python", COMMON + [f"run_dir={single}", "train.micro_batch_size=4",
+                                                   "train.stop_at_step=5"])
     stopped["single"] = single
-    return {"root": root, "ref": losses(ref), "stopped": stopped, "common": common}
+    # Later launches in new run directories use the tokenizer every run above trained.
+    common = COMMON + [f"tokenizer.path={ref / 'tokenizer.model'}"]
+    return {"root": root, "ref": losses(ref), "ref_val": losses(ref, "eval"), "stopped": stopped,
+            "headers": headers, "common": common}
 
 
 def test_accelerate_launch_runs_two_ranks_matching_the_reference(runs):
     run_dir = runs["root"] / "accelerate"
-    out = launch("accelerate", runs["common"] + ["backend=ddp", f"run_dir={run_dir}", "train.stop_at_step=5"])
-    assert "world_size=2" in out
+    out = launch("accelerate", runs["common"] + [f"run_dir={run_dir}", "train.stop_at_step=5"])
+    assert "backend=ddp (auto: accelerate started 2 processes" in out and "world_size=2" in out
     assert_close(losses(run_dir), runs["ref"], range(1, 6))
+    assert_close(losses(run_dir, "eval"), runs["ref_val"], [0, 2, 4])
+
+
+@pytest.mark.parametrize("name", ["single", *BACKENDS])
+def test_every_launch_trained_the_same_tokenizer_and_says_which_backend_runs(runs, name):
+    header = runs["headers"][name]
+    assert "trained tokenizer" in header
+    want = BACKENDS[name][2] if name != "single" else "backend=single (auto: one process)"
+    assert want in header, header[-3000:]
+    ref_tok = (runs["root"] / "reference" / "tokenizer.model").read_bytes()
+    assert (runs["stopped"][name] / "tokenizer.model").read_bytes() == ref_tok
+
+
+@pytest.mark.parametrize("name", ["single", *BACKENDS])
+def test_validation_loss_equals_the_one_process_value_on_every_backend(runs, name):
+    got, want = losses(runs["stopped"][name], "eval"), runs["ref_val"]
+    assert {0, 2, 4} <= set(got)
+    assert abs(got[0] - want[0]) <= VAL_TOL, (got, want)
+    assert_close(got, want, [2, 4])
+
+
+def test_single_backend_under_a_two_process_launcher_is_a_config_error(tmp_path):
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(random.randint(20000, 40000)),
+           "launch/pretrain.py", "backend=single", f"run_dir={tmp_path / 'run'}"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode != 0
+    assert "config error: backend.name: backend=single runs one process, but torchrun started 2" in p.stderr
+    assert not os.path.exists(tmp_path / "run" / "tokenizer.model")  # failed before any heavy work
 
 
 def test_reference_run_learns(runs):
@@ -123,10 +164,11 @@ def test_fresh_launch_resumes_and_steps_6_to_10_match_the_uninterrupted_run(runs
     if name == "single":
         out = launch("python", runs["common"] + [f"run_dir={run_dir}", "train.micro_batch_size=4"])
     else:
-        launcher, extra = BACKENDS[name]
-        out = launch(launcher, runs["common"] + extra + [f"run_dir={run_dir}"])
+        launcher, extra, _ = BACKENDS[name]
+        out = launch(launcher, COMMON + extra + [f"run_dir={run_dir}"])
     assert "resumed from" in out and "step_00000005" in out
     assert_close(losses(run_dir), runs["ref"], range(6, 11))
+    assert_close(losses(run_dir, "eval"), runs["ref_val"], [6, 8, 10])
 
 
 def resume_elsewhere(runs, source: str, launcher: str, extra: list[str], nproc: int = 2, micro: int = 2):

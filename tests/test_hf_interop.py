@@ -221,7 +221,7 @@ def test_init_from_hf_starts_training_from_the_imported_weights(tmp_path, spm_pa
     shutil.copyfile(spm_path, tmp_path / "hf" / "tokenizer.model")
     register_configs()
     overrides = [f"init_from=hf:{tmp_path / 'hf'}", f"run_dir={tmp_path / 'run'}", "data.seq_len=32",
-                 "train.micro_batch_size=2", "train.eval_batches=1", "train.max_steps=1", "train.eval_every=0",
+                 "train.micro_batch_size=2", "train.eval_sequences=2", "train.max_steps=1", "train.eval_every=0",
                  "train.log_every=1", "train.sample_tokens=0", "logger.plot=false", "checkpoint.every=1000",
                  "model.max_seq_len=16", "model.d_model=48"]  # model.* is the HF config's, not these
     with initialize_config_dir(config_dir=os.path.join(hf_helpers.REPO, "conf"), version_base=None):

@@ -23,7 +23,8 @@ from tests.conftest import REPO
 from tests.sft_helpers import SFT_TINY, chat_file, sft_cfg
 
 PRETRAIN = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
-            "data.seq_len=32", "train.micro_batch_size=2", "train.eval_every=0", "train.sample_tokens=0",
+            "data.seq_len=32", "train.micro_batch_size=2", "train.eval_every=1", "train.eval_sequences=4",
+            "train.sample_tokens=0",
             "logger.plot=false", "train.max_steps=2", "checkpoint.every=2", "optim.warmup_steps=1"]
 LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8"]
 
@@ -40,9 +41,10 @@ def launch(launcher: str, script: str, args: list[str], timeout: int = 600) -> s
     return p.stdout + p.stderr
 
 
-def train_losses(run_dir) -> dict[int, float]:
+def train_losses(run_dir, kind: str = "train") -> dict[int, float]:
+    key = "loss" if kind == "train" else "val_loss"
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}
+        return {r["step"]: r[key] for r in map(json.loads, f) if r["kind"] == kind}
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +58,11 @@ def sharded(tmp_path_factory, tokenizer_path):
 
 
 def test_sft_starts_from_a_zero3_checkpoint_with_its_weights(sharded, tmp_path):
-    from model.hf_interop import resolve_checkpoint
+    from train.checkpoint import resolve
     from train.full_state import read_full_state, storage_format
     from train.sft.trainer import SFTTrainer
 
-    step = resolve_checkpoint(str(sharded / "zero3"))
+    step = resolve(str(sharded / "zero3"))
     assert storage_format(step) == "deepspeed"
     tr = SFTTrainer(sft_cfg(tmp_path / "run", str(sharded / "zero3"), [chat_file(tmp_path, 8)], "train.max_steps=1"))
     model = tr.backend.raw_model
@@ -81,7 +83,9 @@ def test_two_process_zero3_lora_from_fsdp_checkpoint_matches_one_process(sharded
     fsdp = str(sharded / "fsdp")
     assert storage_format(os.path.join(fsdp, "checkpoints", "step_00000002")) == "dcp"
     data = chat_file(tmp_path, 32)
-    steps = ["train.max_steps=3", "checkpoint.every=3", "train.grad_accum_steps=2"]
+    val = chat_file(tmp_path, 10, seed=1)  # 5 rows: rank 1 of 2 runs a padding batch under ZeRO-3
+    steps = ["train.max_steps=3", "checkpoint.every=3", "train.grad_accum_steps=2", f"sft.val_paths=[{val}]",
+             "train.eval_every=1", "train.eval_sequences=5"]
     one = SFTTrainer(sft_cfg(tmp_path / "one", fsdp, [data], *LORA, *steps, "train.micro_batch_size=4")).fit()
     args = [a for a in SFT_TINY if not a.startswith("train.micro_batch_size")]
     launch("torchrun", "launch/sft.py", args + LORA + steps + [
@@ -91,6 +95,10 @@ def test_two_process_zero3_lora_from_fsdp_checkpoint_matches_one_process(sharded
     assert sorted(two) == [1, 2, 3]
     for s in (1, 2, 3):
         assert abs(two[s] - one["losses"][s]) < 1e-4, (two, one["losses"])
+    two_val = train_losses(tmp_path / "two", "eval")
+    assert sorted(two_val) == sorted(one["val_losses"]) == [0, 1, 2, 3]
+    assert abs(two_val[0] - one["val_losses"][0]) < 1e-5
+    assert all(abs(two_val[s] - one["val_losses"][s]) < 1e-4 for s in (1, 2, 3)), (two_val, one["val_losses"])
     assert one["losses"][3] != one["losses"][1]
     got = load_file(tmp_path / "two" / "checkpoints" / "step_00000003" / "adapter.safetensors")
     want = load_file(tmp_path / "one" / "checkpoints" / "step_00000003" / "adapter.safetensors")

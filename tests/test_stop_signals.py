@@ -84,7 +84,8 @@ def _rank_of(pid: int):
 def test_sigusr1_to_one_rank_stops_both_ranks_at_the_same_step(tmp_path, tokenizer_path):
     run_dir = tmp_path / "run"
     args = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
-            "data.seq_len=32", "train.micro_batch_size=2", "train.eval_every=0", "train.log_every=1",
+            "data.seq_len=32", "train.micro_batch_size=2", "train.eval_every=5", "train.eval_sequences=8",
+            "train.log_every=1",
             "train.sample_tokens=0", "logger.plot=false", "train.max_steps=2000", "checkpoint.every=10000",
             "backend=ddp", f"tokenizer.path={tokenizer_path}", f"run_dir={run_dir}"]
     cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()),

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from data_pipeline.config import DataConfig
 from model.llama import ModelConfig
+from train.launcher import BACKENDS, resolve_backend
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(REPO_ROOT, "data_pipeline", "assets")
@@ -59,8 +60,10 @@ class TrainConfig:
     stop_at_step: Optional[int] = None  # checkpoint and exit after this step (the schedule still spans max_steps)
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
-    eval_every: int = 50
-    eval_batches: int = 8
+    eval_every: int = 50  # steps between validations (0: never); step 0 and the last step included
+    # Held-out windows per validation: the first eval_sequences of the validation split, the same set
+    # for any world size, micro-batch or accumulation; each of N ranks evaluates 1/N of them.
+    eval_sequences: int = 64
     log_every: int = 10
     seed: int = 1337
     data_sharding: str = "sequences"  # sequences (exact on any world size) | documents (see train/data.py)
@@ -78,6 +81,9 @@ class CheckpointConfig:
     every: int = 100  # steps between checkpoints (and one at the end)
     keep_last: int = 3
     dir: Optional[str] = None  # None: <run_dir>/checkpoints
+    # Check a checkpoint against its manifest before reading it (resume, init_from, tools):
+    # full (sizes and content checksums), size (sizes only), off.
+    verify: str = "full"
 
 
 @dataclass
@@ -99,7 +105,8 @@ class LoggerConfig:
 
 @dataclass
 class BackendConfig:
-    name: str = "single"  # single | ddp | deepspeed | fsdp
+    name: str = "auto"  # auto (follow the launcher: train/launcher.py) | single | ddp | deepspeed | fsdp
+    chosen_because: Optional[str] = None  # written by kiln when it resolves auto: why this backend runs
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -178,6 +185,7 @@ def validate(cfg: Any) -> None:
     _check(t.micro_batch_size > 0, "train.micro_batch_size", f"must be positive, got {t.micro_batch_size}")
     _check(t.grad_accum_steps > 0, "train.grad_accum_steps", f"must be positive, got {t.grad_accum_steps}")
     _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    _check(t.eval_sequences >= 0, "train.eval_sequences", f"must be >= 0, got {t.eval_sequences}")
     _check(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
     _check(t.data_sharding in ("sequences", "documents"), "train.data_sharding",
            f"unknown mode {t.data_sharding!r} (sequences | documents)")
@@ -188,12 +196,14 @@ def validate(cfg: Any) -> None:
     _check(t.precision in ("auto", "fp32", "bf16"), "train.precision",
            f"unknown precision {t.precision!r} (auto | fp32 | bf16)")
     _check(cfg.checkpoint.every > 0, "checkpoint.every", f"must be positive, got {cfg.checkpoint.every}")
+    _check(cfg.checkpoint.verify in ("full", "size", "off"), "checkpoint.verify",
+           f"unknown mode {cfg.checkpoint.verify!r} (full | size | off)")
     _check(cfg.checkpoint.keep_last > 0, "checkpoint.keep_last", f"must be positive, got {cfg.checkpoint.keep_last}")
     _check(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode",
            f"unknown mode {cfg.logger.wandb.mode!r} (offline | online | disabled)")
     b = cfg.backend
-    _check(b.name in ("single", "ddp", "deepspeed", "fsdp"), "backend.name",
-           f"unknown backend {b.name!r} (single | ddp | deepspeed | fsdp)")
+    _check(b.name in BACKENDS, "backend.name", f"unknown backend {b.name!r} ({' | '.join(BACKENDS)})")
+    resolve_backend(cfg)  # auto -> the launcher's backend; single under a multi-process launcher fails here
     _check(b.zero_stage in (0, 1, 2, 3), "backend.zero_stage", f"must be 0, 1, 2 or 3, got {b.zero_stage}")
     _check(b.dist_backend in ("auto", "nccl", "gloo"), "backend.dist_backend",
            f"unknown process-group backend {b.dist_backend!r} (auto | nccl | gloo)")

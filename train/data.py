@@ -65,6 +65,32 @@ class GlobalBatchSlicer:
         return getattr(self.windows, "docs", self.windows).epoch
 
 
+def shard_validation(rows: list, micro: int, rank: int, world: int, collate_fn=collate) -> list[dict]:
+    """This rank's validation micro-batches from the global list of held-out ``rows``.
+
+    Rank r takes rows r, r + world, r + 2*world, ...; the validation loss, a token-weighted
+    mean over all ranks, is then that of one process over the same rows. Sharded backends
+    (FSDP, ZeRO-3) gather parameters inside every forward, so every rank must run the same
+    number of forwards: a rank with fewer rows runs extra batches that repeat the first row
+    with ``loss_tokens`` 0, which count for nothing.
+    """
+    if not rows:
+        return []
+    mine = rows[rank::world]
+    per_rank = -(-len(rows) // world)
+    n_batches = -(-per_rank // micro)
+    batches = [collate_fn(mine[lo:lo + micro]) for lo in range(0, len(mine), micro)]
+    while len(batches) < n_batches:
+        batches.append({**collate_fn(rows[:1]), "loss_tokens": 0})
+    return batches
+
+
+def validation_batches(cfg, tokenizer, rank: int, world: int) -> list[dict]:
+    """Pretraining validation: ``train.eval_sequences`` held-out windows, split across ranks."""
+    windows = data.validation_windows(cfg.data, tokenizer, cfg.train.eval_sequences)
+    return shard_validation(windows, cfg.train.micro_batch_size, rank, world)
+
+
 def build_train_stream(cfg, tokenizer, rank: int, world: int):
     t = cfg.train
     if t.data_sharding == "sequences":

@@ -112,7 +112,9 @@ def _read_full_files(directory: str, with_optimizer: bool) -> FullState:
 def _read_dcp(path: str, param_names: list[str], with_optimizer: bool) -> FullState:
     import torch.distributed.checkpoint as dcp
 
-    meta = dcp.FileSystemReader(path).read_metadata()
+    from train.safe_unpickle import SafeDCPReader, load_dcp_metadata
+
+    meta = load_dcp_metadata(os.path.join(path, ".metadata"))
     shapes = {k: v.size for k, v in meta.state_dict_metadata.items() if hasattr(v, "size")}
     state: dict = {"model": {}, "optim": {"state": {}}}
     for n in param_names:
@@ -122,7 +124,7 @@ def _read_dcp(path: str, param_names: list[str], with_optimizer: bool) -> FullSt
             state["optim"]["state"][n]["step"] = torch.zeros(())
     import torch.distributed as dist
 
-    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    dcp.load(state, storage_reader=SafeDCPReader(path), no_dist=not dist.is_initialized())
     moments = {n: {m: s[m] for m in MOMENTS} for n, s in state["optim"]["state"].items()}
     steps = [int(s["step"]) for s in state["optim"]["state"].values()]
     return FullState(model=state["model"], moments=moments, step=steps[0] if steps else 0)
@@ -130,10 +132,9 @@ def _read_dcp(path: str, param_names: list[str], with_optimizer: bool) -> FullSt
 
 def _kiln_step(directory: str) -> int:
     """AdamW's step count equals kiln's optimizer step (bf16/fp32 never skip a step)."""
-    import json
+    from train.checkpoint import read_trainer_state
 
-    with open(os.path.join(directory, "trainer_state.json")) as f:
-        return int(json.load(f)["step"])
+    return int(read_trainer_state(directory)["step"])
 
 
 def _read_deepspeed(path: str, shapes: dict, param_names: list[str], with_optimizer: bool) -> FullState:
@@ -141,6 +142,9 @@ def _read_deepspeed(path: str, shapes: dict, param_names: list[str], with_optimi
 
     The tool writes one folder per parameter with fp32.pt / exp_avg.pt / exp_avg_sq.pt as
     plain tensors (flattened under ZeRO-3), so they load with weights_only=True."""
+    from train.safe_unpickle import check_deepspeed_files
+
+    check_deepspeed_files(path)  # ds_to_universal unpickles with weights_only=False: only vetted files reach it
     tag_file = os.path.join(path, "latest")
     tag = open(tag_file).read().strip() if os.path.exists(tag_file) else sorted(os.listdir(path))[-1]
     with tempfile.TemporaryDirectory(prefix="kiln-universal-") as out:

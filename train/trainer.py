@@ -42,9 +42,10 @@ from model.llama import ModelConfig, Transformer, flops_per_token, generate, par
 from train import checkpoint as ckpt
 from train.activation_checkpointing import apply_activation_checkpointing
 from train.backends import build_backend
+from train.backends.base import RanksDisagree
 from train.compile import compile_blocks
 from train.config import ConfigError
-from train.data import build_train_stream, pipeline_steps, restore_stream
+from train.data import build_train_stream, pipeline_steps, restore_stream, validation_batches
 from train.metrics import MetricsLogger, peak_flops, peak_memory_gb, plot_losses
 from train.optim import lr_at
 
@@ -56,23 +57,51 @@ def seed_everything(seed: int) -> None:
 
 
 def ensure_tokenizer(cfg, backend) -> Tokenizer:
-    """The configured tokenizer, or one trained on the training split and cached in run_dir."""
+    """The configured tokenizer, or one trained on the training split and cached in run_dir.
+
+    Every rank must end up with the same file: rank 0 trains it while the others wait, then
+    all ranks compare its digest, so a failed training run or a run_dir that another node
+    cannot see stops every rank with a message instead of a collective timeout."""
     if cfg.tokenizer.path:
-        return Tokenizer(cfg.tokenizer.path)
-    if _hf_init_dir(cfg):  # an imported HF model brings its tokenizer (SentencePiece only)
+        path = str(cfg.tokenizer.path)
+    elif _hf_init_dir(cfg):  # an imported HF model brings its tokenizer (SentencePiece only)
         try:
-            return Tokenizer(hf_interop.hf_sentencepiece_path(_hf_init_dir(cfg)))
+            path = hf_interop.hf_sentencepiece_path(_hf_init_dir(cfg))
         except FileNotFoundError as e:
             raise ConfigError("init_from", str(e)) from None
-    path = os.path.join(cfg.run_dir, "tokenizer.model")
+    else:
+        path = os.path.join(cfg.run_dir, "tokenizer.model")
+    error = None
     if backend.is_main and not os.path.exists(path):
         t0 = time.time()
-        texts = data.iter_texts(cfg.data, cfg.tokenizer.train_max_docs)
-        tok = train_tokenizer(texts, path, vocab_size=cfg.tokenizer.vocab_size)
-        print(f"[kiln] trained tokenizer ({tok.vocab_size} pieces) in {time.time() - t0:.1f}s -> {path}",
-              flush=True)
+        try:
+            texts = data.iter_texts(cfg.data, cfg.tokenizer.train_max_docs)
+            tok = train_tokenizer(texts, path, vocab_size=cfg.tokenizer.vocab_size)
+            print(f"[kiln] trained tokenizer ({tok.vocab_size} pieces) in {time.time() - t0:.1f}s -> {path}",
+                  flush=True)
+        except Exception as e:  # told to the other ranks below, then raised here
+            error = e
     backend.barrier()
+    seen = f"training failed: {error}" if error else _file_digest(path)
+    try:
+        backend.agree(f"the tokenizer file {path} (its digest, or why a rank has none: a run_dir on a "
+                      "file system the other nodes cannot see?)", seen)
+    except RanksDisagree:
+        if error is not None:
+            raise error
+        raise
+    if error is not None:
+        raise error
     return Tokenizer(path)
+
+
+def _file_digest(path: str) -> str:
+    if not os.path.isfile(path):
+        return "missing"
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
 
 
 def resolve_model_config(cfg, tokenizer: Tokenizer) -> ModelConfig:
@@ -111,6 +140,10 @@ class Trainer:
         self.run_dir = cfg.run_dir
         os.makedirs(self.run_dir, exist_ok=True)
         self.ckpt_root = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+        if b.is_main:
+            for path in ckpt.clean_stale(self.ckpt_root):
+                print(f"[kiln] removed {path}, left by an interrupted save", flush=True)
+        self.last_checkpoint: Optional[str] = None  # written or resumed from by this process
         self.tokenizer = self.build_tokenizer()
         self.model_cfg = self.build_model_config()
         self.state = TrainState()
@@ -153,8 +186,7 @@ class Trainer:
         cfg, b = self.cfg, self.backend
         dp = b.data_parallel_size
         train = build_train_stream(cfg, self.tokenizer, b.rank, dp)
-        val = data.validation_batches(cfg.data, self.tokenizer, cfg.train.micro_batch_size,
-                                      cfg.train.eval_batches, shard=b.rank, num_shards=dp)
+        val = validation_batches(cfg, self.tokenizer, b.rank, dp)
         return train, val
 
     def save_model_state(self, directory: str) -> None:
@@ -168,15 +200,42 @@ class Trainer:
         """Rank 0 adds task files (chat template, adapter config, ...) to a checkpoint."""
 
     # -- checkpoints ----------------------------------------------------------------------
-    def resume(self) -> Optional[str]:
-        r = str(self.cfg.resume)
+    def resume_point(self) -> Optional[str]:
+        """The checkpoint to continue from: ``resume=<dir>`` as given, or with ``resume=auto``
+        the newest under the checkpoint root that verifies (``checkpoint.verify``); the ones
+        skipped are printed with the reason. Checkpoints that exist but none verifies stop
+        the run: starting afresh over them takes ``resume=none``."""
+        r, mode = str(self.cfg.resume), str(self.cfg.checkpoint.verify)
         if r == "none":
             return None
-        path = ckpt.find_latest(self.ckpt_root) if r == "auto" else r
+        if r != "auto":
+            return ckpt.resolve(r, mode)
+        path, skipped = ckpt.select(self.ckpt_root, mode)
+        if skipped and path is None:
+            raise ckpt.CheckpointError(
+                f"resume=auto: {len(skipped)} checkpoint(s) under {self.ckpt_root}, and none verifies:\n"
+                f"{ckpt.describe_skipped(skipped)}\nNothing was changed. Restore them, resume from another "
+                "one with resume=<dir>, or start afresh with resume=none (its checkpoints replace these).")
+        if skipped:
+            print(f"[kiln] resume: skipped {len(skipped)} newer checkpoint(s) that do not verify:\n"
+                  f"{ckpt.describe_skipped(skipped)}\n[kiln] resume: continuing from {path}", flush=True)
+        return path
+
+    def resume(self) -> Optional[str]:
+        b = self.backend
+        found = None
+        if b.is_main:  # one rank reads and hashes the files; the others are told the outcome
+            try:
+                found = ("ok", self.resume_point())
+            except ckpt.CheckpointError as e:
+                found = ("error", str(e))
+        status, path = b.broadcast_object(found)
+        if status == "error":
+            raise ckpt.CheckpointError(path)
+        b.agree("whether the checkpoint to resume from is visible (is checkpoint.dir on a file system every "
+                "node sees?)", path is None or os.path.isdir(path))
         if path is None:
             return None
-        if not ckpt.is_complete(path):
-            raise RuntimeError(f"resume: {path} is not a complete kiln checkpoint (no valid meta.json)")
         meta = ckpt.read_meta(path)
         self.load_model_state(path, meta)
         ts = ckpt.read_trainer_state(path)
@@ -192,6 +251,7 @@ class Trainer:
 
     def save(self) -> str:
         b, cfg = self.backend, self.cfg
+        b.agree("the step being checkpointed", self.state.step)
         tmp = ckpt.begin(self.ckpt_root, self.state.step) if b.is_main else None
         tmp = b.broadcast_object(tmp)
         self.save_model_state(tmp)
@@ -200,12 +260,12 @@ class Trainer:
         b.barrier()
         final = None
         if b.is_main:
-            ckpt.write_json_atomic(os.path.join(tmp, "trainer_state.json"),
+            ckpt.write_json_atomic(os.path.join(tmp, ckpt.TRAINER_STATE),
                                    {"step": self.state.step, "tokens": self.state.tokens,
                                     "data": data_states, "rng": rngs})
-            OmegaConf.save(cfg, os.path.join(tmp, "config.yaml"), resolve=True)
-            OmegaConf.save(OmegaConf.structured(self.model_cfg), os.path.join(tmp, "model_config.yaml"))
-            shutil.copyfile(self.tokenizer.path, os.path.join(tmp, "tokenizer.model"))
+            OmegaConf.save(cfg, os.path.join(tmp, ckpt.CONFIG), resolve=True)
+            OmegaConf.save(OmegaConf.structured(self.model_cfg), os.path.join(tmp, ckpt.MODEL_CONFIG))
+            shutil.copyfile(self.tokenizer.path, os.path.join(tmp, ckpt.TOKENIZER))
             self.write_extra_files(tmp)
             meta = {"backend": b.name, "zero_stage": int(cfg.backend.zero_stage), "world_size": b.world_size,
                     "data_parallel_size": b.data_parallel_size, "tokens": self.state.tokens,
@@ -247,8 +307,9 @@ class Trainer:
             with self.autocast():
                 _, loss = model(x, y, **extra)
             n = self.loss_tokens(batch)
-            loss_sum += float(loss) * n
-            count += n
+            if n:  # 0: a padding batch that keeps the ranks' forward counts equal
+                loss_sum += float(loss) * n
+                count += n
         model.train()
         loss_sum, count = self.backend.all_reduce_sum([loss_sum, count])
         return loss_sum / count
@@ -281,7 +342,7 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, b, t = self.cfg, self.backend, self.cfg.train
-        resumed = self.resume()
+        resumed = self.last_checkpoint = self.resume()
         if b.is_main:
             self._print_header(resumed)
         logger = MetricsLogger(cfg, self.run_dir, b.is_main, t.max_steps, self.state.step)
@@ -309,8 +370,11 @@ class Trainer:
             self.state.tokens += step_tokens
             window_tokens += step_tokens
             if not math.isfinite(loss_val):
-                raise FloatingPointError(f"loss is {loss_val} at step {self.state.step}; lower optim.lr or check "
-                                         "the data. The last good checkpoint is untouched.")
+                source = (f"the last checkpoint of this run, {self.last_checkpoint}, is untouched (it is where "
+                          "this stretch started: resuming from it repeats the same steps)" if self.last_checkpoint
+                          else "no checkpoint was written or resumed by this run")
+                raise FloatingPointError(f"loss is {loss_val} at step {self.state.step}; lower optim.lr or check the "
+                                         f"data; {source}.")
             result["losses"][self.state.step] = loss_val
             logger.advance(1, loss_val)
             step = self.state.step
@@ -329,13 +393,13 @@ class Trainer:
             if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps):
                 self._evaluate_and_log(step, logger, result)
             if step % cfg.checkpoint.every == 0 or step == t.max_steps:
-                path = self.save()
+                path = self.last_checkpoint = self.save()
                 last_ckpt_step = step
                 if b.is_main:
                     logger.log(step, {"checkpoint": path}, kind="checkpoint")
             if self.should_stop():
                 if last_ckpt_step != step:
-                    self.save()
+                    self.last_checkpoint = self.save()
                 if b.is_main:
                     print(f"[kiln] stop requested: checkpointed at step {step}", flush=True)
                 result["stopped"] = True
@@ -362,6 +426,8 @@ class Trainer:
                            title=f"kiln: {self.cfg.run_name}")
 
     def _evaluate_and_log(self, step: int, logger: MetricsLogger, result: dict) -> None:
+        self.backend.agree("the number of validation batches (each is a forward with collectives under "
+                           "FSDP / ZeRO-3)", len(self.val_batches))
         val = self.evaluate()
         if val is None:
             return
@@ -414,12 +480,13 @@ class Trainer:
         print(f"[kiln] model: {n / 1e6:.2f}M parameters ({param_count(mc, include_embeddings=False) / 1e6:.2f}M "
               f"without embeddings), d_model={mc.d_model} layers={mc.n_layers} heads={mc.n_heads}/{mc.kv_heads} "
               f"vocab={mc.vocab_size} seq_len={cfg.data.seq_len}", flush=True)
-        print(f"[kiln] backend={b.name} world_size={b.world_size} device={b.device} "
+        print(f"[kiln] backend={b.name} ({cfg.backend.chosen_because}) world_size={b.world_size} device={b.device} "
               f"precision={'bf16' if self.use_bf16 else 'fp32'} compile={cfg.train.compile} "
               f"activation_checkpointing={cfg.train.activation_checkpointing}", flush=True)
         print(f"[kiln] global batch = micro {cfg.train.micro_batch_size} x accum {cfg.train.grad_accum_steps} "
               f"x data-parallel {b.data_parallel_size} = {self.global_batch} sequences = {self.tokens_per_step:,} "
-              f"tokens/step; {len(self.val_batches)} validation batches", flush=True)
+              f"tokens/step; validation: {cfg.train.eval_sequences} held-out sequences at most, "
+              f"{len(self.val_batches)} batches per rank", flush=True)
         if resumed:
             print(f"[kiln] resumed from {resumed} at step {self.state.step}", flush=True)
 
@@ -445,7 +512,7 @@ def load_init_weights(model: Transformer, path: str) -> None:
         _load_base(model, state, path)
         return
     try:
-        step_dir = hf_interop.resolve_checkpoint(path)
+        step_dir = ckpt.resolve(path)
     except FileNotFoundError as e:
         raise ConfigError("init_from", str(e)) from None
     with torch.device("meta"):  # only names and shapes: read_full_state must not ask for head/adapter tensors

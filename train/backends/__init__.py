@@ -1,9 +1,12 @@
 """Parallelism backends. The trainer talks to one ``Backend``; the model never knows which."""
 
 from train.backends.base import Backend
+from train.launcher import resolve_backend
 
 
 def build_backend(cfg) -> Backend:
+    """The backend ``cfg.backend.name`` names; ``auto`` is resolved first (train/launcher.py)."""
+    resolve_backend(cfg)
     name = cfg.backend.name
     if name == "single":
         from train.backends.single import SingleBackend

@@ -28,21 +28,35 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: Backend) -> None:
+def init_distributed(backend: Backend, required: bool = False) -> None:
     """Join the process group the launcher (torchrun, deepspeed, srun, accelerate) described
-    in the environment: nccl on GPUs, gloo on CPUs, unless backend.dist_backend says otherwise."""
+    in the environment: nccl on GPUs, gloo on CPUs, unless backend.dist_backend says otherwise.
+    ``required``: the backend needs a group even in one plain ``python`` process (FSDP's
+    device mesh); it then gets a group of one on a free local port."""
     if dist.is_initialized():
         return
     choice = backend.cfg.backend.dist_backend
     if choice == "auto":
         choice = "nccl" if backend.device.type == "cuda" else "gloo"
-    if backend.world_size > 1 or "MASTER_ADDR" in os.environ:
+    if backend.world_size > 1 or "MASTER_ADDR" in os.environ or required:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("MASTER_PORT", "29500" if backend.world_size > 1 else str(_free_port()))
         import datetime
 
         dist.init_process_group(choice, rank=backend.rank, world_size=backend.world_size,
                                 timeout=datetime.timedelta(minutes=backend.cfg.backend.timeout_minutes))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RanksDisagree(RuntimeError):
+    """Ranks reached the same collective with different work (see ``Backend.agree``)."""
 
 
 class Backend:
@@ -127,6 +141,17 @@ class Backend:
     def barrier(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
             dist.barrier()
+
+    def agree(self, what: str, value: Any) -> Any:
+        """Guard in front of collectives whose number depends on local work: every rank
+        states ``value`` (a count, a step, a checksum, an error text); if they differ, every
+        rank raises the same error naming each rank's value, at once, instead of pairing
+        mismatched collectives until the process-group timeout."""
+        values = self.all_gather_object(value)
+        if any(v != values[0] for v in values):
+            listing = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            raise RanksDisagree(f"ranks disagree on {what} ({listing})")
+        return values[0]
 
     def _comm_device(self) -> torch.device:
         return self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")

@@ -23,6 +23,7 @@ import torch
 from train.backends.base import Backend
 from train.full_state import DS_DIR, MOMENTS, FullState, named_params, read_full_state, storage_format
 from train.optim import param_groups
+from train.safe_unpickle import check_deepspeed_files
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -131,6 +132,7 @@ class DeepSpeedBackend(Backend):
         native = (storage_format(directory) == "deepspeed" and meta.get("world_size") == self.world_size
                   and meta.get("zero_stage") == int(self.cfg.backend.zero_stage))
         if native:
+            check_deepspeed_files(os.path.join(directory, DS_DIR))  # DeepSpeed unpickles with weights_only=False
             path, _ = self.engine.load_checkpoint(os.path.join(directory, DS_DIR), tag="ckpt",
                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
             if path is None:

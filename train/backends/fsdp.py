@@ -29,6 +29,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from train.backends.base import Backend, init_distributed
 from train.full_state import DCP_DIR, MOMENTS, FullState, read_full_state, storage_format
 from train.optim import build_adamw
+from train.safe_unpickle import SafeDCPReader
 
 
 class FSDPBackend(Backend):
@@ -36,7 +37,7 @@ class FSDPBackend(Backend):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        init_distributed(self)
+        init_distributed(self, required=True)  # the device mesh needs a group, even of one process
 
     def _mesh(self):
         dev = self.device.type
@@ -81,7 +82,7 @@ class FSDPBackend(Backend):
             # Only tensors are read back: hyperparameters (param_groups) come from the config,
             # so DCP directories written by convert_checkpoint load the same way.
             state = {"model": msd, "optim": {"state": osd["state"]}}
-            dcp.load(state, checkpoint_id=os.path.join(directory, DCP_DIR))
+            dcp.load(state, storage_reader=SafeDCPReader(os.path.join(directory, DCP_DIR)))
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict={"state": state["optim"]["state"], "param_groups": osd["param_groups"]})
             return

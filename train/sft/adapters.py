@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from model import hf_interop
 from model.llama import Transformer
 from model.lora import load_adapter_tensors, merged_state_dict, set_active_adapter
+from train import checkpoint as ckpt
 from train.sft.chat import TEMPLATE_FILE
 from train.sft.trainer import ADAPTER_CONFIG, read_adapter_state
 from train.trainer import load_init_weights
@@ -54,7 +55,7 @@ def add_adapter_from(model: torch.nn.Module, step_dir: str, name: str | None = N
 
 def merge_checkpoint(step_dir: str, out_dir: str) -> str:
     """Write base + adapter, merged, as a consolidated kiln checkpoint directory."""
-    step_dir = hf_interop.resolve_checkpoint(step_dir)
+    step_dir = ckpt.resolve(step_dir)
     if adapter_config(step_dir).get("task") == "classification":
         raise ValueError(f"{step_dir}: a classification adapter has a head, not a language model to export")
     model = load_base(step_dir)

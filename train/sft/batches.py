@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from data_pipeline.stream import split_of
+from train.data import shard_validation
 from train.sft.chat import encode_chat
 from train.sft.records import BadRecord, Record, SkipCounter, read_records
 
@@ -218,15 +219,8 @@ def make_collate(pad_id: int, classification: bool, packed: bool) -> Callable[[l
 
 
 def validation_batches(examples: list[Example], seq_len: int, packing: bool, collate, micro: int,
-                       max_batches: int, rank: int, world: int) -> list[dict]:
-    """Held-out rows in file order, split evenly across ranks (sharded backends need every rank
-    to run the same number of forwards), at most ``max_batches`` micro-batches per rank."""
-    rows = pack_rows([len(e.input) for e in examples], range(len(examples)), seq_len, packing)
-    per_rank = len(rows) // world
-    mine = rows[rank * per_rank:(rank + 1) * per_rank]
-    batches = []
-    for lo in range(0, len(mine), micro):
-        if len(batches) >= max_batches:
-            break
-        batches.append(collate([[examples[i] for i in row] for row in mine[lo:lo + micro]]))
-    return batches
+                       max_rows: int, rank: int, world: int) -> list[dict]:
+    """The first ``max_rows`` held-out rows in file order, the same for any world size, split
+    across ranks by ``train.data.shard_validation``."""
+    rows = pack_rows([len(e.input) for e in examples], range(len(examples)), seq_len, packing)[:max_rows]
+    return shard_validation([[examples[i] for i in row] for row in rows], micro, rank, world, collate)

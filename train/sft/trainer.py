@@ -29,6 +29,7 @@ from model import hf_interop
 from model.classifier import HEAD, TransformerClassifier
 from model.llama import ModelConfig, Transformer, generate
 from model.lora import add_lora, quantize_base_4bit, train_only
+from train import checkpoint as ckpt
 from train.config import ConfigError
 from train.data import GlobalBatchSlicer
 from train.full_state import MOMENTS, FullState
@@ -50,7 +51,7 @@ def init_step_dir(cfg) -> Optional[str]:
     if init.startswith("hf:"):
         return None
     try:
-        return hf_interop.resolve_checkpoint(init)
+        return ckpt.resolve(init)
     except FileNotFoundError as e:
         raise ConfigError("init_from", f"{e}. Make the default one with `python launch/pretrain.py`") from None
 
@@ -130,7 +131,7 @@ class SFTTrainer(Trainer):
         train = GlobalBatchSlicer(rows, t.micro_batch_size, t.grad_accum_steps, b.rank, b.data_parallel_size,
                                   collate_fn=collate)
         val = validation_batches(self.sft_data.val, int(cfg.data.seq_len), packed, collate, t.micro_batch_size,
-                                 t.eval_batches, b.rank, b.data_parallel_size)
+                                 t.eval_sequences, b.rank, b.data_parallel_size)
         return train, val
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -181,6 +182,8 @@ class SFTTrainer(Trainer):
             x, y, extra = self.model_inputs(batch)
             with self.autocast():
                 logits, loss = model(x, y, **extra)
+            if not self.loss_tokens(batch):  # a padding batch (train/data.py: shard_validation)
+                continue
             loss_sum += float(loss) * len(y)
             count += len(y)
             labels += y.tolist()
@@ -255,8 +258,6 @@ class SFTTrainer(Trainer):
 
 
 def _no_checkpoint(root: str) -> bool:
-    from train import checkpoint as ckpt
-
     return ckpt.find_latest(root) is None
 
 
