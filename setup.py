@@ -14,7 +14,7 @@ setup(
     package_data={"data_pipeline": ["assets/*"]},
     scripts=[],
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # safe_globals, FSDP2 fully_shard, DCP state_dict APIs
         "deepspeed>=0.15",
         "accelerate>=0.34",
         "datasets>=2.20",

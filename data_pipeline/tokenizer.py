@@ -9,6 +9,7 @@ token (Llama's choice, which helps arithmetic).
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -58,9 +59,15 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int = 8192,
                     character_coverage: float = 0.9995, max_sentences: int = 2_000_000,
                     num_threads: int = 2) -> Tokenizer:
     """Train a BPE model on ``texts`` and write it atomically to ``out_path``."""
+    lines = _lines(texts, 8192)
+    try:
+        first = next(lines)
+    except StopIteration:  # SentencePiece would only say "INTERNAL: !sentences_.empty()"
+        raise ValueError(f"no text to train the tokenizer {out_path} on: the training split produced no "
+                         "document (check data.sources paths and formats, and the filters' data report)") from None
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_lines(texts, 8192),
+        sentence_iterator=itertools.chain([first], lines),
         model_writer=buf,
         model_type="bpe",
         vocab_size=vocab_size,

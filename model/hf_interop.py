@@ -264,9 +264,8 @@ def load_kiln_checkpoint(path: str, device: str = "cpu") -> tuple[Transformer, s
     """(model in eval mode, step dir) of a kiln checkpoint from any backend; ``path`` as in
     ``train.checkpoint.resolve``. Sharded FSDP (DCP) and DeepSpeed ZeRO checkpoints are consolidated
     on the fly by ``train.full_state``."""
-    from train.full_state import read_full_state
-
     from train.checkpoint import resolve
+    from train.full_state import read_full_state
 
     step_dir = resolve(path)
     model = Transformer(read_model_config(step_dir))

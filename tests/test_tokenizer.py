@@ -42,3 +42,13 @@ def test_training_twice_gives_the_same_model(tokenizer_path, tmp_path):
     b = train_tokenizer(texts, str(tmp_path / "b.model"), vocab_size=300)
     assert a.model_bytes() == b.model_bytes()
     assert a.vocab_size == 300
+
+
+def test_training_on_no_text_says_why_instead_of_a_sentencepiece_internal_error(tmp_path):
+    import pytest
+
+    from data_pipeline.tokenizer import train_tokenizer
+
+    with pytest.raises(ValueError, match="produced no document"):
+        train_tokenizer(iter(["", "  \n "]), str(tmp_path / "tok.model"), vocab_size=300)
+    assert not (tmp_path / "tok.model").exists()

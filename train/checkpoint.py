@@ -50,6 +50,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the directory and the file."""
 
 
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """No kiln checkpoint at all where one was expected."""
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -220,7 +224,7 @@ def resolve(path: str, mode: str = "full") -> str:
                   f"[kiln] using {found}", file=sys.stderr, flush=True)
         if found:
             return found
-    raise CheckpointError(f"no complete kiln checkpoint at {path} (expected a step_* directory, a checkpoints "
+    raise CheckpointNotFound(f"no complete kiln checkpoint at {path} (expected a step_* directory, a checkpoints "
                           "root or a run directory)")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -111,7 +112,10 @@ def check_deepspeed_files(directory: str) -> None:
                 with torch.serialization.safe_globals(allowed):
                     torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except pickle.UnpicklingError as e:
-                raise UnsafeCheckpoint(f"{path}: refused by the restricted unpickler, not loaded (is this checkpoint "
-                                       f"from a trusted source?): {str(e).splitlines()[0]}") from None
+                found = re.search(r"GLOBAL ([\w.]+)", str(e))
+                what = found.group(1) if found else "an object outside the allowlist"
+                raise UnsafeCheckpoint(f"{path}: refuses to unpickle {what}, which is not part of DeepSpeed's state "
+                                       "format; the file was not loaded (is this checkpoint from a trusted source?)"
+                                       ) from None
             except Exception as e:
                 raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None

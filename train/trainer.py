@@ -86,9 +86,9 @@ def ensure_tokenizer(cfg, backend) -> Tokenizer:
     try:
         backend.agree(f"the tokenizer file {path} (its digest, or why a rank has none: a run_dir on a "
                       "file system the other nodes cannot see?)", seen)
-    except RanksDisagree:
+    except RanksDisagree as disagreement:
         if error is not None:
-            raise error
+            raise error from disagreement
         raise
     if error is not None:
         raise error
