@@ -35,9 +35,6 @@ from model.llama import Transformer, param_count
 from train import checkpoint as ckpt
 from train.full_state import DCP_DIR, MOMENTS, FullState, read_full_state, storage_format
 
-CARRIED = ("trainer_state.json", "config.yaml", "model_config.yaml", "tokenizer.model", "chat_template.jinja")
-
-
 def load_full(src: str, with_optimizer: bool) -> tuple[FullState, Transformer]:
     with torch.device("meta"):
         model = Transformer(read_model_config(src))
@@ -57,14 +54,9 @@ def write_dcp(st: FullState, directory: str) -> None:
 
 def finish(src: str, tmp: str, out: str, meta_updates: dict) -> str:
     """Carry the trainer state, config and tokenizer over, seal with a manifest, move into place."""
-    for name in CARRIED:
-        if os.path.exists(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
-    meta = {k: v for k, v in ckpt.read_meta(src).items() if k not in ("files", "complete", "time", "step")}
-    meta.update(meta_updates, converted_from=os.path.abspath(src))
-    step = ckpt.read_meta(src)["step"]
-    meta = dict(meta, step=step, files=ckpt.manifest(tmp), complete=True)
-    ckpt.write_json_atomic(os.path.join(tmp, ckpt.META), meta)
+    ckpt.copy_carried(src, tmp)
+    meta = {k: v for k, v in ckpt.read_meta(src).items() if k not in ("files", "complete", "time")}
+    ckpt.seal(tmp, dict(meta, **meta_updates, converted_from=os.path.abspath(src)))
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists; refusing to overwrite")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -90,7 +82,7 @@ def _deepspeed_worker(rank: int, world_size: int, port: int, src: str, tmp: str,
     from train.config import register_configs
 
     register_configs()
-    cfg = OmegaConf.load(os.path.join(src, "config.yaml"))
+    cfg = OmegaConf.load(os.path.join(src, ckpt.CONFIG))
     cfg.backend.name, cfg.backend.zero_stage = "deepspeed", zero_stage
     cfg.backend.offload_optimizer = cfg.backend.offload_params = False
     backend = DeepSpeedBackend(cfg)
@@ -120,7 +112,7 @@ def main(argv=None) -> None:
         st, _ = load_full(src, with_optimizer=False)
         os.makedirs(args.out, exist_ok=True)
         FullState(model=st.model).save(args.out)
-        shutil.copyfile(os.path.join(src, "model_config.yaml"), os.path.join(args.out, "model_config.yaml"))
+        ckpt.copy_carried(src, args.out, (ckpt.MODEL_CONFIG,))
         print(json.dumps({"out": os.path.join(os.path.abspath(args.out), "model.safetensors"),
                           "parameters": param_count(read_model_config(src))}))
         return

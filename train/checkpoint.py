@@ -40,6 +40,9 @@ TRAINER_STATE = "trainer_state.json"
 CONFIG = "config.yaml"
 MODEL_CONFIG = "model_config.yaml"
 TOKENIZER = "tokenizer.model"
+CHAT_TEMPLATE = "chat_template.jinja"
+# What travels with the weights whenever a checkpoint is converted or merged.
+CARRIED = (TRAINER_STATE, CONFIG, MODEL_CONFIG, TOKENIZER, CHAT_TEMPLATE)
 HASH = "xxh3_128"
 VERIFY_MODES = ("full", "size", "off")
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -118,11 +121,24 @@ def begin(root: str, step: int) -> str:
     return tmp
 
 
+def seal(directory: str, meta: dict) -> None:
+    """Write ``meta`` with the manifest of ``directory`` as its last file (the mark of a
+    complete checkpoint); ``meta`` must hold ``step``."""
+    meta = dict(meta, files=manifest(directory), complete=True, time=time.time())
+    write_json_atomic(os.path.join(directory, META), meta)
+    _fsync_dir(directory)
+
+
+def copy_carried(src: str, dst: str, names=CARRIED) -> None:
+    """Copy the files of ``names`` that ``src`` has into ``dst``."""
+    for name in names:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
 def commit(root: str, tmp: str, step: int, meta: dict, keep_last: int) -> str:
     """Seal ``tmp`` with a manifest, move it into place, point ``latest`` at it, prune."""
-    meta = dict(meta, step=step, files=manifest(tmp), complete=True, time=time.time())
-    write_json_atomic(os.path.join(tmp, META), meta)
-    _fsync_dir(tmp)
+    seal(tmp, dict(meta, step=step))
     final = os.path.join(root, step_dir_name(step))
     if os.path.exists(final):  # re-saving the same step (e.g. resumed then stopped at once)
         old = final + f".old{os.getpid()}"

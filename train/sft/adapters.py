@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 from safetensors.torch import save_file
@@ -20,7 +19,6 @@ from model import hf_interop
 from model.llama import Transformer
 from model.lora import load_adapter_tensors, merged_state_dict, set_active_adapter
 from train import checkpoint as ckpt
-from train.sft.chat import TEMPLATE_FILE
 from train.sft.trainer import ADAPTER_CONFIG, read_adapter_state
 from train.trainer import load_init_weights
 
@@ -67,8 +65,5 @@ def merge_checkpoint(step_dir: str, out_dir: str) -> str:
     from train.full_state import _dedup_tied
 
     save_file(_dedup_tied(plain.state_dict()), os.path.join(out_dir, "model.safetensors"))
-    for name in ("model_config.yaml", "tokenizer.model", TEMPLATE_FILE, "config.yaml"):
-        src = os.path.join(step_dir, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(out_dir, name))
+    ckpt.copy_carried(step_dir, out_dir, (ckpt.MODEL_CONFIG, ckpt.TOKENIZER, ckpt.CHAT_TEMPLATE, ckpt.CONFIG))
     return out_dir

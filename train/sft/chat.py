@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from train.checkpoint import CHAT_TEMPLATE
+
 ROLES = ("system", "user", "assistant")
 ROLE_TOKEN = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_OF_TURN = "<|end_of_turn|>"
 CONTROL_STRINGS = (*ROLE_TOKEN.values(), END_OF_TURN)
-TEMPLATE_FILE = "chat_template.jinja"
+TEMPLATE_FILE = CHAT_TEMPLATE  # the file name is the checkpoint module's
 
 JINJA_TEMPLATE = (
     "{% for message in messages %}"
