@@ -19,9 +19,9 @@ from model.hf_interop import (
     SPM_FILE,
     is_hf_dir,
     load_hf_llama,
-    load_kiln_checkpoint,
 )
 from model.llama import Transformer
+from train.full_state import load_model
 
 
 def parse_kv(args: list[str], allowed: dict[str, object]) -> tuple[list[str], dict[str, object]]:
@@ -101,5 +101,5 @@ def load_model_and_tokenizer(path: str, device: torch.device) -> tuple[Transform
         spm = os.path.join(path, SPM_FILE)
         tok = _kiln_tokenizer(spm) if os.path.isfile(spm) else _transformers_tokenizer(path)
         return model.to(device).eval(), tok, path
-    model, step_dir = load_kiln_checkpoint(path, str(device))
+    model, step_dir = load_model(path, str(device))
     return model, _kiln_tokenizer(os.path.join(step_dir, SPM_FILE)), step_dir

@@ -30,14 +30,13 @@ import tempfile
 import torch
 from omegaconf import OmegaConf
 
-from model.hf_interop import read_model_config
 from model.llama import Transformer, param_count
 from train import checkpoint as ckpt
 from train.full_state import DCP_DIR, MOMENTS, FullState, read_full_state, storage_format
 
 def load_full(src: str, with_optimizer: bool) -> tuple[FullState, Transformer]:
     with torch.device("meta"):
-        model = Transformer(read_model_config(src))
+        model = Transformer(ckpt.read_model_config(src))
     return read_full_state(src, model, with_optimizer=with_optimizer), model
 
 
@@ -87,7 +86,7 @@ def _deepspeed_worker(rank: int, world_size: int, port: int, src: str, tmp: str,
     cfg.backend.offload_optimizer = cfg.backend.offload_params = False
     backend = DeepSpeedBackend(cfg)
     torch.manual_seed(0)
-    backend.setup(Transformer(read_model_config(src)))
+    backend.setup(Transformer(ckpt.read_model_config(src)))
     backend.load(src, {"world_size": -1})  # never native: go through the portable full state
     backend.save(tmp)
     backend.shutdown()
@@ -114,7 +113,7 @@ def main(argv=None) -> None:
         FullState(model=st.model).save(args.out)
         ckpt.copy_carried(src, args.out, (ckpt.MODEL_CONFIG,))
         print(json.dumps({"out": os.path.join(os.path.abspath(args.out), "model.safetensors"),
-                          "parameters": param_count(read_model_config(src))}))
+                          "parameters": param_count(ckpt.read_model_config(src))}))
         return
     parent = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(parent, exist_ok=True)

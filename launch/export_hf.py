@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from model.hf_interop import export_hf
+from train.hf_export import export_hf
 
 
 @_bootstrap.exit_on_checkpoint_error

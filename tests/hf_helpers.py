@@ -52,7 +52,7 @@ def tiny_run(tmp_path_factory) -> str:
 def tiny_export(tmp_path_factory) -> str:
     """The HF export of ``tiny_run``'s latest checkpoint (in process), made once per session."""
     if "export" not in _cache:
-        from model.hf_interop import export_hf
+        from train.hf_export import export_hf
 
         out = str(tmp_path_factory.mktemp("hf_export") / "hf")
         export_hf(tiny_run(tmp_path_factory), out)

@@ -216,8 +216,8 @@ def convert(*args: str) -> dict:
 
 
 def full_state(path: str):
-    from model.hf_interop import read_model_config
     from model.llama import Transformer
+    from train.checkpoint import read_model_config
     from train.full_state import read_full_state
 
     return read_full_state(path, Transformer(read_model_config(path)))
@@ -255,8 +255,8 @@ def test_fsdp_checkpoint_converted_to_native_deepspeed_is_lossless_and_resumes_n
 def test_consolidated_weights_file_loads_into_the_model(runs):
     from safetensors.torch import load_model
 
-    from model.hf_interop import read_model_config
     from model.llama import Transformer
+    from train.checkpoint import read_model_config
 
     src = runs["root"] / "zero2-at5" / "checkpoints" / "step_00000005"
     out = runs["root"] / "converted" / "weights"

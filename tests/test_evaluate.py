@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from data_pipeline.pipeline import document_stream
 from data_pipeline.tokenizer import Tokenizer
-from model.hf_interop import load_kiln_checkpoint
+from train.full_state import load_model
 
 sys.path.insert(0, os.path.join(hf_helpers.REPO, "launch"))
 from _common import TextTokenizer  # noqa: E402
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     run_dir = hf_helpers.tiny_run(tmp_path_factory)
-    model, step_dir = load_kiln_checkpoint(run_dir)
+    model, step_dir = load_model(run_dir)
     tok = Tokenizer(os.path.join(step_dir, "tokenizer.model"))
     return run_dir, step_dir, model, tok
 

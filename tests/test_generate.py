@@ -9,8 +9,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from data_pipeline.tokenizer import Tokenizer
-from model.hf_interop import hf_to_kiln_state_dict, load_kiln_checkpoint, model_config_from_hf
+from model.hf_interop import hf_to_kiln_state_dict, model_config_from_hf
 from model.llama import ModelConfig, Transformer, generate
+from train.full_state import load_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20], [30, 31, 32], [40, 41, 42, 43, 44]]
 
@@ -98,7 +99,7 @@ def test_generate_cli_on_checkpoint_and_hf_export(tmp_path, tmp_path_factory):
         assert [json.loads(line) for line in open(tmp_path / "out.jsonl")] == rows
         outputs.append(rows)
     assert outputs[0] == outputs[1]  # the export generates exactly what the checkpoint does
-    model, step_dir = load_kiln_checkpoint(run_dir)
+    model, step_dir = load_model(run_dir)
     tok = Tokenizer(f"{step_dir}/tokenizer.model")
     for r in outputs[0]:
         want = generate(model, torch.tensor([tok.encode(r["prompt"])]), 12, temperature=0,

@@ -19,15 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.pipeline import document_stream
 from data_pipeline.tokenizer import CHAT_TOKENS, Tokenizer
-from model.hf_interop import (
-    UnsupportedModelError,
-    export_hf,
-    load_hf_llama,
-    load_kiln_checkpoint,
-    model_config_from_hf,
-    parse_size,
-)
+from model.hf_interop import UnsupportedModelError, load_hf_llama, model_config_from_hf
 from model.llama import ModelConfig, Transformer
+from train.full_state import load_model
+from train.hf_export import export_hf, parse_size
 
 SAMPLE_WARC = os.path.join(hf_helpers.REPO, "data_pipeline", "assets", "sample.warc.gz")
 
@@ -122,7 +117,7 @@ def test_tied_checkpoint_loads_whichever_name_was_stored(tmp_path, spm_path, kep
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state.pop("output.weight" if kept == "tok_embeddings.weight" else "tok_embeddings.weight")
     save_file(state, tmp_path / "model.safetensors")
-    loaded, _ = load_kiln_checkpoint(str(tmp_path))
+    loaded, _ = load_model(str(tmp_path))
     assert torch.equal(loaded.tok_embeddings.weight, model.tok_embeddings.weight)
     assert loaded.output.weight is loaded.tok_embeddings.weight
 
@@ -279,7 +274,7 @@ def test_export_cli_on_a_real_checkpoint(tmp_path, run_dir, spm_path):
     ids = tok.encode(text, add_special_tokens=False)
     assert ids == kiln.encode(text) and ids[0] == kiln.control["<|user|>"]
 
-    model, _ = load_kiln_checkpoint(str(step))
+    model, _ = load_model(str(step))
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokens = torch.tensor([kiln.encode("The Python interpreter reads 42 lines.\nNext line: déjà vu.")])
     with torch.no_grad():

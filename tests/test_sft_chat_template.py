@@ -56,7 +56,7 @@ def test_checkpoint_carries_tokenizer_and_template(sft_run):
 def test_hf_apply_chat_template_gives_kiln_ids(sft_run, tmp_path, tokenizer):
     from transformers import AutoTokenizer
 
-    from model.hf_interop import export_hf
+    from train.hf_export import export_hf
 
     summary = export_hf(str(sft_run), str(tmp_path / "hf"))
     assert summary["chat_template"]

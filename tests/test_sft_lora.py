@@ -108,7 +108,7 @@ def test_adapter_run_resumes_exactly_with_its_optimizer_state(tmp_path, base):
 def test_named_adapters_share_one_base_and_merge_for_export(tmp_path, base):
     from transformers import AutoModelForCausalLM
 
-    from model.hf_interop import export_hf
+    from train.hf_export import export_hf
     from train.sft.adapters import add_adapter_from, load_base, merge_checkpoint
 
     run_sft(tmp_path / "a", base, chat_file(tmp_path, 24, seed=1), *LORA, "train.max_steps=3")

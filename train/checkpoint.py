@@ -278,6 +278,23 @@ def read_json(path: str) -> Any:
         raise CheckpointError(f"{path}: cannot be read as JSON ({e})") from None
 
 
+def read_model_config(path: str):
+    """The ``ModelConfig`` a checkpoint (or exported weights directory) was trained with."""
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    from model.llama import ModelConfig
+
+    file = os.path.join(path, MODEL_CONFIG)
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot be read ({e})") from None
+    names = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in raw.items() if k in names})
+
+
 def read_meta(path: str) -> dict:
     return read_json(os.path.join(path, META))
 

@@ -15,7 +15,6 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from model import hf_interop
 from model.llama import Transformer
 from model.lora import load_adapter_tensors, merged_state_dict, set_active_adapter
 from train import checkpoint as ckpt
@@ -34,7 +33,7 @@ def adapter_config(step_dir: str) -> dict:
 def load_base(step_dir: str) -> Transformer:
     """The base model an adapter checkpoint was trained on (any backend's checkpoint format)."""
     cfg = adapter_config(step_dir)
-    model = Transformer(hf_interop.read_model_config(step_dir))
+    model = Transformer(ckpt.read_model_config(step_dir))
     load_init_weights(model, cfg["base"])
     return model.eval()
 

@@ -25,7 +25,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from data_pipeline.tokenizer import Tokenizer
-from model import hf_interop
 from model.classifier import HEAD, TransformerClassifier
 from model.llama import ModelConfig, Transformer, generate
 from model.lora import add_lora, quantize_base_4bit, train_only
@@ -89,7 +88,7 @@ class SFTTrainer(Trainer):
         if self.init_dir is None:
             mc = resolve_model_config(cfg, self.tokenizer)
         else:
-            mc = hf_interop.read_model_config(self.init_dir)
+            mc = ckpt.read_model_config(self.init_dir)
             mc.dropout = float(cfg.model.dropout)
         if cfg.data.seq_len > mc.max_seq_len:
             raise ConfigError("data.seq_len", f"{cfg.data.seq_len} exceeds the checkpoint's max_seq_len={mc.max_seq_len}")
