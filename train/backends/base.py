@@ -16,6 +16,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from train.full_state import FullState
+
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "cpu":
@@ -165,9 +167,17 @@ class Backend:
         """Restore model+optimizer from a checkpoint written by any backend (all ranks call)."""
         raise NotImplementedError
 
-    def load_weights(self, state_dict: dict) -> None:
-        """Load full (unsharded) model weights, e.g. for ``init_from``."""
-        self.raw_model.load_state_dict(state_dict)
+    def export_full(self, trainable_only: bool = False) -> FullState:
+        """Full (unsharded) weights and AdamW moments, on CPU, by parameter name: what
+        portable checkpoints, conversions and adapter checkpoints hold. Gathering is
+        collective under sharding: every rank calls, rank 0 holds the result.
+        ``trainable_only``: only the parameters that train (LoRA adapters, a head)."""
+        raise NotImplementedError
+
+    def import_full(self, st: FullState, partial: bool = False) -> None:
+        """Set weights and moments from full tensors, each rank keeping its shard.
+        ``partial``: ``st`` holds only some parameters (an adapter checkpoint)."""
+        raise NotImplementedError
 
     def shutdown(self) -> None:
         if dist.is_initialized():

@@ -208,19 +208,13 @@ class DeepSpeedBackend(Backend):
                 s["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device) \
                     if isinstance(old, torch.Tensor) else step
 
-    def export_trainable(self) -> FullState:
-        """Trained parameters gathered from their ZeRO partitions (collective: every rank
-        calls), so an adapter checkpoint is never empty under ZeRO-3."""
-        return self.export_full(only_trainable=True)
-
-    def import_trainable(self, st: FullState) -> None:
-        self.import_full(st, partial=True)
-
-    def export_full(self, only_trainable: bool = False) -> FullState:
+    def export_full(self, trainable_only: bool = False) -> FullState:
+        """Trained parameters are gathered from their ZeRO partitions (collective), so an
+        adapter checkpoint is never empty under ZeRO-3."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         names, _ = named_params(self.raw_model)
-        if only_trainable:
+        if trainable_only:
             names = [n for n in names if dict(self.raw_model.named_parameters())[n].requires_grad]
         stage = int(self.cfg.backend.zero_stage)
         params = dict(self.raw_model.named_parameters())

@@ -98,10 +98,8 @@ class FSDPBackend(Backend):
                     st["exp_avg"] = torch.zeros_like(p)
                     st["exp_avg_sq"] = torch.zeros_like(p)
 
-    def import_full(self, st: FullState, strict: bool = True) -> None:
-        """Shard full weights and AdamW moments into this rank's pieces. ``strict=False``
-        for adapter checkpoints, which hold only the trained parameters."""
-        set_model_state_dict(self.model, st.model, options=StateDictOptions(full_state_dict=True, strict=strict))
+    def import_full(self, st: FullState, partial: bool = False) -> None:
+        set_model_state_dict(self.model, st.model, options=StateDictOptions(full_state_dict=True, strict=not partial))
         if st.moments:
             self._init_optimizer_state()
             full = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
@@ -112,8 +110,6 @@ class FSDPBackend(Backend):
             set_optimizer_state_dict(self.model, self.optimizer, full, options=StateDictOptions(full_state_dict=True))
 
     def export_full(self, trainable_only: bool = False) -> FullState:
-        """Gather full weights and moments to CPU (rank 0 holds them; every rank must call:
-        gathering is collective). ``trainable_only`` keeps adapters/heads alone."""
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         msd = get_model_state_dict(self.model, options=opts)
         state = get_optimizer_state_dict(self.model, self.optimizer, options=opts).get("state", {})
@@ -122,15 +118,6 @@ class FSDPBackend(Backend):
         steps = [int(s["step"]) for s in state.values()]
         model = msd if keep is None else {n: t for n, t in msd.items() if n in keep}
         return FullState(model=model, moments=moments, step=steps[0] if steps else 0)
-
-    def export_trainable(self) -> FullState:
-        return self.export_full(trainable_only=True)
-
-    def import_trainable(self, st: FullState) -> None:
-        self.import_full(st, strict=False)
-
-    def load_weights(self, state_dict: dict) -> None:
-        set_model_state_dict(self.model, state_dict, options=StateDictOptions(full_state_dict=True))
 
     def barrier(self) -> None:
         if dist.is_initialized():

@@ -18,23 +18,22 @@ class SingleBackend(Backend):
         self.optimizer = build_adamw(self.raw_model, self.cfg.optim, self.device)
 
 
-    def export_full(self) -> FullState:
+    def export_full(self, trainable_only: bool = False) -> FullState:
         moments, step = adamw_export(self.raw_model, self.optimizer)
-        return FullState(model=self.raw_model.state_dict(), moments=moments, step=step)
+        if not trainable_only:
+            return FullState(model=self.raw_model.state_dict(), moments=moments, step=step)
+        trained = {n: p for n, p in self.raw_model.named_parameters() if p.requires_grad}
+        return FullState(model={n: p.detach().cpu().clone() for n, p in trained.items()},
+                         moments={n: m for n, m in moments.items() if n in trained}, step=step)
 
-    def export_trainable(self) -> FullState:
-        """Only the trained parameters (LoRA adapters, a head) and their moments."""
-        names = [n for n, p in self.raw_model.named_parameters() if p.requires_grad]
-        moments, step = adamw_export(self.raw_model, self.optimizer)
-        params = dict(self.raw_model.named_parameters())
-        return FullState(model={n: params[n].detach().cpu().clone() for n in names},
-                         moments={n: m for n, m in moments.items() if n in names}, step=step)
-
-    def import_trainable(self, st: FullState) -> None:
-        params = dict(self.raw_model.named_parameters())
-        with torch.no_grad():
-            for n, t in st.model.items():
-                params[n].copy_(t)
+    def import_full(self, st: FullState, partial: bool = False) -> None:
+        if partial:
+            params = dict(self.raw_model.named_parameters())
+            with torch.no_grad():
+                for n, t in st.model.items():
+                    params[n].copy_(t)
+        else:
+            self.raw_model.load_state_dict(st.model)
         adamw_import(self.raw_model, self.optimizer, st.moments, st.step)
 
     def save(self, directory: str) -> None:
@@ -42,6 +41,4 @@ class SingleBackend(Backend):
             self.export_full().save(directory)
 
     def load(self, directory: str, meta: dict) -> None:
-        st = read_full_state(directory, self.raw_model)
-        self.raw_model.load_state_dict(st.model)
-        adamw_import(self.raw_model, self.optimizer, st.moments, st.step)
+        self.import_full(read_full_state(directory, self.raw_model))

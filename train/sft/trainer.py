@@ -137,7 +137,7 @@ class SFTTrainer(Trainer):
     def save_model_state(self, directory: str) -> None:
         if not self.lora:
             return super().save_model_state(directory)
-        st = self.backend.export_trainable()  # every rank: gathering is collective under ZeRO-3/FSDP
+        st = self.backend.export_full(trainable_only=True)  # every rank: gathering is collective under ZeRO-3/FSDP
         if self.backend.is_main:
             if not st.model:
                 raise RuntimeError("LoRA checkpoint: the backend returned no trained parameter")
@@ -149,7 +149,7 @@ class SFTTrainer(Trainer):
     def load_model_state(self, directory: str, meta: dict) -> None:
         if not self.lora:
             return super().load_model_state(directory, meta)
-        self.backend.import_trainable(read_adapter_state(directory))
+        self.backend.import_full(read_adapter_state(directory), partial=True)
 
     def write_extra_files(self, directory: str) -> None:
         cfg = self.cfg
