@@ -72,6 +72,10 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs only
+    # A non-finite loss: raise (stop; checkpoints are untouched) | rollback (reload the last
+    # checkpoint of this run, skip the global batch that produced it, go on; at most max_rollbacks).
+    nan_policy: str = "raise"
+    max_rollbacks: int = 3
     sample_prompt: str = "The Python interpreter"
     sample_tokens: int = 48
 
@@ -192,6 +196,9 @@ def validate(cfg: Any) -> None:
     _check(d.num_workers == 0 or t.data_sharding == "documents", "data.num_workers",
            f"{d.num_workers} DataLoader workers need train.data_sharding=documents (with sequences, every rank "
            "reads the one global stream in order)")
+    _check(t.nan_policy in ("raise", "rollback"), "train.nan_policy",
+           f"unknown policy {t.nan_policy!r} (raise | rollback)")
+    _check(t.max_rollbacks >= 0, "train.max_rollbacks", f"must be >= 0, got {t.max_rollbacks}")
     _check(t.device in ("auto", "cpu", "cuda"), "train.device", f"unknown device {t.device!r} (auto | cpu | cuda)")
     _check(t.precision in ("auto", "fp32", "bf16"), "train.precision",
            f"unknown precision {t.precision!r} (auto | fp32 | bf16)")

@@ -144,6 +144,9 @@ class Trainer:
             for path in ckpt.clean_stale(self.ckpt_root):
                 print(f"[kiln] removed {path}, left by an interrupted save", flush=True)
         self.last_checkpoint: Optional[str] = None  # written or resumed from by this process
+        # optimizer step -> global batches discarded before it (train.nan_policy=rollback)
+        self.skipped_batches: dict[int, int] = {}
+        self.rollbacks = 0
         self.tokenizer = self.build_tokenizer()
         self.model_cfg = self.build_model_config()
         self.state = TrainState()
@@ -236,10 +239,17 @@ class Trainer:
                 "node sees?)", path is None or os.path.isdir(path))
         if path is None:
             return None
+        self.load_checkpoint(path)
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Everything of a (verified) checkpoint into this trainer: weights, optimizer, step,
+        data position, skipped batches, RNG."""
         meta = ckpt.read_meta(path)
         self.load_model_state(path, meta)
         ts = ckpt.read_trainer_state(path)
         self.state = TrainState(step=ts["step"], tokens=ts["tokens"])
+        self.skipped_batches = {int(k): int(v) for k, v in ts.get("skipped_batches", {}).items()}
         note = restore_stream(self.train_batches, ts.get("data", []), self.backend.rank,
                               self.backend.data_parallel_size)
         if self.backend.is_main:
@@ -247,7 +257,6 @@ class Trainer:
         rngs = ts.get("rng", [])
         if len(rngs) == self.backend.world_size:
             ckpt.set_rng_state(rngs[self.backend.rank])
-        return path
 
     def save(self) -> str:
         b, cfg = self.backend, self.cfg
@@ -262,7 +271,8 @@ class Trainer:
         if b.is_main:
             ckpt.write_json_atomic(os.path.join(tmp, ckpt.TRAINER_STATE),
                                    {"step": self.state.step, "tokens": self.state.tokens,
-                                    "data": data_states, "rng": rngs})
+                                    "data": data_states, "rng": rngs,
+                                    "skipped_batches": {str(k): v for k, v in self.skipped_batches.items()}})
             OmegaConf.save(cfg, os.path.join(tmp, ckpt.CONFIG), resolve=True)
             OmegaConf.save(OmegaConf.structured(self.model_cfg), os.path.join(tmp, ckpt.MODEL_CONFIG))
             shutil.copyfile(self.tokenizer.path, os.path.join(tmp, ckpt.TOKENIZER))
@@ -363,6 +373,8 @@ class Trainer:
         last_ckpt_step = self.state.step
         while self.state.step < t.max_steps:
             lr = lr_at(self.state.step, cfg.optim, t.max_steps)
+            for _ in range(self.skipped_batches.get(self.state.step + 1, 0)):  # poisoned: see rollback()
+                [next(self.train_batches) for _ in range(t.grad_accum_steps)]
             micro_batches = [next(self.train_batches) for _ in range(t.grad_accum_steps)]
             loss_val, _, step_tokens = self.forward_backward(micro_batches)
             grad_norm = b.step(lr, cfg.optim.grad_clip)
@@ -370,11 +382,10 @@ class Trainer:
             self.state.tokens += step_tokens
             window_tokens += step_tokens
             if not math.isfinite(loss_val):
-                source = (f"the last checkpoint of this run, {self.last_checkpoint}, is untouched (it is where "
-                          "this stretch started: resuming from it repeats the same steps)" if self.last_checkpoint
-                          else "no checkpoint was written or resumed by this run")
-                raise FloatingPointError(f"loss is {loss_val} at step {self.state.step}; lower optim.lr or check the "
-                                         f"data; {source}.")
+                self.rollback(loss_val)  # raises unless train.nan_policy=rollback allows another
+                window_t0, window_tokens = time.perf_counter(), 0
+                last_ckpt_step = self.state.step
+                continue
             result["losses"][self.state.step] = loss_val
             logger.advance(1, loss_val)
             step = self.state.step
@@ -416,6 +427,32 @@ class Trainer:
                 result["data_report"] = os.path.join(report_dir, "report.md")
             result["plot"] = self.plot() if cfg.logger.plot else None
         return result
+
+    def rollback(self, loss_val: float) -> None:
+        """A non-finite loss at the step just taken. ``train.nan_policy=raise``: stop, saying
+        which checkpoint is where this stretch started. ``rollback``: reload that checkpoint
+        (it was verified when written or resumed), record that the global batch of this step
+        is skipped -- the count travels in later checkpoints, so a resumed run skips the same
+        batches -- and continue; replaying the steps in between is exact."""
+        bad_step, t = self.state.step, self.cfg.train
+        source = (f"the last checkpoint of this run, {self.last_checkpoint}, is untouched (resuming from it "
+                  "repeats the same steps)" if self.last_checkpoint else "no checkpoint was written or resumed by "
+                  "this run")
+        if t.nan_policy != "rollback" or self.last_checkpoint is None or self.rollbacks >= t.max_rollbacks:
+            why = "" if t.nan_policy != "rollback" else (
+                " and there is no checkpoint to roll back to" if self.last_checkpoint is None
+                else f" after {self.rollbacks} rollbacks (train.max_rollbacks={t.max_rollbacks})")
+            raise FloatingPointError(f"loss is {loss_val} at step {bad_step}{why}; lower optim.lr or check the data, "
+                                     f"or set train.nan_policy=rollback; {source}.")
+        skipped = dict(self.skipped_batches)
+        skipped[bad_step] = skipped.get(bad_step, 0) + 1
+        self.load_checkpoint(self.last_checkpoint)
+        self.skipped_batches = {**self.skipped_batches, **skipped}
+        self.rollbacks += 1
+        if self.backend.is_main:
+            print(f"[kiln] loss is {loss_val} at step {bad_step}: rolled back to {self.last_checkpoint} (step "
+                  f"{self.state.step}); {skipped[bad_step]} global batch(es) of step {bad_step} will be skipped "
+                  f"(rollback {self.rollbacks} of at most {t.max_rollbacks})", flush=True)
 
     def train_batches_epoch(self) -> int:
         packed = getattr(self.train_batches, "windows", None) or getattr(self.train_batches, "stream", None)
