@@ -131,10 +131,15 @@ def document_stream(cfg: DataConfig, split=None, shard: int = 0, num_shards: int
 def iter_texts(cfg: DataConfig, max_docs: int) -> Iterator[str]:
     """Texts of the training split, one pass, for tokenizer training."""
     stream = document_stream(cfg, split="train", loop=False)
-    for i, doc in enumerate(stream):
-        if i >= max_docs:
+    n = 0
+    for n, doc in enumerate(stream, 1):
+        if n > max_docs:
             return
         yield doc.text
+    if n == 0:
+        sources = getattr(stream, "streams", [stream])
+        raise ValueError("the training split produced no document to train the tokenizer on: "
+                         + " | ".join(s.removal_summary() for s in sources))
 
 
 class TrainStreamFactory:

@@ -48,12 +48,23 @@ class DocumentStream:
             if not self.loop:
                 return
             if not produced and self.epoch > 0:
-                raise RuntimeError("data stream produced no documents in a whole epoch: "
-                                   "check the input paths and the filters")
+                raise RuntimeError(f"data stream produced no {self.split or ''} document in a whole epoch: "
+                                   f"{self.removal_summary()}")
             self.epoch += 1
             self.reader.reset()
             for step in self.steps:
                 step.new_epoch()
+
+    def removal_summary(self) -> str:
+        """Where documents went: each step's kept/seen and its main removal reasons."""
+        parts = []
+        for s in (self.reader, *self.steps):
+            st = s.stats
+            top = ", ".join(f"{r} {n}" for r, n in st.removed_by_reason.most_common(4))
+            parts.append(f"{s.name} kept {st.kept}/{st.seen}" + (f" (removed: {top})" if top else ""))
+        files = f"{len(self.reader.files)} input file(s)"
+        split = f"; the rest is in other splits (data.val_fraction={self.val_fraction})" if self.split else ""
+        return f"{files}; " + "; ".join(parts) + split
 
     def __iter__(self):
         return self

@@ -50,3 +50,24 @@ def exit_on_checkpoint_error(main):
             sys.exit(3)
 
     return wrapper
+
+
+def check_overrides(config_name: str) -> None:
+    """Compose ``config_name`` with this command line's overrides before Hydra runs the job:
+    a misspelt key or a value of the wrong type then ends with exit status 2 and a message
+    naming the key (as kiln's own config errors do) and leaves no run directory behind.
+    Command lines with Hydra's own flags (--cfg, -m, ...) go to Hydra unchecked."""
+    args = sys.argv[1:]
+    if any(a.startswith("-") or a.startswith("hydra.") or a.startswith("hydra/") for a in args):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=os.path.join(REPO_ROOT, "conf"), version_base=None):
+            compose(config_name, overrides=args)
+    except (HydraException, OmegaConfBaseException) as e:
+        cause = f" ({e.__cause__})" if e.__cause__ else ""
+        print(f"config error: {e}{cause}".replace("\n", " "), file=sys.stderr)
+        sys.exit(2)

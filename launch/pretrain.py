@@ -54,4 +54,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    _bootstrap.check_overrides("pretrain")
     main()

@@ -13,13 +13,12 @@ import _bootstrap  # noqa: F401  (sys.path + launcher arguments)
 
 import json
 import os
-import sys
 import time
 
 import hydra
 from omegaconf import DictConfig
 
-from train.config import ConfigError, validate
+from train.config import ConfigError, exit_config_error, validate
 from train.sft.config import register_sft_configs, validate_sft
 
 register_sft_configs()
@@ -32,8 +31,7 @@ def main(cfg: DictConfig) -> None:
         validate_sft(cfg)  # first: its init_from message says how to make the default checkpoint
         validate(cfg)
     except ConfigError as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(2)
+        exit_config_error(cfg, e)
     from train.sft.records import BadRecord
     from train.sft.trainer import SFTTrainer
 
@@ -41,8 +39,7 @@ def main(cfg: DictConfig) -> None:
     try:
         trainer = SFTTrainer(cfg)
     except (ConfigError, BadRecord) as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(2)
+        exit_config_error(cfg, e)
     b = trainer.backend
     if b.is_main and trainer.sft_data is not None:
         d = trainer.sft_data
@@ -73,4 +70,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    _bootstrap.check_overrides("sft")
     main()

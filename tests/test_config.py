@@ -60,7 +60,8 @@ def test_cli_rejects_bad_config_before_any_heavy_work(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert "model.n_heads" in p.stderr
-    assert not (run_dir / "tokenizer.model").exists()  # failed before training a tokenizer
+    assert not run_dir.exists()  # failed before any work, and left no empty run directory
     p = subprocess.run([sys.executable, "launch/pretrain.py", "optim.lrr=1", f"run_dir={run_dir}"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0 and "lrr" in p.stderr
+    assert p.returncode == 2 and "lrr" in p.stderr and "config error" in p.stderr
+    assert not run_dir.exists()

@@ -52,3 +52,24 @@ def test_training_on_no_text_says_why_instead_of_a_sentencepiece_internal_error(
     with pytest.raises(ValueError, match="produced no document"):
         train_tokenizer(iter(["", "  \n "]), str(tmp_path / "tok.model"), vocab_size=300)
     assert not (tmp_path / "tok.model").exists()
+
+
+def test_tokenizer_training_on_a_stream_that_filters_everything_names_the_reasons(tmp_path):
+    import gzip
+    import json
+
+    import pytest
+
+    from data_pipeline.config import DataConfig, SourceConfig
+    from data_pipeline.pipeline import iter_texts
+    from data_pipeline.tokenizer import train_tokenizer
+
+    path = tmp_path / "tiny.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        for i in range(5):
+            f.write(json.dumps({"id": str(i), "body": "no text field"}) + "\n")  # each record is malformed
+    cfg = DataConfig(sources=[SourceConfig(format="jsonl", paths=[str(path)])])
+    with pytest.raises(ValueError) as e:
+        train_tokenizer(iter_texts(cfg, 100), str(tmp_path / "tok.model"), vocab_size=300)
+    msg = str(e.value)
+    assert "produced no document" in msg and "kept 0/5" in msg and "removed:" in msg, msg

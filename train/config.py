@@ -225,12 +225,22 @@ def validate(cfg: Any) -> None:
            f"must be >= 300 (byte fallback needs 256 ids), got {cfg.tokenizer.vocab_size}")
 
 
-def validate_or_exit(cfg: Any) -> None:
-    """For launch scripts: a bad config ends the process with the key named, before any work."""
+def exit_config_error(cfg: Any, e: ConfigError) -> None:
+    """End a launch on a config error: the message names the key, exit status 2, and the run
+    directory Hydra made for this launch is removed again if it holds nothing but its files."""
+    import shutil
     import sys
 
+    print(str(e), file=sys.stderr)
+    run_dir = str(cfg.get("run_dir", "") or "")
+    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {".hydra", "pretrain.log", "sft.log"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    sys.exit(2)
+
+
+def validate_or_exit(cfg: Any) -> None:
+    """For launch scripts: a bad config ends the process with the key named, before any work."""
     try:
         validate(cfg)
     except ConfigError as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(2)
+        exit_config_error(cfg, e)
