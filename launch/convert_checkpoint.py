@@ -112,7 +112,7 @@ def main(argv=None) -> None:
         os.makedirs(args.out, exist_ok=True)
         FullState(model=st.model).save(args.out)
         ckpt.copy_carried(src, args.out, (ckpt.MODEL_CONFIG,))
-        print(json.dumps({"out": os.path.join(os.path.abspath(args.out), "model.safetensors"),
+        print(json.dumps({"out": os.path.join(os.path.abspath(args.out), ckpt.MODEL_FILE),
                           "parameters": param_count(ckpt.read_model_config(src))}))
         return
     parent = os.path.dirname(os.path.abspath(args.out))

@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 from _common import load_model_and_tokenizer, parse_kv, pick_device
 from data_pipeline.config import DataConfig
 from data_pipeline.pipeline import document_stream
+from train.checkpoint import CONFIG
 from train.config import REPO_ROOT, register_configs
 
 OPTIONS = {"seq_len": 0, "batch_size": 8, "max_docs": 0, "device": "auto", "out": ""}
@@ -45,7 +46,7 @@ def data_config(model_dir: str, overrides: list[str]):
     """The data config: the checkpoint's, a conf/data group (``data=name``), then dotted overrides."""
     register_configs()  # the ${asset:...} resolver of conf/data/*.yaml
     base = OmegaConf.structured(DataConfig)
-    run_cfg = os.path.join(model_dir, "config.yaml")
+    run_cfg = os.path.join(model_dir, CONFIG)
     group = next((o.split("=", 1)[1] for o in overrides if o.startswith("data=")), None)
     if group is None and os.path.isfile(run_cfg):
         layers = [OmegaConf.load(run_cfg).data]

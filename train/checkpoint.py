@@ -41,6 +41,14 @@ CONFIG = "config.yaml"
 MODEL_CONFIG = "model_config.yaml"
 TOKENIZER = "tokenizer.model"
 CHAT_TEMPLATE = "chat_template.jinja"
+MODEL_FILE = "model.safetensors"  # full weights (single, ddp, converted)
+OPTIM_FILE = "optimizer.safetensors"  # AdamW moments by parameter name
+DCP_DIR = "dcp"  # fsdp: torch.distributed.checkpoint
+DS_DIR = "deepspeed"  # deepspeed: its own shards
+ADAPTER_FILE = "adapter.safetensors"  # LoRA runs: adapters (and a head) instead of full weights
+ADAPTER_OPTIM_FILE = "adapter_optimizer.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+LABELS_FILE = "labels.json"  # classification runs
 # What travels with the weights whenever a checkpoint is converted or merged.
 CARRIED = (TRAINER_STATE, CONFIG, MODEL_CONFIG, TOKENIZER, CHAT_TEMPLATE)
 HASH = "xxh3_128"
@@ -229,7 +237,7 @@ def resolve(path: str, mode: str = "full") -> str:
         if problems:
             raise CheckpointError(f"checkpoint {path} does not verify:\n" + "\n".join(f"  {p}" for p in problems))
         return path
-    if os.path.isfile(os.path.join(path, MODEL_CONFIG)) and os.path.isfile(os.path.join(path, "model.safetensors")):
+    if os.path.isfile(os.path.join(path, MODEL_CONFIG)) and os.path.isfile(os.path.join(path, MODEL_FILE)):
         return path  # weights written by convert_checkpoint --to weights: no manifest to check
     for root in (path, os.path.join(path, "checkpoints")):
         found, skipped = select(root, mode)

@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
-MODEL_FILE = "model.safetensors"
-OPTIM_FILE = "optimizer.safetensors"
-DCP_DIR = "dcp"
-DS_DIR = "deepspeed"
+from train.checkpoint import DCP_DIR, DS_DIR, MODEL_FILE, OPTIM_FILE  # the layout's owner
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 

@@ -70,7 +70,7 @@ def ensure_tokenizer(cfg, backend) -> Tokenizer:
         except FileNotFoundError as e:
             raise ConfigError("init_from", str(e)) from None
     else:
-        path = os.path.join(cfg.run_dir, "tokenizer.model")
+        path = os.path.join(cfg.run_dir, ckpt.TOKENIZER)
     error = None
     if backend.is_main and not os.path.exists(path):
         t0 = time.time()

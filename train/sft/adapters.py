@@ -13,11 +13,11 @@ import json
 import os
 
 import torch
-from safetensors.torch import save_file
 
 from model.llama import Transformer
 from model.lora import load_adapter_tensors, merged_state_dict, set_active_adapter
 from train import checkpoint as ckpt
+from train.full_state import FullState
 from train.sft.trainer import ADAPTER_CONFIG, read_adapter_state
 from train.trainer import load_init_weights
 
@@ -61,8 +61,6 @@ def merge_checkpoint(step_dir: str, out_dir: str) -> str:
     plain = Transformer(model.cfg)
     plain.load_state_dict(state, strict=True)  # proves the merged weights form a plain model
     os.makedirs(out_dir, exist_ok=True)
-    from train.full_state import _dedup_tied
-
-    save_file(_dedup_tied(plain.state_dict()), os.path.join(out_dir, "model.safetensors"))
+    FullState(model=plain.state_dict()).save(out_dir)
     ckpt.copy_carried(step_dir, out_dir, (ckpt.MODEL_CONFIG, ckpt.TOKENIZER, ckpt.CHAT_TEMPLATE, ckpt.CONFIG))
     return out_dir

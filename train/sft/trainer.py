@@ -29,6 +29,7 @@ from model.classifier import HEAD, TransformerClassifier
 from model.llama import ModelConfig, Transformer, generate
 from model.lora import add_lora, quantize_base_4bit, train_only
 from train import checkpoint as ckpt
+from train.checkpoint import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_OPTIM_FILE, LABELS_FILE
 from train.config import ConfigError
 from train.data import GlobalBatchSlicer
 from train.full_state import MOMENTS, FullState
@@ -37,11 +38,6 @@ from train.sft.batches import RowStream, load_sft_data, make_collate, validation
 from train.sft.chat import JINJA_TEMPLATE, TEMPLATE_FILE, control_ids, encode_prompt
 from train.sft.metrics import classification_report
 from train.trainer import Trainer, load_init_weights, resolve_model_config
-
-ADAPTER_FILE = "adapter.safetensors"
-ADAPTER_OPTIM_FILE = "adapter_optimizer.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-LABELS_FILE = "labels.json"
 
 
 def init_step_dir(cfg) -> Optional[str]:
@@ -73,7 +69,7 @@ class SFTTrainer(Trainer):
         elif self.init_dir is None:
             tok = super().build_tokenizer()  # hf: its tokenizer.model
         else:
-            path = os.path.join(self.init_dir, "tokenizer.model")
+            path = os.path.join(self.init_dir, ckpt.TOKENIZER)
             if not os.path.isfile(path):
                 raise ConfigError("init_from", f"{self.init_dir} has no tokenizer.model; set tokenizer.path")
             tok = Tokenizer(path)
