@@ -49,7 +49,7 @@ def main(cfg: DictConfig) -> None:
         compile_blocks(model)
     backend.setup(model)
     dev = backend.device
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and dev.type == "cuda")
+    bf16 = backend.bf16
     T, B, A = cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     x = torch.randint(0, mc.vocab_size, (B, T + 1), device=dev)
     tokens_per_step = B * T * A * backend.world_size

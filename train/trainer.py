@@ -162,8 +162,7 @@ class Trainer:
             compile_blocks(model)
         b.setup(model)
 
-        self.use_bf16 = cfg.train.precision == "bf16" or (
-            cfg.train.precision == "auto" and b.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.use_bf16 = b.bf16
         dp = b.data_parallel_size
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp
         self.tokens_per_step = self.global_batch * cfg.data.seq_len

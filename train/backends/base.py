@@ -30,6 +30,13 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """The one place kiln decides bf16: ``train.precision=bf16``, or ``auto`` on a GPU that
+    supports it. The trainer's autocast, FSDP's MixedPrecisionPolicy and DeepSpeed's bf16
+    block all read ``Backend.bf16``."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
 def init_distributed(backend: Backend, required: bool = False) -> None:
     """Join the process group the launcher (torchrun, deepspeed, srun, accelerate) described
     in the environment: nccl on GPUs, gloo on CPUs, unless backend.dist_backend says otherwise.
@@ -70,6 +77,7 @@ class Backend:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = pick_device(cfg.train.device, self.local_rank)
+        self.bf16 = uses_bf16(str(cfg.train.precision), self.device)
         self.model: Optional[torch.nn.Module] = None  # what the loop calls
         self.raw_model: Optional[torch.nn.Module] = None  # the unwrapped Transformer
         self.optimizer: Optional[torch.optim.Optimizer] = None

@@ -88,9 +88,7 @@ class DeepSpeedBackend(Backend):
     def setup(self, model: torch.nn.Module) -> None:
         import deepspeed
 
-        bf16 = self.cfg.train.precision == "bf16" or (
-            self.cfg.train.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
-        self.ds_config = build_ds_config(self.cfg, bf16)
+        self.ds_config = build_ds_config(self.cfg, self.bf16)
         o = self.cfg.optim
         if self.cfg.backend.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam

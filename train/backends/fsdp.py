@@ -52,10 +52,8 @@ class FSDPBackend(Backend):
 
     def setup(self, model: torch.nn.Module) -> None:
         bcfg = self.cfg.backend
-        bf16 = self.cfg.train.precision == "bf16" or (
-            self.cfg.train.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         kwargs = {"mesh": self._mesh(), "reshard_after_forward": bcfg.reshard_after_forward}
-        if bf16:
+        if self.bf16:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if bcfg.offload_params:
             kwargs["offload_policy"] = CPUOffloadPolicy()
