@@ -14,13 +14,13 @@ import re
 
 import torch
 
+from data_pipeline.hf_tokenizer import save_hf_tokenizer
 from model.hf_interop import (
     END_OF_TURN,
     SAFE_INDEX,
     SPM_FILE,
     hf_config_dict,
     kiln_to_hf_state_dict,
-    save_hf_tokenizer,
 )
 from train.checkpoint import CHAT_TEMPLATE
 from train.full_state import load_model
