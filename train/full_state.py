@@ -33,11 +33,13 @@ class FullState:
     moments: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # name -> {exp_avg, exp_avg_sq}
     step: int = 0
 
-    def save(self, directory: str) -> None:
-        save_file(_dedup_tied(self.model), os.path.join(directory, MODEL_FILE))
+    def save(self, directory: str, model_file: str = MODEL_FILE, optim_file: str = OPTIM_FILE) -> None:
+        """Weights into ``model_file``, moments (keys ``<param>.exp_avg``...) and the step
+        into ``optim_file``; adapter checkpoints use the adapter file names."""
+        save_file(_dedup_tied(self.model), os.path.join(directory, model_file))
         if self.moments:
             flat = {f"{n}.{k}": v.contiguous() for n, m in self.moments.items() for k, v in m.items()}
-            save_file(flat, os.path.join(directory, OPTIM_FILE), metadata={"step": str(self.step)})
+            save_file(flat, os.path.join(directory, optim_file), metadata={"step": str(self.step)})
 
 
 def _dedup_tied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -75,7 +77,7 @@ def read_full_state(directory: str, model: torch.nn.Module, with_optimizer: bool
     shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
     fmt = storage_format(directory)
     if fmt == "full":
-        st = _read_full_files(directory, with_optimizer)
+        st = read_state_files(directory, with_optimizer)
     elif fmt == "dcp":
         st = _read_dcp(os.path.join(directory, DCP_DIR), param_names, with_optimizer)
     else:
@@ -92,10 +94,14 @@ def read_full_state(directory: str, model: torch.nn.Module, with_optimizer: bool
     return st
 
 
-def _read_full_files(directory: str, with_optimizer: bool) -> FullState:
-    model = load_file(os.path.join(directory, MODEL_FILE))
-    st = FullState(model=model)
-    opt = os.path.join(directory, OPTIM_FILE)
+def read_state_files(directory: str, with_optimizer: bool = True, model_file: str = MODEL_FILE,
+                     optim_file: str = OPTIM_FILE) -> FullState:
+    """What ``FullState.save`` wrote (full weights, or an adapter checkpoint's files)."""
+    path = os.path.join(directory, model_file)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} has no {model_file}")
+    st = FullState(model=load_file(path))
+    opt = os.path.join(directory, optim_file)
     if with_optimizer and os.path.exists(opt):
         from safetensors import safe_open
 
@@ -103,8 +109,18 @@ def _read_full_files(directory: str, with_optimizer: bool) -> FullState:
             st.step = int(f.metadata().get("step", 0))
             for key in f.keys():
                 name, moment = key.rsplit(".", 1)
-                st.moments.setdefault(name, {})[moment] = f.get_tensor(key)
+                if moment in MOMENTS:
+                    st.moments.setdefault(name, {})[moment] = f.get_tensor(key)
     return st
+
+
+def read_adapter_state(directory: str) -> FullState:
+    """Adapter (+ head) tensors and their AdamW moments from a LoRA checkpoint."""
+    from train.checkpoint import ADAPTER_FILE, ADAPTER_OPTIM_FILE
+
+    if not os.path.isfile(os.path.join(directory, ADAPTER_FILE)):
+        raise FileNotFoundError(f"{directory} has no {ADAPTER_FILE} (not a LoRA checkpoint?)")
+    return read_state_files(directory, True, ADAPTER_FILE, ADAPTER_OPTIM_FILE)
 
 
 def _read_dcp(path: str, param_names: list[str], with_optimizer: bool) -> FullState:
@@ -183,6 +199,45 @@ def load_model(path: str, device: str = "cpu"):
     state = read_full_state(step_dir, model, with_optimizer=False)
     model.load_state_dict(state.model, strict=True)
     return model.to(device).eval(), step_dir
+
+
+# ---- starting weights -----------------------------------------------------------------
+
+def load_init_weights(model: torch.nn.Module, path: str) -> None:
+    """Start from the full weights of a kiln checkpoint -- any backend's format (consolidated
+    safetensors, FSDP DCP, DeepSpeed ZeRO shards), given as a step dir, checkpoints root or
+    run dir -- or of a local Hugging Face Llama directory given as ``hf:<dir>``.
+
+    Parameters the model has beyond the checkpoint's (a classification head, LoRA
+    adapters) keep their initial values; every checkpoint tensor must fit the model.
+    """
+    from model import hf_interop
+    from model.llama import Transformer
+    from train.checkpoint import resolve
+    from train.config import ConfigError
+
+    if path.startswith("hf:"):
+        _, state = hf_interop.load_hf_llama(path[3:])
+        _load_base(model, state, path)
+        return
+    try:
+        step_dir = resolve(path)
+    except FileNotFoundError as e:
+        raise ConfigError("init_from", str(e)) from None
+    with torch.device("meta"):  # only names and shapes: read_full_state must not ask for head/adapter tensors
+        shape_model = Transformer(model.cfg)
+    _load_base(model, read_full_state(step_dir, shape_model, with_optimizer=False).model, step_dir)
+
+
+def _load_base(model: torch.nn.Module, state: dict, source: str) -> None:
+    from train.config import ConfigError
+
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    extra = getattr(model, "extra_parameter_names", lambda: set())()
+    really_missing = [k for k in missing if k not in extra]
+    if really_missing or unexpected:
+        raise ConfigError("init_from", f"{source} does not match the model: missing {really_missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
 
 
 # ---- torch AdamW <-> FullState --------------------------------------------------------

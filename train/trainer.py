@@ -46,6 +46,7 @@ from train.backends.base import RanksDisagree
 from train.compile import compile_blocks
 from train.config import ConfigError
 from train.data import build_train_stream, pipeline_steps, restore_stream, validation_batches
+from train.full_state import load_init_weights
 from train.metrics import MetricsLogger, peak_flops, peak_memory_gb, plot_losses
 from train.optim import lr_at
 
@@ -531,35 +532,3 @@ def _hf_init_dir(cfg) -> str | None:
     """The local directory of ``init_from=hf:<dir>``, else None."""
     init = str(cfg.init_from) if cfg.init_from else ""
     return init[3:] if init.startswith("hf:") else None
-
-
-def load_init_weights(model: Transformer, path: str) -> None:
-    """Start from the full weights of a kiln checkpoint -- any backend's format (consolidated
-    safetensors, FSDP DCP, DeepSpeed ZeRO shards), given as a step dir, checkpoints root or
-    run dir -- or of a local Hugging Face Llama directory given as ``hf:<dir>``.
-
-    Parameters the model has beyond the checkpoint's (a classification head, LoRA
-    adapters) keep their initial values; every checkpoint tensor must fit the model.
-    """
-    from train.full_state import read_full_state
-
-    if path.startswith("hf:"):
-        _, state = hf_interop.load_hf_llama(path[3:])
-        _load_base(model, state, path)
-        return
-    try:
-        step_dir = ckpt.resolve(path)
-    except FileNotFoundError as e:
-        raise ConfigError("init_from", str(e)) from None
-    with torch.device("meta"):  # only names and shapes: read_full_state must not ask for head/adapter tensors
-        shape_model = Transformer(model.cfg)
-    _load_base(model, read_full_state(step_dir, shape_model, with_optimizer=False).model, step_dir)
-
-
-def _load_base(model: torch.nn.Module, state: dict, source: str) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    extra = getattr(model, "extra_parameter_names", lambda: set())()
-    really_missing = [k for k in missing if k not in extra]
-    if really_missing or unexpected:
-        raise ConfigError("init_from", f"{source} does not match the model: missing {really_missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")

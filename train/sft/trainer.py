@@ -21,8 +21,6 @@ from dataclasses import fields
 from typing import Optional
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from data_pipeline.tokenizer import Tokenizer
 from model.classifier import HEAD, TransformerClassifier
@@ -32,12 +30,12 @@ from train import checkpoint as ckpt
 from train.checkpoint import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_OPTIM_FILE, LABELS_FILE
 from train.config import ConfigError
 from train.data import GlobalBatchSlicer
-from train.full_state import MOMENTS, FullState
+from train.full_state import load_init_weights, read_adapter_state
 from train.metrics import plot_runs
 from train.sft.batches import RowStream, load_sft_data, make_collate, validation_batches
 from train.sft.chat import JINJA_TEMPLATE, TEMPLATE_FILE, control_ids, encode_prompt
 from train.sft.metrics import classification_report
-from train.trainer import Trainer, load_init_weights, resolve_model_config
+from train.trainer import Trainer, resolve_model_config
 
 
 def init_step_dir(cfg) -> Optional[str]:
@@ -137,10 +135,7 @@ class SFTTrainer(Trainer):
         if self.backend.is_main:
             if not st.model:
                 raise RuntimeError("LoRA checkpoint: the backend returned no trained parameter")
-            save_file({k: v.contiguous() for k, v in st.model.items()}, os.path.join(directory, ADAPTER_FILE))
-            flat = {f"{n}.{k}": v.contiguous() for n, m in st.moments.items() for k, v in m.items()}
-            if flat:
-                save_file(flat, os.path.join(directory, ADAPTER_OPTIM_FILE), metadata={"step": str(st.step)})
+            st.save(directory, ADAPTER_FILE, ADAPTER_OPTIM_FILE)
 
     def load_model_state(self, directory: str, meta: dict) -> None:
         if not self.lora:
@@ -254,26 +249,6 @@ class SFTTrainer(Trainer):
 
 def _no_checkpoint(root: str) -> bool:
     return ckpt.find_latest(root) is None
-
-
-def read_adapter_state(directory: str) -> FullState:
-    """Adapter (+ head) tensors and their AdamW moments from an adapter checkpoint."""
-    path = os.path.join(directory, ADAPTER_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory} has no {ADAPTER_FILE} (not a LoRA checkpoint?)")
-    st = FullState(model={})
-    with safe_open(path, "pt") as f:
-        for k in f.keys():
-            st.model[k] = f.get_tensor(k)
-    opt = os.path.join(directory, ADAPTER_OPTIM_FILE)
-    if os.path.isfile(opt):
-        with safe_open(opt, "pt") as f:
-            st.step = int(f.metadata().get("step", 0))
-            for key in f.keys():
-                name, moment = key.rsplit(".", 1)
-                if moment in MOMENTS:
-                    st.moments.setdefault(name, {})[moment] = f.get_tensor(key)
-    return st
 
 
 def _cell(text: str) -> str:
