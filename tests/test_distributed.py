@@ -272,3 +272,15 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a.float(), b.float()))
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "zero3"])
+def test_data_state_is_stored_once_and_equals_the_one_process_state(runs, name):
+    """sequences mode: the stream position is global, so a 2-process checkpoint stores it once,
+    and it is the very state a 1-process run at the same step stores."""
+    def data_state(run_dir):
+        with open(run_dir / "checkpoints" / "step_00000005" / "trainer_state.json") as f:
+            return json.load(f)["data"]
+
+    two, one = data_state(runs["root"] / f"{name}-at5"), data_state(runs["stopped"]["single"])
+    assert len(two) == 1 and two == one

@@ -28,10 +28,8 @@ class GlobalBatchSlicer:
         self.windows, self.micro, self.accum, self.rank, self.world = windows, micro, accum, rank, world
         self.collate_fn = collate_fn
         self.pending: list[dict] = []
-        self.step_start_state = windows.state_dict()
 
     def _fill(self) -> None:
-        self.step_start_state = self.windows.state_dict()
         n = self.micro * self.accum * self.world
         step = [next(self.windows) for _ in range(n)]
         self.pending = []
@@ -48,15 +46,17 @@ class GlobalBatchSlicer:
         return self.pending.pop(0)
 
     def state_dict(self) -> dict:
-        if not self.pending:  # between optimizer steps: the stream itself is the position
-            return {"stream": self.windows.state_dict(), "consumed": 0, "global": True}
-        return {"stream": self.step_start_state, "consumed": self.accum - len(self.pending), "global": True}
+        """The position between two optimizer steps (where checkpoints are taken). It is
+        read only then: packing the stream state (with a dedup index, megabytes) every step
+        would cost more than the step on a fast GPU."""
+        if self.pending:
+            raise RuntimeError("the data position is only defined between optimizer steps")
+        return {"stream": self.windows.state_dict(), "consumed": 0, "global": True}
 
     def load_state_dict(self, state: dict) -> None:
         self.windows.load_state_dict(state["stream"])
-        self.step_start_state = state["stream"]
         self.pending = []
-        if state["consumed"]:
+        if state.get("consumed"):  # written by older kiln versions mid-step
             self._fill()
             del self.pending[: state["consumed"]]
 
@@ -98,6 +98,11 @@ def build_train_stream(cfg, tokenizer, rank: int, world: int):
         return GlobalBatchSlicer(PackedStream(docs, tokenizer, cfg.data.seq_len), t.micro_batch_size,
                                  t.grad_accum_steps, rank, world)
     return data.train_batches(cfg.data, tokenizer, t.micro_batch_size, shard=rank, num_shards=world)
+
+
+def is_global_stream(stream) -> bool:
+    """True when every rank holds the same stream position (sequences mode, SFT rows)."""
+    return isinstance(stream, GlobalBatchSlicer)
 
 
 def restore_stream(stream, states: list[dict], rank: int, world: int) -> str:
