@@ -136,7 +136,7 @@ class SourceConfig:
 
     name: str = "web"
     paths: list[str] = field(default_factory=list)
-    format: str = "warc"  # warc | wet | jsonl | parquet | hf
+    format: str = "warc"  # warc | wet | jsonl | parquet | hf | tokens (shards of prepare_data --format tokens)
     weight: float = 1.0  # share of training tokens, relative to the other sources
     text_key: str = "text"  # jsonl / parquet / hf column holding the text
     id_key: str = "id"  # jsonl / parquet / hf column holding the document id (else file:row)

@@ -36,6 +36,7 @@ from data_pipeline.readers import (
 )
 from data_pipeline.step import PipelineStep
 from data_pipeline.stream import Batches, DocumentStream, PackedStream
+from data_pipeline.token_shards import TokenMixture, TokenShards, TokenWindows
 
 
 def build_reader(src: SourceConfig, shard: int = 0, num_shards: int = 1) -> Reader:
@@ -169,11 +170,38 @@ def train_batches(cfg: DataConfig, tokenizer, micro_batch_size: int, shard: int 
     return factory(shard, num_shards)
 
 
+def is_token_data(cfg: DataConfig) -> bool:
+    """True when the sources are tokenized shards (``format: tokens``), read by position."""
+    return any(src.format == "tokens" for src in cfg.sources)
+
+
+def token_shards(cfg: DataConfig) -> list[TokenShards]:
+    return [TokenShards(list(src.paths)) for src in cfg.sources]
+
+
+def token_stream(cfg: DataConfig, split: str):
+    """The windows of tokenized-shard sources: one source's ``TokenWindows``, or a
+    ``TokenMixture`` by weight (token shares)."""
+    streams = [TokenWindows(sh, cfg.seq_len, split, cfg.val_fraction, seed=cfg.seed + 7919 * i)
+               for i, sh in enumerate(token_shards(cfg))]
+    if len(streams) == 1 or split != "train":
+        return streams[0] if len(streams) == 1 else _chain_windows(streams)
+    return TokenMixture(streams, [src.weight for src in cfg.sources])
+
+
+def _chain_windows(streams):
+    for s in streams:
+        yield from s
+
+
 def validation_windows(cfg: DataConfig, tokenizer, max_windows: int) -> list[dict]:
     """The first ``max_windows`` packed windows of the held-out split: one global list,
     the same whatever the world size (the trainer splits it across ranks)."""
-    docs = document_stream(cfg, split="val", loop=False, tokenizer=tokenizer)
-    windows = PackedStream(docs, tokenizer, cfg.seq_len)
+    if is_token_data(cfg):
+        windows = token_stream(cfg, "val")
+    else:
+        windows = PackedStream(document_stream(cfg, split="val", loop=False, tokenizer=tokenizer), tokenizer,
+                               cfg.seq_len)
     out = []
     for _ in range(max_windows):
         try:

@@ -14,7 +14,10 @@ of all finished files into one report (markdown, PNG, JSON).
 
 The step chain and thresholds come from the ``data`` config group (Hydra overrides after
 the options), exactly as training would apply them. The trainer reads the result with a
-source ``{format: jsonl, paths: [<output-dir>/*.jsonl.gz], steps: false}``. Dedup runs per
+source ``{format: jsonl, paths: [<output-dir>/*.jsonl.gz], steps: false}``. With
+``--format tokens --tokenizer T`` the documents are tokenized too and written as flat token
+files (``data_pipeline/token_shards.py``), read by a source ``{format: tokens, paths:
+[<output-dir>]}``; the tokenizer is copied beside them. Dedup runs per
 task (set ``data.exact_dedup.mode=global data.minhash_dedup.mode=global`` to lift the
 capacity bound within a task); duplicates across tasks are not removed.
 """
@@ -55,12 +58,15 @@ def task_files(cfg, shard_index: int, num_shards: int) -> list[tuple[int, object
     return [(i, src, path) for i, (src, path) in enumerate(files) if i % num_shards == shard_index]
 
 
+EXTENSIONS = {"jsonl": "jsonl.gz", "parquet": "parquet", "tokens": "bin"}
+
+
 def output_name(index: int, src, path: str, fmt: str) -> str:
     base = os.path.basename(path).split(".")[0]
-    return f"{src.name}-{index:05d}-{base}." + ("jsonl.gz" if fmt == "jsonl" else "parquet")
+    return f"{src.name}-{index:05d}-{base}.{EXTENSIONS[fmt]}"
 
 
-def process_file(cfg, src, path: str, out_path: str, fmt: str) -> dict:
+def process_file(cfg, src, path: str, out_path: str, fmt: str, tokenizer=None) -> dict:
     """Run reader + steps over one input file, write the survivors atomically, return stats."""
     from data_pipeline.pipeline import build_reader, build_steps
 
@@ -71,8 +77,14 @@ def process_file(cfg, src, path: str, out_path: str, fmt: str) -> dict:
     docs = iter(reader)
     for step in steps:
         docs = step(docs)
-    tmp = out_path + f".tmp{os.getpid()}"
     t0, n = time.time(), 0
+    if fmt == "tokens":
+        from data_pipeline.token_shards import write_token_shard
+
+        counts = write_token_shard(docs, tokenizer, out_path[: -len(".bin")])
+        return {"input": path, "output": out_path, **counts, "seconds": round(time.time() - t0, 3),
+                "steps": [[s.name, s.stats.as_dict(), dict(s.stats.examples_by_reason)] for s in [reader, *steps]]}
+    tmp = out_path + f".tmp{os.getpid()}"
     rows = ({"id": d.id, "text": d.text, "url": d.url, "source": d.source,
              "metadata": {k: v for k, v in d.metadata.items() if k != "token_ids"}} for d in docs)
     if fmt == "jsonl":
@@ -135,7 +147,9 @@ def main(argv=None) -> int:
     ap.add_argument("--output-dir", required=True)
     ap.add_argument("--shard-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")))
     ap.add_argument("--num-shards", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1")))
-    ap.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    ap.add_argument("--format", choices=["jsonl", "parquet", "tokens"], default="jsonl",
+                    help="tokens: flat token files for format: tokens training sources (needs --tokenizer)")
+    ap.add_argument("--tokenizer", default=None, help="SentencePiece model for --format tokens")
     ap.add_argument("--input", nargs="*", default=None, help="input files/globs (replace data.sources paths)")
     ap.add_argument("--input-format", default=None, help="format of --input (warc | wet | jsonl | parquet)")
     ap.add_argument("--summarize", action="store_true", help="only merge finished tasks' stats into a report")
@@ -148,6 +162,15 @@ def main(argv=None) -> int:
         return 0
     if not 0 <= a.shard_index < a.num_shards:
         ap.error(f"--shard-index {a.shard_index} out of range for --num-shards {a.num_shards}")
+    tokenizer = None
+    if a.format == "tokens":
+        if not a.tokenizer or not os.path.isfile(a.tokenizer):
+            ap.error(f"--format tokens needs --tokenizer <tokenizer.model> (got {a.tokenizer!r})")
+        from data_pipeline.token_shards import install_tokenizer
+        from data_pipeline.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(a.tokenizer)
+        install_tokenizer(a.tokenizer, a.output_dir)
     cfg = load_data_cfg(list(a.overrides))
     if a.input:  # one source named like the config's first, reading the given files
         cfg.sources = cfg.sources[:1]
@@ -160,10 +183,11 @@ def main(argv=None) -> int:
         if os.path.exists(out_path + ".done"):
             skipped += 1
             continue
-        stats = process_file(cfg, src, path, out_path, a.format)
+        stats = process_file(cfg, src, path, out_path, a.format, tokenizer)
         write_done(out_path, stats)
         done += 1
-        print(f"[prepare_data] {path} -> {out_path}: {stats['docs']} docs in {stats['seconds']} s", flush=True)
+        tokens = f", {stats['tokens']:,} tokens" if "tokens" in stats else ""
+        print(f"[prepare_data] {path} -> {out_path}: {stats['docs']} docs{tokens} in {stats['seconds']} s", flush=True)
     print(f"[prepare_data] task {a.shard_index}/{a.num_shards}: {done} files written, {skipped} already done")
     return 0
 

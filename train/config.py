@@ -170,8 +170,10 @@ def validate(cfg: Any) -> None:
     _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
     _check(len(d.sources) > 0, "data.sources", "no data source configured")
     for i, s in enumerate(d.sources):
-        _check(s.format in ("warc", "wet", "jsonl", "parquet", "hf"), f"data.sources[{i}].format",
-               f"unknown format {s.format!r} (warc | wet | jsonl | parquet | hf)")
+        _check(s.format in ("warc", "wet", "jsonl", "parquet", "hf", "tokens"), f"data.sources[{i}].format",
+               f"unknown format {s.format!r} (warc | wet | jsonl | parquet | hf | tokens)")
+        _check((s.format == "tokens") == (d.sources[0].format == "tokens"), f"data.sources[{i}].format",
+               "tokenized shards (format: tokens) cannot be mixed with text sources in one run")
         _check(bool(s.paths) or s.format == "hf", f"data.sources[{i}].paths", "no input path given")
         _check(s.weight > 0, f"data.sources[{i}].weight", f"must be positive, got {s.weight}")
     _check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
@@ -193,6 +195,8 @@ def validate(cfg: Any) -> None:
     _check(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
     _check(t.data_sharding in ("sequences", "documents"), "train.data_sharding",
            f"unknown mode {t.data_sharding!r} (sequences | documents)")
+    _check(t.data_sharding == "sequences" or d.sources[0].format != "tokens", "train.data_sharding",
+           "tokenized shards are read by position: use train.data_sharding=sequences")
     _check(d.num_workers == 0 or t.data_sharding == "documents", "data.num_workers",
            f"{d.num_workers} DataLoader workers need train.data_sharding=documents (with sequences, every rank "
            "reads the one global stream in order)")

@@ -31,7 +31,12 @@ class GlobalBatchSlicer:
 
     def _fill(self) -> None:
         n = self.micro * self.accum * self.world
-        step = [next(self.windows) for _ in range(n)]
+        if hasattr(self.windows, "take_rows"):  # random access (token shards): read this rank's rows only
+            mine = [(j * self.world + self.rank) * self.micro + t for j in range(self.accum) for t in range(self.micro)]
+            rows = self.windows.take_rows(n, mine)
+            step = [rows.get(i) for i in range(n)]
+        else:
+            step = [next(self.windows) for _ in range(n)]
         self.pending = []
         for j in range(self.accum):
             lo = (j * self.world + self.rank) * self.micro
@@ -62,7 +67,7 @@ class GlobalBatchSlicer:
 
     @property
     def epoch(self) -> int:
-        return getattr(self.windows, "docs", self.windows).epoch
+        return getattr(getattr(self.windows, "docs", self.windows), "epoch", 0)
 
 
 def shard_validation(rows: list, micro: int, rank: int, world: int, collate_fn=collate) -> list[dict]:
@@ -93,6 +98,9 @@ def validation_batches(cfg, tokenizer, rank: int, world: int) -> list[dict]:
 
 def build_train_stream(cfg, tokenizer, rank: int, world: int):
     t = cfg.train
+    if data.is_token_data(cfg.data):
+        return GlobalBatchSlicer(data.token_stream(cfg.data, "train"), t.micro_batch_size, t.grad_accum_steps,
+                                 rank, world)
     if t.data_sharding == "sequences":
         docs = data.document_stream(cfg.data, split="train", loop=True, tokenizer=tokenizer)
         return GlobalBatchSlicer(PackedStream(docs, tokenizer, cfg.data.seq_len), t.micro_batch_size,

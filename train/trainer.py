@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 
 from data_pipeline import pipeline as data
 from data_pipeline.report import write_report
+from data_pipeline.token_shards import file_digest
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 from model import hf_interop
 from model.llama import ModelConfig, Transformer, flops_per_token, generate, param_count
@@ -63,7 +64,9 @@ def ensure_tokenizer(cfg, backend) -> Tokenizer:
     Every rank must end up with the same file: rank 0 trains it while the others wait, then
     all ranks compare its digest, so a failed training run or a run_dir that another node
     cannot see stops every rank with a message instead of a collective timeout."""
-    if cfg.tokenizer.path:
+    if data.is_token_data(cfg.data):  # tokenized shards fix the tokenizer: theirs, or a configured equal one
+        path = _token_data_tokenizer(cfg)
+    elif cfg.tokenizer.path:
         path = str(cfg.tokenizer.path)
     elif _hf_init_dir(cfg):  # an imported HF model brings its tokenizer (SentencePiece only)
         try:
@@ -97,12 +100,24 @@ def ensure_tokenizer(cfg, backend) -> Tokenizer:
 
 
 def _file_digest(path: str) -> str:
-    if not os.path.isfile(path):
-        return "missing"
-    import hashlib
+    return file_digest(path) if os.path.isfile(path) else "missing"
 
-    with open(path, "rb") as f:
-        return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+
+def _token_data_tokenizer(cfg) -> str:
+    """The tokenizer of tokenized-shard sources: ``tokenizer.path`` if set, else the copy the
+    shards carry; either way it must be the one every shard was written with."""
+    shards = data.token_shards(cfg.data)
+    path = str(cfg.tokenizer.path) if cfg.tokenizer.path else shards[0].tokenizer_path
+    if path is None:
+        raise ConfigError("tokenizer.path", f"the token shards {shards[0].files[0]}... carry no tokenizer.model; "
+                          "set tokenizer.path to the tokenizer they were written with")
+    digest = file_digest(path)
+    for sh in shards:
+        if sh.tokenizer_digest != digest:
+            raise ConfigError("tokenizer.path", f"{path} (digest {digest}) is not the tokenizer the token shards "
+                              f"{sh.files[0]}... were written with (digest {sh.tokenizer_digest}, "
+                              f"{sh.tokenizer_path or 'no copy beside them'})")
+    return path
 
 
 def resolve_model_config(cfg, tokenizer: Tokenizer) -> ModelConfig:
