@@ -42,6 +42,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     dropout: float = 0.0
+    # Positions per chunk of output layer + loss: beyond this many tokens in a micro-batch the
+    # [tokens, vocab] logits (and their fp32 copy) are computed chunk by chunk and recomputed in
+    # backward, never held whole (8192 tokens x 128k vocab in fp32 would be 4 GB).
+    loss_chunk: int = 4096
 
     @property
     def kv_heads(self) -> int:
@@ -107,15 +111,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        if self.n_kv != self.n_heads:
-            rep = self.n_heads // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
         drop = self.dropout if self.training else 0.0
+        gqa = self.n_kv != self.n_heads  # SDPA shares each K/V head across its query group: no copies
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -202,17 +203,19 @@ class Transformer(nn.Module):
 
         ``doc_ids`` (B, T) makes attention block-causal: a token only sees earlier tokens
         of its own document, so packed sequences never attend across documents.
-        ``position_ids`` restarts rotary positions per document. Returns (logits, loss);
-        loss is the mean over non-ignored targets, or None without targets.
+        ``position_ids`` restarts rotary positions per document (the caller keeps them below
+        ``max_seq_len``: checking would cost a device sync every step). Returns (logits, None)
+        without targets; with targets (None, loss), the mean over non-ignored targets, computed
+        by ``chunked_cross_entropy`` so full-vocabulary logits are never materialised.
         ``key_mask`` (B, cached + T), True for real tokens, hides padding from attention
         (left-padded batches in ``generate``); pass per-row ``position_ids`` with it.
         """
         B, T = tokens.shape
         start = kv_caches[0].pos if kv_caches else 0
         if position_ids is None:
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(f"position {start + T - 1} >= model.max_seq_len={self.cfg.max_seq_len}")
             position_ids = torch.arange(start, start + T, device=tokens.device).unsqueeze(0)
-        if int(position_ids.max()) >= self.cfg.max_seq_len:
-            raise ValueError(f"position {int(position_ids.max())} >= model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         mask = None
         if doc_ids is not None:
@@ -235,17 +238,39 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if return_hidden:
             return h
-        logits = self.output(h)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        if targets is None:
+            return self.output(h), None
+        return None, chunked_cross_entropy(self.output, h, targets, self.cfg.loss_chunk)
 
     def new_kv_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
         device = device or self.tok_embeddings.weight.device
         dtype = dtype or self.tok_embeddings.weight.dtype
         c = self.cfg
         return [KVCache(batch, c.kv_heads, max_len, c.head_dim, device, dtype) for _ in range(c.n_layers)]
+
+
+def _ce_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), targets, ignore_index=-100, reduction="sum")
+
+
+def chunked_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean cross-entropy of ``head(h)`` over targets that are not -100 (0 when there are none).
+
+    Up to ``chunk`` positions this is the plain loss. Beyond, each chunk's logits are made,
+    reduced to a loss sum and dropped; the backward pass recomputes them chunk by chunk
+    (activation checkpointing of the output layer), so memory holds one chunk's logits at a
+    time for the price of one more output-layer matmul. ``head`` is called as a module, so
+    sharded parameters (FSDP, ZeRO-3) are gathered by the backend's hooks as for any layer.
+    """
+    h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+    count = (targets != -100).sum().clamp(min=1)
+    if h.size(0) <= chunk:
+        return _ce_sum(head, h, targets) / count
+    from torch.utils.checkpoint import checkpoint
+
+    total = sum(checkpoint(_ce_sum, head, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+                for i in range(0, h.size(0), chunk))
+    return total / count
 
 
 def param_count(cfg: ModelConfig, include_embeddings: bool = True) -> int:

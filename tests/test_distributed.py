@@ -40,10 +40,12 @@ COMMON = [
 VAL_TOL = 1e-5  # step-0 validation: same weights, same windows; only the summation order differs
 BACKENDS = {  # name: (launcher, overrides, what the header must say)
     "ddp": ("torchrun", [], "backend=ddp (auto: torchrun started 2 processes"),
-    "fsdp": ("torchrun", ["backend=fsdp"], "backend=fsdp (set in the config)"),
+    # fsdp and zero3 also compute the loss in chunks (64 positions per micro-batch, chunks of 48): the
+    # output layer is then called per chunk and recomputed in backward, under sharding.
+    "fsdp": ("torchrun", ["backend=fsdp", "model.loss_chunk=48"], "backend=fsdp (set in the config)"),
     "zero1": ("deepspeed", ["backend=deepspeed", "backend.zero_stage=1"], "backend=deepspeed"),
     "zero2": ("deepspeed", [], "backend=deepspeed (auto: deepspeed started 2 processes; ZeRO stage 2"),
-    "zero3": ("deepspeed", ["backend=deepspeed", "backend.zero_stage=3"], "backend=deepspeed"),
+    "zero3": ("deepspeed", ["backend=deepspeed", "backend.zero_stage=3", "model.loss_chunk=48"], "backend=deepspeed"),
 }
 
 

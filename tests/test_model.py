@@ -81,7 +81,8 @@ def test_loss_ignores_minus_100_targets():
     x = torch.randint(0, 101, (1, 8))
     y = x.clone()
     y[:, :4] = -100
-    logits, loss = m(x, y)
+    logits, _ = m(x)
+    _, loss = m(x, y)
     ref = torch.nn.functional.cross_entropy(logits[0, 4:], x[0, 4:])
     assert torch.allclose(loss, ref)
 
@@ -114,3 +115,31 @@ def test_positions_past_max_seq_len_are_rejected():
     m = Transformer(small(max_seq_len=16))
     with pytest.raises(ValueError, match="max_seq_len"):
         m(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_chunked_loss_equals_the_plain_loss_and_gradients():
+    torch.manual_seed(0)
+    cfg = small()
+    m = Transformer(cfg)
+    x = torch.randint(0, 101, (3, 16))
+    y = torch.randint(0, 101, (3, 16))
+    y[0, :5] = -100
+    y[2, 9:] = -100
+    logits, _ = m(x)
+    plain = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+    plain.backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m.cfg.loss_chunk = 7  # 48 positions in 7 chunks, the last one short
+    _, chunked = m(x, y)
+    chunked.backward()
+    assert abs(float(chunked) - float(plain)) <= 1e-6
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], atol=1e-6, rtol=1e-5)
+
+
+def test_loss_of_a_batch_without_targets_is_zero_not_nan():
+    m = Transformer(small())
+    x = torch.randint(0, 101, (2, 8))
+    _, loss = m(x, torch.full_like(x, -100))
+    assert float(loss) == 0.0

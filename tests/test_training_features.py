@@ -85,3 +85,16 @@ def test_schedules_warm_up_linearly_then_follow_their_shape(schedule):
         assert lrs[85] < 1.0
     else:
         assert all(v == 1.0 for v in lrs[10:])
+
+
+def test_mfu_peak_matches_the_exact_device_variant():
+    from train.metrics import peak_tflops_for
+
+    assert peak_tflops_for("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops_for("NVIDIA H200") == 989.4
+    assert peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops_for("NVIDIA L4") == 121.0 and peak_tflops_for("NVIDIA L40S") == 362.1
+    assert peak_tflops_for("NVIDIA L40") == 181.0
+    assert peak_tflops_for("NVIDIA A10G") == 70.0 and peak_tflops_for("NVIDIA A10") == 125.0
+    assert peak_tflops_for("Tesla V100-SXM2-32GB") is None  # no bf16 tensor cores

@@ -12,19 +12,36 @@ from typing import Optional
 
 import torch
 
-# Dense bf16 tensor-core peak per device, from the vendors' datasheets.
-PEAK_BF16_TFLOPS = {
-    "H200": 989.4,
-    "H100": 989.4,
-    "A100": 312.0,
-    "L40S": 362.1,
-    "L4": 121.0,
-    "A10G": 70.0,
-    "A10": 125.0,
-    "RTX 4090": 165.2,
-    "RTX 3090": 71.0,
-    "V100": 125.0,
-}
+# Dense bf16 tensor-core peak per device, from the vendors' datasheets, matched against
+# torch.cuda.get_device_name() in this order (variants before the family: an H100 PCIe is
+# not an H100 SXM). Devices without bf16 tensor cores (V100, T4) are absent: no MFU.
+PEAK_BF16_TFLOPS = (
+    (r"\bH100\b.*\bPCIe\b", 756.0),
+    (r"\bH100\b.*\bNVL\b", 835.0),
+    (r"\bH100\b", 989.4),
+    (r"\bH200\b.*\bNVL\b", 835.0),
+    (r"\bH200\b", 989.4),
+    (r"\bGH200\b", 989.4),
+    (r"\bA100\b", 312.0),
+    (r"\bA800\b", 312.0),
+    (r"\bL40S\b", 362.1),
+    (r"\bL40\b", 181.0),
+    (r"\bL4\b", 121.0),
+    (r"\bA10G\b", 70.0),
+    (r"\bA10\b", 125.0),
+    (r"\bRTX 4090\b", 165.2),
+    (r"\bRTX 3090\b", 71.0),
+)
+
+
+def peak_tflops_for(device_name: str) -> Optional[float]:
+    """Dense bf16 TFLOP/s of a device by its CUDA name, or None when kiln does not know it."""
+    import re
+
+    for pattern, tflops in PEAK_BF16_TFLOPS:
+        if re.search(pattern, device_name):
+            return tflops
+    return None
 
 
 def peak_flops(device: torch.device, override_tflops: Optional[float]) -> Optional[float]:
@@ -32,10 +49,8 @@ def peak_flops(device: torch.device, override_tflops: Optional[float]) -> Option
     if override_tflops:
         return override_tflops * 1e12
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in PEAK_BF16_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
+        tflops = peak_tflops_for(torch.cuda.get_device_name(device))
+        return tflops * 1e12 if tflops else None
     return None
 
 

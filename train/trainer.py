@@ -358,9 +358,9 @@ class Trainer:
             x, y, extra = self.model_inputs(batch)
             with b.micro_step_context(i == last):
                 with self.autocast():
-                    logits, loss = self.backend.model(x, y, **extra)
-                if n == 0:  # nothing to learn here, but every rank must still run backward
-                    b.backward(logits.sum() * 0.0)
+                    _, loss = self.backend.model(x, y, **extra)
+                if n == 0:  # nothing to learn here (loss is 0), but every rank must still run backward
+                    b.backward(loss * 0.0)
                     continue
                 # mean * n * dp / total; for equal micro-batches total / (n * dp) == accum exactly.
                 b.backward(loss / (total / (n * dp)))
