@@ -1,7 +1,8 @@
 """Training throughput: tokens/s, MFU and peak memory of the real training step.
 
-Runs the model forward+backward+AdamW on random tokens (no data pipeline, so the number is
-the trainer's, not the reader's) for each requested model config, and prints one line per
+Times the trainer's own step (``Trainer.forward_backward`` + ``backend.step``, with the
+model, compile, activation checkpointing and backend set up by the trainer) on random tokens
+(no data pipeline, so the number is the trainer's, not the reader's) for each requested model config, and prints one line per
 configuration. Under torchrun/deepspeed, pass backend=... exactly as for launch/pretrain.py.
 
   python benchmarks/bench_train.py model=tiny
@@ -21,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import _bootstrap  # noqa: F401,E402
 import hydra  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from train.config import register_configs, validate  # noqa: E402
 
@@ -30,36 +31,36 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from model.llama import ModelConfig, Transformer, flops_per_token, param_count
-    from train.activation_checkpointing import apply_activation_checkpointing
-    from train.backends import build_backend
-    from train.compile import compile_blocks
-    from train.metrics import peak_flops, peak_memory_gb
+    import itertools
+    import tempfile
+    from types import SimpleNamespace
+
+    from model.llama import param_count
+    from train.metrics import peak_memory_gb
+    from train.trainer import Trainer
 
     validate(cfg)
     steps, warmup = int(os.environ.get("KILN_BENCH_STEPS", 20)), int(os.environ.get("KILN_BENCH_WARMUP", 5))
-    backend = build_backend(cfg)
-    mc = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
-    mc.vocab_size = mc.vocab_size or 32000
-    torch.manual_seed(0)
-    model = Transformer(mc)
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if cfg.train.compile:
-        compile_blocks(model)
-    backend.setup(model)
-    dev = backend.device
-    bf16 = backend.bf16
     T, B, A = cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.grad_accum_steps
-    x = torch.randint(0, mc.vocab_size, (B, T + 1), device=dev)
-    tokens_per_step = B * T * A * backend.world_size
+    vocab = cfg.model.vocab_size or 32000
+
+    class SyntheticTrainer(Trainer):
+        """The trainer itself -- model set-up, backend, forward_backward, backend.step --
+        fed random tokens instead of the data pipeline."""
+
+        def build_tokenizer(self):
+            return SimpleNamespace(vocab_size=vocab, path=None)
+
+        def build_data(self):
+            x = torch.randint(0, vocab, (B, T + 1))
+            return itertools.repeat({"input": x[:, :-1], "target": x[:, 1:]}), []
+
+    cfg.run_dir = tempfile.mkdtemp(prefix="kiln-bench-")
+    trainer = SyntheticTrainer(cfg)
+    backend, dev, mc = trainer.backend, trainer.backend.device, trainer.model_cfg
 
     def one_step():
-        for micro in range(A):
-            with backend.micro_step_context(micro == A - 1):
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                    _, loss = backend.model(x[:, :-1], x[:, 1:])
-                backend.backward(loss / A)
+        trainer.forward_backward([next(trainer.train_batches) for _ in range(A)])
         backend.step(cfg.optim.lr, cfg.optim.grad_clip)
 
     for _ in range(warmup):
@@ -73,13 +74,12 @@ def main(cfg: DictConfig) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    tps = tokens_per_step * steps / dt
-    peak = peak_flops(dev, cfg.train.peak_tflops)
-    mfu = flops_per_token(mc, T) * tps / backend.world_size / peak if peak else float("nan")
+    tps = B * T * A * backend.world_size * steps / dt
+    mfu = trainer.flops_per_token * tps / backend.world_size / trainer.peak if trainer.peak else float("nan")
     if backend.is_main:
         print(f"[bench_train] model={mc.d_model}x{mc.n_layers} params={param_count(mc) / 1e6:.1f}M "
               f"backend={backend.name}{'-z' + str(cfg.backend.zero_stage) if backend.name == 'deepspeed' else ''} "
-              f"world={backend.world_size} device={dev} bf16={bf16} compile={cfg.train.compile} "
+              f"world={backend.world_size} device={dev} bf16={backend.bf16} compile={cfg.train.compile} "
               f"ac={cfg.train.activation_checkpointing} seq={T} micro={B} accum={A}: "
               f"{tps:,.0f} tokens/s ({tps / backend.world_size:,.0f} per device), "
               f"{dt / steps * 1000:.1f} ms/step, MFU {mfu:.1%}, peak memory {peak_memory_gb(dev):.2f} GiB",

@@ -388,6 +388,7 @@ class Trainer:
         model = b.model
         model.train()
         window_t0, window_tokens = time.perf_counter(), 0
+        paused = 0.0  # seconds of evaluation and checkpointing inside the window: not training time
         last_ckpt_step = self.state.step
         while self.state.step < t.max_steps:
             lr = lr_at(self.state.step, cfg.optim, t.max_steps)
@@ -401,7 +402,7 @@ class Trainer:
             window_tokens += step_tokens
             if not math.isfinite(loss_val):
                 self.rollback(loss_val)  # raises unless train.nan_policy=rollback allows another
-                window_t0, window_tokens = time.perf_counter(), 0
+                window_t0, window_tokens, paused = time.perf_counter(), 0, 0.0
                 last_ckpt_step = self.state.step
                 continue
             result["losses"][self.state.step] = loss_val
@@ -410,7 +411,7 @@ class Trainer:
             if step % t.log_every == 0 or step == t.max_steps:
                 if b.device.type == "cuda":
                     torch.cuda.synchronize(b.device)
-                dt = time.perf_counter() - window_t0
+                dt = time.perf_counter() - window_t0 - paused
                 tps = window_tokens / dt
                 metrics = {"loss": loss_val, "lr": lr, "grad_norm": grad_norm, "tokens": float(self.state.tokens),
                            "tokens_per_s": tps, "tokens_per_s_per_device": tps / b.world_size,
@@ -418,7 +419,8 @@ class Trainer:
                 if self.peak:
                     metrics["mfu"] = self.flops_per_token * tps / b.world_size / self.peak
                 logger.log(step, metrics)
-                window_t0, window_tokens = time.perf_counter(), 0
+                window_t0, window_tokens, paused = time.perf_counter(), 0, 0.0
+            t_pause = time.perf_counter()
             if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps):
                 self._evaluate_and_log(step, logger, result)
             if step % cfg.checkpoint.every == 0 or step == t.max_steps:
@@ -426,6 +428,7 @@ class Trainer:
                 last_ckpt_step = step
                 if b.is_main:
                     logger.log(step, {"checkpoint": path}, kind="checkpoint")
+            paused += time.perf_counter() - t_pause
             if self.should_stop():
                 if last_ckpt_step != step:
                     self.last_checkpoint = self.save()
