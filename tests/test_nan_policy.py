@@ -60,10 +60,12 @@ def test_raise_policy_stops_naming_the_checkpoint_the_stretch_started_from(tiny_
     assert str(tmp_path / "r" / "checkpoints" / "step_00000004") in msg
 
 
-def test_rollback_skips_the_poisoned_batch_and_the_run_finishes(tiny_cfg, tmp_path, straight, capsys):
+@pytest.mark.parametrize("log_every", [1, 4])  # 4: losses are read at step 8, two steps after the NaN
+def test_rollback_skips_the_poisoned_batch_and_the_run_finishes(tiny_cfg, tmp_path, straight, capsys, log_every):
     keys, ref = straight
     run_dir = tmp_path / "rb"
-    trainer, result = run(tiny_cfg(*COMMON, "train.nan_policy=rollback", f"run_dir={run_dir}"), poison=[keys[6]])
+    trainer, result = run(tiny_cfg(*COMMON, "train.nan_policy=rollback", f"run_dir={run_dir}",
+                                   f"train.log_every={log_every}"), poison=[keys[6]])
     assert "rolled back to" in capsys.readouterr().out
     assert result["final_step"] == 10 and trainer.rollbacks == 1
     assert all(v == v for v in result["losses"].values())  # no NaN left

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model.llama import ModelConfig, Transformer
-from tests.conftest import compose
+from tests.conftest import REPO, compose
 from train.activation_checkpointing import apply_activation_checkpointing
 from train.backends.deepspeed import build_ds_config
 from train.compile import compile_blocks
@@ -98,3 +98,36 @@ def test_mfu_peak_matches_the_exact_device_variant():
     assert peak_tflops_for("NVIDIA L40") == 181.0
     assert peak_tflops_for("NVIDIA A10G") == 70.0 and peak_tflops_for("NVIDIA A10") == 125.0
     assert peak_tflops_for("Tesla V100-SXM2-32GB") is None  # no bf16 tensor cores
+
+
+def test_no_float_tensor_is_read_back_between_logging_steps(tiny_cfg):
+    """On a GPU, reading a loss or a norm to the host waits for the device. Between logging
+    steps kiln's code must read none: here every host read of a floating-point tensor made
+    by kiln's own code is recorded with the step the trainer was at. (torch's CPU AdamW reads
+    its step counter; on GPUs kiln uses fused AdamW, which keeps it on the device.)"""
+    import sys
+
+    from torch.overrides import TorchFunctionMode
+
+    from train.trainer import Trainer
+
+    reads = []
+
+    class HostReads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in ("item", "tolist", "__float__", "__int__", "__bool__") and args \
+                    and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+                caller = sys._getframe(1).f_code.co_filename
+                if caller.startswith(REPO) and "/tests/" not in caller:
+                    reads.append((trainer.state.step, name, caller))
+            return func(*args, **(kwargs or {}))
+
+    trainer = Trainer(tiny_cfg("train.max_steps=10", "train.log_every=5", "train.eval_every=10",
+                                "checkpoint.every=10"))
+    with HostReads():
+        result = trainer.fit()
+    assert result["final_step"] == 10 and sorted(result["losses"]) == list(range(1, 11))
+    between = [r for r in reads if r[0] in (1, 2, 3, 4, 6, 7, 8, 9)]
+    assert not between, between
+    assert any(r[0] == 5 for r in reads)  # the logging step does read them

@@ -329,22 +329,25 @@ class Trainer:
             return None
         model = self.backend.model
         model.eval()
-        loss_sum, count = 0.0, 0
+        loss_sum, count = torch.zeros((), dtype=torch.float64, device=self.backend.device), 0
         for batch in self.val_batches:
             x, y, extra = self.model_inputs(batch)
             with self.autocast():
                 _, loss = model(x, y, **extra)
             n = self.loss_tokens(batch)
             if n:  # 0: a padding batch that keeps the ranks' forward counts equal
-                loss_sum += float(loss) * n
+                loss_sum += loss.detach().double() * n
                 count += n
         model.train()
-        loss_sum, count = self.backend.all_reduce_sum([loss_sum, count])
-        return loss_sum / count
+        (count,) = self.backend.all_reduce_sum([count])
+        return float(self.backend.all_reduce_tensor(loss_sum)) / count
 
-    def forward_backward(self, micro_batches: list[dict]) -> tuple[float, int, int]:
+    def forward_backward(self, micro_batches: list[dict]) -> tuple[torch.Tensor, int, int]:
         """Accumulate the gradients of one optimizer step; returns (loss, global loss
-        tokens, global input tokens). The loss is the token mean over the global batch."""
+        tokens, global input tokens). The loss is the token mean over the global batch, a
+        0-dim tensor on the device: nothing here reads a device value back to the host
+        (token counts come from the host-side batches, the all-reduce of the loss stays on
+        the device), so the CPU can run ahead of the GPU until a logging step reads it."""
         b = self.backend
         dp = b.data_parallel_size
         local = [self.loss_tokens(mb) for mb in micro_batches]
@@ -352,7 +355,7 @@ class Trainer:
         total, total_inputs = (int(v) for v in b.all_reduce_sum([sum(local), tokens]))
         if total == 0:
             raise ValueError(f"step {self.state.step + 1}: the global batch has no loss token")
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float32, device=b.device)
         last = len(micro_batches) - 1
         for i, (batch, n) in enumerate(zip(micro_batches, local)):
             x, y, extra = self.model_inputs(batch)
@@ -364,8 +367,8 @@ class Trainer:
                     continue
                 # mean * n * dp / total; for equal micro-batches total / (n * dp) == accum exactly.
                 b.backward(loss / (total / (n * dp)))
-            loss_sum += float(loss.detach()) * n
-        return b.all_reduce_sum([loss_sum])[0] / total, total, total_inputs
+            loss_sum += loss.detach().float() * n
+        return b.all_reduce_tensor(loss_sum) / total, total, total_inputs
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -390,30 +393,52 @@ class Trainer:
         window_t0, window_tokens = time.perf_counter(), 0
         paused = 0.0  # seconds of evaluation and checkpointing inside the window: not training time
         last_ckpt_step = self.state.step
+        window: list[tuple[int, torch.Tensor, object]] = []  # (step, loss, grad norm) not read yet
+
+        def read_window() -> bool:
+            """Read the window's losses and norms (the one device sync of a logging step) into
+            the result and the progress bar. False, after a rollback, if one was not finite."""
+            nonlocal window
+            steps, window = window, []
+            values = [(s, float(loss), float(norm)) for s, loss, norm in steps]
+            for s, loss_val, _ in values:
+                if not math.isfinite(loss_val):
+                    self.rollback(loss_val, s)  # raises unless train.nan_policy=rollback allows another
+                    return False
+                result["losses"][s] = loss_val
+                logger.advance(1, loss_val)
+            self._last_read = values[-1] if values else None
+            return True
+
         while self.state.step < t.max_steps:
             lr = lr_at(self.state.step, cfg.optim, t.max_steps)
             for _ in range(self.skipped_batches.get(self.state.step + 1, 0)):  # poisoned: see rollback()
                 [next(self.train_batches) for _ in range(t.grad_accum_steps)]
             micro_batches = [next(self.train_batches) for _ in range(t.grad_accum_steps)]
-            loss_val, _, step_tokens = self.forward_backward(micro_batches)
+            loss, _, step_tokens = self.forward_backward(micro_batches)
             grad_norm = b.step(lr, cfg.optim.grad_clip)
             self.state.step += 1
             self.state.tokens += step_tokens
             window_tokens += step_tokens
-            if not math.isfinite(loss_val):
-                self.rollback(loss_val)  # raises unless train.nan_policy=rollback allows another
+            step = self.state.step
+            window.append((step, loss, grad_norm))
+            log_now = step % t.log_every == 0 or step == t.max_steps
+            eval_now = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps)
+            save_now = step % cfg.checkpoint.every == 0 or step == t.max_steps
+            stop_now = self.should_stop()
+            # Losses are read at logging steps, and before anything that must not see a NaN
+            # model: an evaluation, a checkpoint, a stop.
+            if (log_now or eval_now or save_now or stop_now) and not read_window():
                 window_t0, window_tokens, paused = time.perf_counter(), 0, 0.0
                 last_ckpt_step = self.state.step
                 continue
-            result["losses"][self.state.step] = loss_val
-            logger.advance(1, loss_val)
-            step = self.state.step
-            if step % t.log_every == 0 or step == t.max_steps:
+            if log_now:
                 if b.device.type == "cuda":
                     torch.cuda.synchronize(b.device)
                 dt = time.perf_counter() - window_t0 - paused
                 tps = window_tokens / dt
-                metrics = {"loss": loss_val, "lr": lr, "grad_norm": grad_norm, "tokens": float(self.state.tokens),
+                _, loss_val, norm_val = self._last_read
+                metrics = {"loss": loss_val, "lr": lr, "grad_norm": norm_val, "tokens": float(self.state.tokens),
                            "tokens_per_s": tps, "tokens_per_s_per_device": tps / b.world_size,
                            "mem_gb": peak_memory_gb(b.device)}
                 if self.peak:
@@ -421,15 +446,15 @@ class Trainer:
                 logger.log(step, metrics)
                 window_t0, window_tokens, paused = time.perf_counter(), 0, 0.0
             t_pause = time.perf_counter()
-            if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps):
+            if eval_now:
                 self._evaluate_and_log(step, logger, result)
-            if step % cfg.checkpoint.every == 0 or step == t.max_steps:
+            if save_now:
                 path = self.last_checkpoint = self.save()
                 last_ckpt_step = step
                 if b.is_main:
                     logger.log(step, {"checkpoint": path}, kind="checkpoint")
             paused += time.perf_counter() - t_pause
-            if self.should_stop():
+            if stop_now:
                 if last_ckpt_step != step:
                     self.last_checkpoint = self.save()
                 if b.is_main:
@@ -449,13 +474,14 @@ class Trainer:
             result["plot"] = self.plot() if cfg.logger.plot else None
         return result
 
-    def rollback(self, loss_val: float) -> None:
-        """A non-finite loss at the step just taken. ``train.nan_policy=raise``: stop, saying
+    def rollback(self, loss_val: float, bad_step: int) -> None:
+        """A non-finite loss at ``bad_step`` (the first of the steps read since the last check;
+        every checkpoint is written after such a check, so the last one predates it). ``train.nan_policy=raise``: stop, saying
         which checkpoint is where this stretch started. ``rollback``: reload that checkpoint
         (it was verified when written or resumed), record that the global batch of this step
         is skipped -- the count travels in later checkpoints, so a resumed run skips the same
         batches -- and continue; replaying the steps in between is exact."""
-        bad_step, t = self.state.step, self.cfg.train
+        t = self.cfg.train
         source = (f"the last checkpoint of this run, {self.last_checkpoint}, is untouched (resuming from it "
                   "repeats the same steps)" if self.last_checkpoint else "no checkpoint was written or resumed by "
                   "this run")

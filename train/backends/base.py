@@ -104,7 +104,8 @@ class Backend:
         loss.backward()
 
     def step(self, lr: float, max_norm: float) -> float:
-        """Clip, apply the optimizer at ``lr``, zero grads. Returns the pre-clip grad norm."""
+        """Clip, apply the optimizer at ``lr``, zero grads. Returns the pre-clip grad norm (a
+        tensor or a float)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         if max_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -116,36 +117,52 @@ class Backend:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()  # a tensor: read at logging steps only (reading it syncs the GPU)
 
     # -- collectives ------------------------------------------------------------------
+    # Host numbers and objects travel over a gloo group even when the default group is NCCL:
+    # an NCCL collective of a host value would copy it to the GPU and read it back, a device
+    # sync that stops the CPU from running ahead of the GPU.
+    _host_group = None
+
+    def _host(self):
+        if self._host_group is None:
+            self._host_group = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else dist.group.WORLD
+        return self._host_group
+
     def all_reduce_mean(self, value: float) -> float:
         if self.world_size == 1 or not dist.is_initialized():
             return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t)
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t, group=self._host())
         return float(t.item()) / self.world_size
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
-        """Sums over ranks of a few numbers in one collective (float64: token counts stay exact)."""
+        """Sums over ranks of a few host numbers in one collective (float64: token counts stay exact)."""
         if self.world_size == 1 or not dist.is_initialized():
             return [float(v) for v in values]
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(t, group=self._host())
         return t.tolist()
+
+    def all_reduce_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of a device tensor over ranks, left on the device (no host read)."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.all_reduce(t)
+        return t
 
     def all_gather_object(self, obj: Any) -> list:
         if self.world_size == 1 or not dist.is_initialized():
             return [obj]
         out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self._host())
         return out
 
     def broadcast_object(self, obj: Any) -> Any:
         if self.world_size == 1 or not dist.is_initialized():
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self._host())
         return box[0]
 
     def barrier(self) -> None:
@@ -162,9 +179,6 @@ class Backend:
             listing = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
             raise RanksDisagree(f"ranks disagree on {what} ({listing})")
         return values[0]
-
-    def _comm_device(self) -> torch.device:
-        return self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
 
     # -- checkpoints ------------------------------------------------------------------
     def save(self, directory: str) -> None:
