@@ -14,7 +14,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from train.config import register_configs, validate_or_exit
+from train.config import ConfigError, exit_config_error, register_configs, validate_or_exit
 
 register_configs()
 
@@ -26,7 +26,10 @@ def main(cfg: DictConfig) -> None:
     from train.trainer import Trainer
 
     t0 = time.time()
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except ConfigError as e:  # found while setting up (a tokenizer that does not fit the shards, ...)
+        exit_config_error(cfg, e)
     trainer.stop_on_signals()  # SIGUSR1/SIGTERM (Slurm time limit, preemption): checkpoint and exit
     result = trainer.fit()
     b = trainer.backend

@@ -54,3 +54,19 @@ def test_config_error_names_the_backend_key(monkeypatch):
     cfg = compose([])
     validate(cfg)
     assert cfg.backend.name == "ddp" and "torchrun started 2 processes" in cfg.backend.chosen_because
+
+
+def test_deepspeed_stage_0_with_bf16_is_refused_naming_the_key(tmp_path, tokenizer_path):
+    import os
+    import random
+    import subprocess
+
+    from tests.conftest import REPO, TINY
+
+    cmd = ["deepspeed", "--num_gpus", "1", "--master_port", str(random.randint(20000, 40000)), "launch/pretrain.py",
+           *TINY, "backend=deepspeed", "backend.zero_stage=0", "train.precision=bf16",
+           f"tokenizer.path={tokenizer_path}", f"run_dir={tmp_path / 'run'}"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode != 0
+    assert "config error: backend.zero_stage: DeepSpeed stage 0 with bf16" in p.stdout + p.stderr

@@ -274,12 +274,14 @@ def adamw_import(model: torch.nn.Module, opt: torch.optim.Optimizer, moments: di
     for name, m in moments.items():
         p = params[name]
         state = opt.state[p]
-        state["step"] = torch.tensor(float(step), dtype=torch.float32,
-                                     device=p.device if _step_on_device(opt) else "cpu")
+        state["step"] = adamw_step(opt, p, step)
         for k in MOMENTS:
             state[k] = m[k].to(device=p.device, dtype=p.dtype).clone()
 
 
-def _step_on_device(opt: torch.optim.Optimizer) -> bool:
+def adamw_step(opt: torch.optim.Optimizer, p: torch.Tensor, step: int) -> torch.Tensor:
+    """AdamW's ``step`` state for ``p`` where AdamW wants it: on the parameter's device for
+    fused or capturable AdamW (which reject a CPU step on CUDA), else on the CPU."""
     g = opt.param_groups[0]
-    return bool(g.get("fused") or g.get("capturable"))
+    on_device = bool(g.get("fused") or g.get("capturable"))
+    return torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")

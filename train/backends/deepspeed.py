@@ -21,7 +21,8 @@ import os
 import torch
 
 from train.backends.base import Backend
-from train.full_state import DS_DIR, MOMENTS, FullState, named_params, read_full_state, storage_format
+from train.config import ConfigError
+from train.full_state import DS_DIR, MOMENTS, FullState, adamw_step, named_params, read_full_state, storage_format
 from train.optim import param_groups
 from train.safe_unpickle import check_deepspeed_files
 
@@ -88,6 +89,10 @@ class DeepSpeedBackend(Backend):
     def setup(self, model: torch.nn.Module) -> None:
         import deepspeed
 
+        if self.bf16 and int(self.cfg.backend.zero_stage) == 0:
+            raise ConfigError("backend.zero_stage", "DeepSpeed stage 0 with bf16 keeps no fp32 master weights or "
+                              "moments where kiln's checkpoints can read them back; use backend.zero_stage=1 (same "
+                              "memory as DDP plus sharded optimizer state) or backend=ddp")
         self.ds_config = build_ds_config(self.cfg, self.bf16)
         o = self.cfg.optim
         if self.cfg.backend.offload_optimizer:
@@ -160,7 +165,7 @@ class DeepSpeedBackend(Backend):
                     if stage == 0:
                         state = self.optimizer.state[p]
                         state[k] = st.moments[name][k].to(p.device, torch.float32).clone()
-                        state.setdefault("step", torch.tensor(float(st.step)))
+                        state.setdefault("step", adamw_step(self.optimizer, p, st.step))
                     else:
                         safe_set_full_optimizer_state(p, st.moments[name][k].to(self.device), k)
         if stage > 0:
@@ -180,7 +185,7 @@ class DeepSpeedBackend(Backend):
         for p in flats:
             s = inner.state[p]
             if not s:
-                s["step"] = torch.zeros((), dtype=torch.float32)
+                s["step"] = adamw_step(inner, p, 0)
                 s["exp_avg"] = torch.zeros_like(p)
                 s["exp_avg_sq"] = torch.zeros_like(p)
         if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
