@@ -290,7 +290,8 @@ def test_prepare_data_array_job_writes_every_shard_and_a_rerun_skips_them(slurm,
 
 
 SCRIPTS = sorted(glob.glob(os.path.join(SLURM_DIR, "*.sbatch")) + glob.glob(os.path.join(SLURM_DIR, "*.sh"))
-                 + glob.glob(os.path.join(SLURM_DIR, "local", "*.sh")))
+                 + glob.glob(os.path.join(SLURM_DIR, "local", "*.sh"))
+                 + glob.glob(os.path.join(REPO, "benchmarks", "*.sh")) + glob.glob(os.path.join(REPO, "scripts", "*.sh")))
 
 
 def test_scripts_parse():

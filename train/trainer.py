@@ -313,8 +313,12 @@ class Trainer:
         Extra kwargs (packing's doc_ids/position_ids, a classifier's last_index) come from
         the batch's ``model_kwargs``; pretraining batches have none."""
         dev = self.backend.device
-        extra = {k: v.to(dev, non_blocking=True) for k, v in batch.get("model_kwargs", {}).items()}
-        return batch["input"].to(dev, non_blocking=True), batch["target"].to(dev, non_blocking=True), extra
+
+        def put(t: torch.Tensor) -> torch.Tensor:  # pinned first: a pageable copy would block the host
+            return (t.pin_memory() if dev.type == "cuda" else t).to(dev, non_blocking=True)
+
+        extra = {k: put(v) for k, v in batch.get("model_kwargs", {}).items()}
+        return put(batch["input"]), put(batch["target"]), extra
 
     @staticmethod
     def loss_tokens(batch: dict) -> int:
