@@ -163,3 +163,27 @@ def test_qlora_needs_bitsandbytes_and_cuda_and_says_which_key(tmp_path, base):
     with pytest.raises(ConfigError, match=r"lora.quantize: 4bit needs bitsandbytes and a CUDA GPU") as e:
         sft_cfg(tmp_path / "q", base, [data], *LORA, "lora.quantize=4bit")
     assert e.value.key == "lora.quantize"
+
+
+def test_runs_say_where_their_weights_came_from_and_how_much_trains(base, tmp_path, tiny_cfg, capsys):
+    from train.sft.trainer import SFTTrainer
+    from train.trainer import Trainer
+
+    fresh = Trainer(tiny_cfg("train.max_steps=1", "checkpoint.every=1"))
+    fresh.fit()
+    assert fresh.provenance["weights_from"] == "fresh init" and fresh.provenance["trainable_share"] == 1.0
+    assert "starting weights: fresh init (seed 1337)" in capsys.readouterr().out
+
+    tr = SFTTrainer(sft_cfg(tmp_path / "lora", base, [chat_file(tmp_path, 8)], *LORA, "train.max_steps=1",
+                            "checkpoint.every=1"))
+    tr.fit()
+    pv = tr.provenance
+    assert pv["weights_from"] == "kiln checkpoint" and pv["step"] == 2 and pv["path"].endswith("step_00000002")
+    assert pv["trainable_parameters"] == 9728 and 0 < pv["trainable_share"] < 0.2
+    out = capsys.readouterr().out
+    assert f"trainable parameters: 9,728 of {pv['parameters']:,}" in out
+    with open(tmp_path / "lora" / "metrics.jsonl") as f:
+        run = [r for r in map(json.loads, f) if r["kind"] == "run"]
+    assert run and run[0]["weights_from"] == "kiln checkpoint" and run[0]["trainable_parameters"] == 9728
+    meta = json.load(open(tmp_path / "lora" / "checkpoints" / "step_00000001" / "meta.json"))
+    assert meta["provenance"]["path"] == pv["path"]

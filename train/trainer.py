@@ -172,6 +172,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = self.build_model()
+        self.provenance = self.weights_provenance(model)  # before sharding: whole parameter counts
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         if cfg.train.compile:
@@ -206,6 +207,22 @@ class Trainer:
         train = build_train_stream(cfg, self.tokenizer, b.rank, dp)
         val = validation_batches(cfg, self.tokenizer, b.rank, dp)
         return train, val
+
+    def weights_provenance(self, model: torch.nn.Module) -> dict:
+        """Where the starting weights came from, and how many parameters train: printed at
+        start, written to metrics.jsonl (kind "run") and to every checkpoint's meta.json."""
+        init = str(self.cfg.init_from) if self.cfg.init_from else ""
+        if init.startswith("hf:"):
+            source = {"weights_from": "hf", "path": os.path.abspath(init[3:])}
+        elif init:
+            step_dir = ckpt.resolve(init, "off")
+            source = {"weights_from": "kiln checkpoint", "path": step_dir, "step": ckpt.read_meta(step_dir).get("step")}
+        else:
+            source = {"weights_from": "fresh init", "seed": int(self.cfg.train.seed)}
+        total = sum(p.numel() for p in model.parameters())
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return {**source, "parameters": total, "trainable_parameters": trained,
+                "trainable_share": trained / max(total, 1)}
 
     def save_model_state(self, directory: str) -> None:
         """Weights and optimizer into a checkpoint being written (all ranks call)."""
@@ -297,7 +314,8 @@ class Trainer:
             self.write_extra_files(tmp)
             meta = {"backend": b.name, "zero_stage": int(cfg.backend.zero_stage), "world_size": b.world_size,
                     "data_parallel_size": b.data_parallel_size, "tokens": self.state.tokens,
-                    "model": OmegaConf.to_container(OmegaConf.structured(self.model_cfg))}
+                    "model": OmegaConf.to_container(OmegaConf.structured(self.model_cfg)),
+                    "provenance": self.provenance}
             final = ckpt.commit(self.ckpt_root, tmp, self.state.step, meta, cfg.checkpoint.keep_last)
         b.barrier()
         return b.broadcast_object(final)
@@ -381,6 +399,7 @@ class Trainer:
         if b.is_main:
             self._print_header(resumed)
         logger = MetricsLogger(cfg, self.run_dir, b.is_main, t.max_steps, self.state.step)
+        logger.log(self.state.step, {**self.provenance, "resumed_from": resumed}, kind="run")
         result = {"resumed_from": resumed, "start_step": self.state.step, "losses": {}, "val_losses": {}}
         if self.state.step >= t.max_steps:
             if b.is_main:
@@ -564,6 +583,11 @@ class Trainer:
 
     def _print_header(self, resumed: Optional[str]) -> None:
         cfg, b, mc = self.cfg, self.backend, self.model_cfg
+        pv = self.provenance
+        where = {"fresh init": f"fresh init (seed {pv.get('seed')})", "hf": f"Hugging Face directory {pv.get('path')}",
+                 "kiln checkpoint": f"kiln checkpoint {pv.get('path')} (step {pv.get('step')})"}[pv["weights_from"]]
+        print(f"[kiln] starting weights: {where}; trainable parameters: {pv['trainable_parameters']:,} of "
+              f"{pv['parameters']:,} ({pv['trainable_share']:.2%})", flush=True)
         n = param_count(mc)
         print(f"[kiln] model: {n / 1e6:.2f}M parameters ({param_count(mc, include_embeddings=False) / 1e6:.2f}M "
               f"without embeddings), d_model={mc.d_model} layers={mc.n_layers} heads={mc.n_heads}/{mc.kv_heads} "
