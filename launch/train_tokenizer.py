@@ -34,4 +34,10 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    _bootstrap.check_overrides("pretrain")
+    # No Hydra output here: this is not a run, and the run directory's .hydra/config.yaml
+    # belongs to the training run that may live there.
+    sys.argv += ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     main()

@@ -73,3 +73,22 @@ def test_tokenizer_training_on_a_stream_that_filters_everything_names_the_reason
         train_tokenizer(iter_texts(cfg, 100), str(tmp_path / "tok.model"), vocab_size=300)
     msg = str(e.value)
     assert "produced no document" in msg and "kept 0/5" in msg and "removed:" in msg, msg
+
+
+def test_train_tokenizer_script_leaves_the_run_directory_config_alone(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("the: training run's config\n")
+    script = os.path.join(REPO, "launch", "train_tokenizer.py")
+    p = subprocess.run([sys.executable, script, f"run_dir={run}", "tokenizer.vocab_size=400",
+                        "tokenizer.train_max_docs=20"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (run / "tokenizer.model").exists()
+    assert (run / ".hydra" / "config.yaml").read_text() == "the: training run's config\n"
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / ".hydra").exists()
