@@ -10,6 +10,7 @@ on such a model is refused by the trainer instead.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -40,14 +41,17 @@ def parse_kv(args: list[str], allowed: dict[str, object]) -> tuple[list[str], di
         if key not in allowed:
             raise SystemExit(f"unknown option {key!r}; known: {', '.join(sorted(allowed))}, data=..., data.<key>=...")
         default = allowed[key]
-        if isinstance(default, bool):
-            opts[key] = value.lower() in ("1", "true", "yes", "on")
-        elif isinstance(default, int):
-            opts[key] = int(value)
-        elif isinstance(default, float):
-            opts[key] = float(value)
-        else:
-            opts[key] = None if value.lower() in ("none", "null", "") else value
+        try:
+            if isinstance(default, bool):
+                opts[key] = value.lower() in ("1", "true", "yes", "on")
+            elif isinstance(default, int):
+                opts[key] = int(value)
+            elif isinstance(default, float):
+                opts[key] = float(value)
+            else:
+                opts[key] = None if value.lower() in ("none", "null", "") else value
+        except ValueError:
+            raise SystemExit(f"option {key}: expected {type(default).__name__}, got {value!r}") from None
     return positional, opts
 
 
@@ -101,5 +105,19 @@ def load_model_and_tokenizer(path: str, device: torch.device) -> tuple[Transform
         spm = os.path.join(path, SPM_FILE)
         tok = _kiln_tokenizer(spm) if os.path.isfile(spm) else _transformers_tokenizer(path)
         return model.to(device).eval(), tok, path
-    model, step_dir = load_model(path, str(device))
+    from train import checkpoint as ckpt
+
+    step_dir = ckpt.resolve(path)
+    if os.path.isfile(os.path.join(step_dir, ckpt.ADAPTER_FILE)):  # a LoRA run: its base model plus the adapter
+        from train.sft.adapters import add_adapter_from, adapter_config, load_base
+
+        if adapter_config(step_dir).get("task") == "classification":
+            raise ValueError(f"{step_dir} is a classification adapter: it scores texts, it does not generate")
+        print(f"[kiln] {step_dir} holds a LoRA adapter: loading its base model "
+              f"{adapter_config(step_dir).get('base')} with the adapter on top (launch/merge_lora.py writes "
+              "them merged)", file=sys.stderr, flush=True)
+        model = load_base(step_dir)
+        add_adapter_from(model, step_dir)
+        return model.to(device).eval(), _kiln_tokenizer(os.path.join(step_dir, SPM_FILE)), step_dir
+    model, step_dir = load_model(step_dir, str(device))
     return model, _kiln_tokenizer(os.path.join(step_dir, SPM_FILE)), step_dir

@@ -96,7 +96,10 @@ def main(argv=None) -> int:
         if opts["format"] == "jsonl":
             print(json.dumps(r, ensure_ascii=False))
         else:
-            print(f"--- [{i}] {r['prompt']!r}\n{r['prompt']}{r['completion']}")
+            if opts["chat"]:  # the reply alone, under its prompt
+                print(f"--- [{i}] user: {r['prompt']}\nassistant: {r['completion']}")
+            else:
+                print(f"--- [{i}] {r['prompt']!r}\n{r['prompt']}{r['completion']}")
     if opts["out"]:
         with open(opts["out"], "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)

@@ -187,3 +187,43 @@ def test_runs_say_where_their_weights_came_from_and_how_much_trains(base, tmp_pa
     assert run and run[0]["weights_from"] == "kiln checkpoint" and run[0]["trainable_parameters"] == 9728
     meta = json.load(open(tmp_path / "lora" / "checkpoints" / "step_00000001" / "meta.json"))
     assert meta["provenance"]["path"] == pv["path"]
+
+
+def test_generate_runs_an_adapter_only_checkpoint_as_its_merged_model(tmp_path, base):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    run_sft(tmp_path / "run", base, chat_file(tmp_path, 24), *LORA, "train.max_steps=2", "checkpoint.every=2")
+
+    def gen(path):
+        p = subprocess.run([sys.executable, "launch/generate.py", str(path), "prompt=What is a list?", "chat=true",
+                            "temperature=0", "max_new_tokens=6"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p
+
+    adapter = gen(tmp_path / "run")
+    assert "holds a LoRA adapter" in adapter.stderr
+    assert "user: What is a list?\nassistant: " in adapter.stdout
+    subprocess.run([sys.executable, "launch/merge_lora.py", str(tmp_path / "run"), str(tmp_path / "merged")],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    assert gen(tmp_path / "merged").stdout == adapter.stdout
+
+
+def test_bad_option_values_and_missing_directories_name_the_key_without_a_traceback(tmp_path, base):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    p = subprocess.run([sys.executable, "launch/generate.py", base, "prompt=x", "temperature=abc"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "option temperature: expected float, got 'abc'" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "launch/pretrain.py", "init_from=hf:/nonexistent", f"run_dir={tmp_path / 'r'}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "init_from: Hugging Face directory not found: 'hf:/nonexistent'" in p.stderr
+    p = subprocess.run([sys.executable, "launch/convert_checkpoint.py", str(tmp_path / "missing"), str(tmp_path / "o"),
+                        "--to", "full"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 3 and "no complete kiln checkpoint at" in p.stderr and "Traceback" not in p.stderr

@@ -221,8 +221,9 @@ def validate(cfg: Any) -> None:
     r = str(cfg.resume)
     _check(r in ("auto", "none") or os.path.isdir(r), "resume",
            f"must be auto, none or an existing checkpoint directory, got {r!r}")
-    _check(cfg.init_from is None or os.path.isdir(str(cfg.init_from)) or str(cfg.init_from).startswith("hf:"),
-           "init_from", f"checkpoint directory not found: {cfg.init_from!r}")
+    init = str(cfg.init_from) if cfg.init_from is not None else None
+    _check(init is None or os.path.isdir(init.removeprefix("hf:")), "init_from",
+           f"{'Hugging Face' if init and init.startswith('hf:') else 'checkpoint'} directory not found: {init!r}")
     tp = cfg.tokenizer.path
     _check(tp is None or os.path.isfile(str(tp)), "tokenizer.path", f"file not found: {tp!r}")
     _check(cfg.tokenizer.vocab_size >= 300, "tokenizer.vocab_size",

@@ -127,7 +127,11 @@ def resolve_model_config(cfg, tokenizer: Tokenizer) -> ModelConfig:
     friendly shapes; the extra rows are never produced by the tokenizer.
     """
     if _hf_init_dir(cfg):  # the architecture is the HF model's; only kiln-only knobs come from cfg.model
-        mc = hf_interop.model_config_from_hf(hf_interop.read_hf_config(_hf_init_dir(cfg)), dropout=cfg.model.dropout)
+        try:
+            mc = hf_interop.model_config_from_hf(hf_interop.read_hf_config(_hf_init_dir(cfg)),
+                                                 dropout=cfg.model.dropout)
+        except hf_interop.UnsupportedModelError as e:
+            raise ConfigError("init_from", str(e)) from None
         if cfg.data.seq_len > mc.max_seq_len:
             raise ConfigError("data.seq_len", f"{cfg.data.seq_len} exceeds the imported model's "
                               f"max_position_embeddings={mc.max_seq_len}")
