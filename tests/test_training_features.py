@@ -131,3 +131,35 @@ def test_no_float_tensor_is_read_back_between_logging_steps(tiny_cfg):
     between = [r for r in reads if r[0] in (1, 2, 3, 4, 6, 7, 8, 9)]
     assert not between, between
     assert any(r[0] == 5 for r in reads)  # the logging step does read them
+
+
+def _metrics(path, train, evals=()):
+    with open(path, "w") as f:
+        for s, v in train:
+            f.write(json.dumps({"step": s, "kind": "train", "loss": v}) + "\n")
+        for s, v in evals:
+            f.write(json.dumps({"step": s, "kind": "eval", "val_loss": v}) + "\n")
+    return str(path)
+
+
+def test_plots_show_a_lone_point_and_put_classification_loss_on_its_own_axis(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from train.metrics import plot_losses, plot_runs
+
+    figs = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figs.append(self), real_savefig(self, *a, **k)))
+    assert plot_losses(_metrics(tmp_path / "one.jsonl", [(1, 6.9)]), str(tmp_path / "one.png"))
+    (line,) = figs[-1].axes[0].get_lines()
+    assert line.get_marker() == "o" and len(line.get_xdata()) == 1  # visible, not an empty line
+
+    pre = _metrics(tmp_path / "pre.jsonl", [(s, 7.0 - s / 100) for s in range(1, 101)], [(100, 6.1)])
+    cls = _metrics(tmp_path / "cls.jsonl", [(s, 0.7 - s / 1000) for s in range(1, 61)], [(60, 0.6)])
+    assert plot_runs([("pretraining", pre), ("classification", cls, "example")], str(tmp_path / "runs.png"))
+    left, right = figs[-1].axes
+    assert left.get_ylabel() == "language-model loss (nats/token)"
+    assert right.get_ylabel() == "classification loss (nats/example)"
+    curves = [ln for ln in left.get_lines() if "loss" in ln.get_label()]  # not the run separators
+    assert max(max(ln.get_ydata()) for ln in right.get_lines()) < 1 < min(min(ln.get_ydata()) for ln in curves)
+    assert min(right.get_lines()[0].get_xdata()) == 101  # laid after the pretraining run

@@ -160,8 +160,9 @@ def plot_losses(metrics_path: str, out_png: str, title: str = "kiln") -> Optiona
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for kind, label, style in (("train", "train loss", "-"), ("eval", "validation loss", "o-")):
         pts = sorted(series[kind].items())
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, markersize=4)
+        if pts:  # a lone point needs a marker: a line through one point draws nothing
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style if len(pts) > 1 else "o", label=label,
+                    markersize=4)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
@@ -188,27 +189,36 @@ def _read_losses(metrics_path: str) -> dict[str, dict[int, float]]:
     return series
 
 
-def plot_runs(runs: list[tuple[str, str]], out_png: str, title: str = "kiln") -> Optional[str]:
+def plot_runs(runs: list[tuple], out_png: str, title: str = "kiln") -> Optional[str]:
     """Several runs' train/validation losses on one time axis: each run's steps continue after
-    the previous run's last step (pretraining, then fine-tuning from its checkpoint)."""
+    the previous run's last step (pretraining, then fine-tuning from its checkpoint). A run
+    given as (label, path, "example") has a per-example loss (classification): it gets its
+    own y axis on the right instead of being flattened under the language-model curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    right = None
     offset, drawn = 0, 0
-    for label, path in runs:
+    for label, path, *unit in runs:
         if not os.path.exists(path):
             continue
         series = _read_losses(path)
         if not series["train"]:
             continue
+        per_example = unit == ["example"]
+        if per_example and right is None:
+            right = ax.twinx()
+            right.set_ylabel("classification loss (nats/example)")
+        target = right if per_example else ax
         for kind, style in (("train", "-"), ("eval", "o--")):
             pts = sorted(series[kind].items())
             if pts:
-                ax.plot([offset + s for s, _ in pts], [v for _, v in pts], style, markersize=3,
-                        label=f"{label}: {'train' if kind == 'train' else 'validation'} loss")
+                target.plot([offset + s for s, _ in pts], [v for _, v in pts], style if len(pts) > 1 else "o",
+                            markersize=3, color=f"C{2 * drawn + (kind == 'eval')}",
+                            label=f"{label}: {'train' if kind == 'train' else 'validation'} loss")
         if len(runs) > 1:
             ax.axvline(offset, color="grey", alpha=0.3)
         offset += max(series["train"])
@@ -217,10 +227,14 @@ def plot_runs(runs: list[tuple[str, str]], out_png: str, title: str = "kiln") ->
         plt.close(fig)
         return None
     ax.set_xlabel("step (runs laid end to end)")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("language-model loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    if right is not None:
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)

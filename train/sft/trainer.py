@@ -243,7 +243,8 @@ class SFTTrainer(Trainer):
             pre = os.path.join(os.path.dirname(os.path.dirname(self.init_dir)), "metrics.jsonl")
             if os.path.exists(pre):
                 runs.append(("pretraining", pre))
-        runs.append((f"fine-tuning ({self.task})", os.path.join(self.run_dir, "metrics.jsonl")))
+        runs.append((f"fine-tuning ({self.task})", os.path.join(self.run_dir, "metrics.jsonl"),
+                     "example" if self.classification else "token"))
         return plot_runs(runs, os.path.join(self.run_dir, "loss.png"), title=f"kiln: {self.cfg.run_name}")
 
 
