@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from data_pipeline.config import DataConfig
 from model.llama import ModelConfig
+from train.checkpoint import VERIFY_MODES
 from train.launcher import BACKENDS, resolve_backend
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,8 +208,8 @@ def validate(cfg: Any) -> None:
     _check(t.precision in ("auto", "fp32", "bf16"), "train.precision",
            f"unknown precision {t.precision!r} (auto | fp32 | bf16)")
     _check(cfg.checkpoint.every > 0, "checkpoint.every", f"must be positive, got {cfg.checkpoint.every}")
-    _check(cfg.checkpoint.verify in ("full", "size", "off"), "checkpoint.verify",
-           f"unknown mode {cfg.checkpoint.verify!r} (full | size | off)")
+    _check(cfg.checkpoint.verify in VERIFY_MODES, "checkpoint.verify",
+           f"unknown mode {cfg.checkpoint.verify!r} ({' | '.join(VERIFY_MODES)})")
     _check(cfg.checkpoint.keep_last > 0, "checkpoint.keep_last", f"must be positive, got {cfg.checkpoint.keep_last}")
     _check(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode",
            f"unknown mode {cfg.logger.wandb.mode!r} (offline | online | disabled)")

@@ -187,14 +187,15 @@ def _load_universal(path: str, shape: tuple) -> torch.Tensor:
     return t.reshape(-1)[:numel].reshape(shape).clone()
 
 
-def load_model(path: str, device: str = "cpu"):
+def load_model(path: str, device: str = "cpu", verify: str = "full"):
     """(model in eval mode, step dir) of a kiln checkpoint from any backend; ``path`` as in
-    ``train.checkpoint.resolve``, which also verifies it. Sharded FSDP (DCP) and DeepSpeed
-    ZeRO checkpoints are consolidated on the fly."""
+    ``train.checkpoint.resolve``, which also verifies it (``verify="off"`` for a directory
+    the caller has just verified). Sharded FSDP (DCP) and DeepSpeed ZeRO checkpoints are
+    consolidated on the fly."""
     from model.llama import Transformer
     from train.checkpoint import read_model_config, resolve
 
-    step_dir = resolve(path)
+    step_dir = resolve(path, verify)
     model = Transformer(read_model_config(step_dir))
     state = read_full_state(step_dir, model, with_optimizer=False)
     model.load_state_dict(state.model, strict=True)

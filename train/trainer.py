@@ -422,20 +422,20 @@ class Trainer:
         last_ckpt_step = self.state.step
         window: list[tuple[int, torch.Tensor, object]] = []  # (step, loss, grad norm) not read yet
 
-        def read_window() -> bool:
+        def read_window() -> Optional[tuple[int, float, float]]:
             """Read the window's losses and norms (the one device sync of a logging step) into
-            the result and the progress bar. False, after a rollback, if one was not finite."""
+            the result and the progress bar; returns the last (step, loss, grad norm), or None
+            after a rollback because one was not finite."""
             nonlocal window
             steps, window = window, []
             values = [(s, float(loss), float(norm)) for s, loss, norm in steps]
             for s, loss_val, _ in values:
                 if not math.isfinite(loss_val):
                     self.rollback(loss_val, s)  # raises unless train.nan_policy=rollback allows another
-                    return False
+                    return None
                 result["losses"][s] = loss_val
                 logger.advance(1, loss_val)
-            self._last_read = values[-1] if values else None
-            return True
+            return values[-1]
 
         while self.state.step < t.max_steps:
             lr = lr_at(self.state.step, cfg.optim, t.max_steps)
@@ -455,7 +455,8 @@ class Trainer:
             stop_now = self.should_stop()
             # Losses are read at logging steps, and before anything that must not see a NaN
             # model: an evaluation, a checkpoint, a stop.
-            if (log_now or eval_now or save_now or stop_now) and not read_window():
+            last = read_window() if log_now or eval_now or save_now or stop_now else ()
+            if last is None:  # rolled back
                 window_t0, window_tokens, paused = time.perf_counter(), 0, 0.0
                 last_ckpt_step = self.state.step
                 continue
@@ -464,7 +465,7 @@ class Trainer:
                     torch.cuda.synchronize(b.device)
                 dt = time.perf_counter() - window_t0 - paused
                 tps = window_tokens / dt
-                _, loss_val, norm_val = self._last_read
+                _, loss_val, norm_val = last
                 metrics = {"loss": loss_val, "lr": lr, "grad_norm": norm_val, "tokens": float(self.state.tokens),
                            "tokens_per_s": tps, "tokens_per_s_per_device": tps / b.world_size,
                            "mem_gb": peak_memory_gb(b.device)}
