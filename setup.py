@@ -39,5 +39,6 @@ setup(
         "dev": ["pytest>=8", "ruff>=0.5"],
         "hf": ["transformers>=4.44", "peft>=0.12"],
         "tensorboard": ["tensorboard>=2.15"],
+        "eval": ["lm_eval>=0.4.2"],  # lm-evaluation-harness on exported models (README)
     },
 )

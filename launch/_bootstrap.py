@@ -71,3 +71,21 @@ def check_overrides(config_name: str) -> None:
         cause = f" ({e.__cause__})" if e.__cause__ else ""
         print(f"config error: {e}{cause}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
+
+
+def leave(backend) -> None:
+    """End a launch script's process once its work is done and saved. In a multi-process run
+    the process exits at once after leaving the process group, without Python's interpreter
+    teardown: teardown destroys C++ objects that outlive the group (gloo worker threads held
+    by a DDP or FSDP module, DeepSpeed engines) in no fixed order, and torch can abort there
+    ("terminate called without an active exception", SIGABRT) after a run that fully
+    succeeded, which the launcher then reports as a failed job."""
+    import logging
+
+    multi = backend.world_size > 1
+    backend.shutdown()
+    if multi:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

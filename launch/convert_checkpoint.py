@@ -115,6 +115,10 @@ def main(argv=None) -> None:
         print(json.dumps({"out": os.path.join(os.path.abspath(args.out), ckpt.MODEL_FILE),
                           "parameters": param_count(ckpt.read_model_config(src))}))
         return
+    if os.path.exists(args.out):  # before any work: a conversion never replaces a checkpoint
+        print(f"convert_checkpoint: {args.out} exists; refusing to overwrite it (give another output "
+              "directory, or remove it)", file=sys.stderr)
+        sys.exit(2)
     parent = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".kiln-convert-", dir=parent)

@@ -2,6 +2,7 @@
 
     python launch/evaluate.py <checkpoint or hf dir> [data=<conf/data name>] [data.<key>=<value> ...]
         [seq_len=N] [batch_size=8] [max_docs=0] [device=auto] [out=result.json]
+        [texts=docs.jsonl] [end_eos=true]
 
 The data config is the checkpoint's own (its config.yaml), so by default the model is
 evaluated on the validation documents it was held out from; ``data=<name>`` swaps in
@@ -18,6 +19,12 @@ each starting from the previous window's last token, so every token is scored ex
 
 Bits per byte does not depend on the tokenizer, so models with different vocabularies
 compare. The result is printed as one JSON line and written to ``out=`` if given.
+
+``texts=docs.jsonl`` scores the ``text`` field of each line of a JSONL file instead of a
+held-out split (a bad line stops with its file and line number). ``end_eos=false`` does not
+predict the closing EOS: what lm-evaluation-harness's rolling log-likelihood measures with
+``prefix_token_id`` set to EOS, so for documents that fit in one window the two programs'
+bits per byte agree (tests/test_readme_commands.py compares them).
 """
 
 import _bootstrap  # noqa: F401, I001  (sys.path first: the imports below need it)
@@ -39,7 +46,8 @@ from data_pipeline.pipeline import document_stream
 from train.checkpoint import CONFIG
 from train.config import REPO_ROOT, register_configs
 
-OPTIONS = {"seq_len": 0, "batch_size": 8, "max_docs": 0, "device": "auto", "out": ""}
+OPTIONS = {"seq_len": 0, "batch_size": 8, "max_docs": 0, "device": "auto", "out": "", "texts": "",
+           "end_eos": True}
 
 
 def data_config(model_dir: str, overrides: list[str]):
@@ -59,7 +67,7 @@ def data_config(model_dir: str, overrides: list[str]):
 
 
 @torch.no_grad()
-def score_texts(model, tok, texts, seq_len: int, batch_size: int, device) -> dict:
+def score_texts(model, tok, texts, seq_len: int, batch_size: int, device, end_eos: bool = True) -> dict:
     """Sum of next-token nats over every document (see the module docstring)."""
     nats, tokens, nbytes, docs = 0.0, 0, 0, 0
     windows: list[list[int]] = []
@@ -82,7 +90,7 @@ def score_texts(model, tok, texts, seq_len: int, batch_size: int, device) -> dic
         windows.clear()
 
     for text in texts:
-        ids = [tok.eos_id] + tok.encode(text) + [tok.eos_id]
+        ids = [tok.eos_id] + tok.encode(text) + ([tok.eos_id] if end_eos else [])
         docs += 1
         nbytes += len(text.encode("utf-8"))
         for j in range(0, len(ids) - 1, seq_len):
@@ -93,6 +101,23 @@ def score_texts(model, tok, texts, seq_len: int, batch_size: int, device) -> dic
     loss = nats / max(tokens, 1)
     return {"docs": docs, "tokens": tokens, "bytes": nbytes, "nats": nats, "loss": loss,
             "perplexity": math.exp(min(loss, 700)), "bits_per_byte": nats / math.log(2) / max(nbytes, 1)}
+
+
+def read_texts(path: str) -> list[str]:
+    """The ``text`` of each line of a JSONL file; a malformed line is an error naming it."""
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{no}: not a JSON object with a 'text' field ({e})") from None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{no}: 'text' is {type(text).__name__}, not a string")
+            texts.append(text)
+    return texts
 
 
 @_bootstrap.exit_on_checkpoint_error
@@ -110,13 +135,22 @@ def main(argv=None) -> int:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
     seq_len = min(opts["seq_len"] or cfg.seq_len, model.cfg.max_seq_len)
-    docs = document_stream(cfg, split="val", loop=False)
-    texts = (d.text for d in itertools.islice(docs, opts["max_docs"] or None))
-    result = {"model": os.path.abspath(model_dir), "data": cfg.name, "split": "val", "seq_len": seq_len,
-              **score_texts(model, tok, texts, seq_len, opts["batch_size"], device)}
+    if opts["texts"]:
+        try:
+            texts = read_texts(opts["texts"])
+        except (OSError, ValueError) as e:
+            print(f"evaluate: {e}", file=sys.stderr)
+            return 2
+        source = {"data": os.path.abspath(opts["texts"]), "split": "all"}
+    else:
+        texts = (d.text for d in document_stream(cfg, split="val", loop=False))
+        source = {"data": cfg.name, "split": "val"}
+    texts = itertools.islice(texts, opts["max_docs"] or None)
+    result = {"model": os.path.abspath(model_dir), **source, "seq_len": seq_len, "end_eos": opts["end_eos"],
+              **score_texts(model, tok, texts, seq_len, opts["batch_size"], device, opts["end_eos"])}
     if result["docs"] == 0:
-        print(f"evaluate: the validation split of data {cfg.name!r} is empty (data.val_fraction="
-              f"{cfg.val_fraction})", file=sys.stderr)
+        where = opts["texts"] or f"the validation split of data {cfg.name!r} (data.val_fraction={cfg.val_fraction})"
+        print(f"evaluate: {where} has no documents", file=sys.stderr)
         return 1
     result["seconds"] = round(time.time() - t0, 2)
     line = json.dumps(result)

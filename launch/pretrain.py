@@ -53,7 +53,7 @@ def main(cfg: DictConfig) -> None:
             print(f"         data report: {os.path.abspath(result['data_report'])}")
         print(f"         tokenizer:   {os.path.abspath(trainer.tokenizer.path)}")
         print(f"         config:      {os.path.join(run_dir, '.hydra', 'config.yaml')}")
-    b.shutdown()
+    _bootstrap.leave(b)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def main(cfg: DictConfig) -> None:
             print(f"         generations: {os.path.abspath(result['generations_path'])}")
         if result.get("plot"):
             print(f"         loss plot:   {os.path.abspath(result['plot'])}")
-    b.shutdown()
+    _bootstrap.leave(b)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,13 @@ class ModelConfig:
         hidden = int(2 * 4 * self.d_model / 3)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
+    def shape(self) -> dict:
+        """What fixes the parameters' names and shapes: two configs with the same shape can
+        load each other's weights (max_seq_len, rope_theta, dropout may differ)."""
+        return {"d_model": self.d_model, "n_layers": self.n_layers, "n_heads": self.n_heads,
+                "n_kv_heads": self.kv_heads, "ffn_hidden": self.hidden_dim, "vocab_size": self.vocab_size,
+                "tie_embeddings": self.tie_embeddings}
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):

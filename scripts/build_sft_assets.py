@@ -1,6 +1,7 @@
-"""Build the two fine-tuning datasets shipped in ``data_pipeline/assets/sft/`` from the sample WARC.
+"""Build the fine-tuning datasets shipped in ``data_pipeline/assets/sft/`` (and the
+lm-evaluation-harness documents in ``data_pipeline/assets/lm_eval/``) from the sample WARC.
 
-    python scripts/build_sft_assets.py            # rewrites both files, deterministic
+    python scripts/build_sft_assets.py            # rewrites the files, deterministic
 
 Why derived from ``sample.warc.gz``: the embedded defaults must be real text, run offline and
 carry a clear licence. Both files are derived from the Python 3.11 documentation pages in
@@ -17,6 +18,9 @@ also from the Debian Reference pages (GPL-2+) and the public-domain junk records
   (conf/data/sample.yaml, every step), with the step that removed it and the labels-file
   ``kind`` (``sample_labels.jsonl``) as metadata. The text is the URL line plus the start
   of the extracted text: the URL filter decides on the URL alone.
+- ``lm_eval/python_docs.jsonl`` (text / source): the module descriptions of
+  ``python_qa.jsonl`` (the answers to "What is the `json` module for?"), short prose
+  documents that fit in one window of the tiny model, for the harness task beside it.
 """
 
 from __future__ import annotations
@@ -154,9 +158,17 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def build_lm_eval_docs(qa: list[dict]) -> list[dict]:
+    return [{"text": r["output"], "source": r["source"]} for r in qa
+            if r["instruction"].startswith("What is the `") and r["instruction"].endswith("` module for?")]
+
+
 def main() -> None:
     qa = build_qa()
     write_jsonl(os.path.join(OUT_DIR, "python_qa.jsonl"), qa)
+    docs = build_lm_eval_docs(qa)
+    write_jsonl(os.path.join(ASSETS, "lm_eval", "python_docs.jsonl"), docs)
+    print(f"lm_eval/python_docs.jsonl: {len(docs)} documents")
     cls = build_classification()
     write_jsonl(os.path.join(OUT_DIR, "pipeline_keep.jsonl"), cls)
     n_keep = sum(r["label"] == "keep" for r in cls)

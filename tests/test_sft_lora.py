@@ -227,3 +227,10 @@ def test_bad_option_values_and_missing_directories_name_the_key_without_a_traceb
     p = subprocess.run([sys.executable, "launch/convert_checkpoint.py", str(tmp_path / "missing"), str(tmp_path / "o"),
                         "--to", "full"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 3 and "no complete kiln checkpoint at" in p.stderr and "Traceback" not in p.stderr
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    p = subprocess.run([sys.executable, "launch/convert_checkpoint.py", base, str(existing), "--to", "full"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "exists; refusing to overwrite it" in p.stderr and "Traceback" not in p.stderr
+    assert os.listdir(existing) == ["keep.txt"]

@@ -275,6 +275,13 @@ class Trainer:
                 "node sees?)", path is None or os.path.isdir(path))
         if path is None:
             return None
+        theirs, ours = ckpt.read_model_config(path).shape(), self.model_cfg.shape()
+        if theirs != ours:  # e.g. a new model=... in a run directory that holds another model
+            diff = ", ".join(f"{k}={theirs[k]} (this run: {ours[k]})" for k in ours if theirs[k] != ours[k])
+            raise ckpt.CheckpointError(
+                f"resume={self.cfg.resume}: {path} holds a different model ({diff}). Give this run its own "
+                f"directory (run_name=... or run_dir=...), or start afresh here with resume=none (its "
+                "checkpoints then replace these).")
         self.load_checkpoint(path)
         return path
 

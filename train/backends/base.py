@@ -202,5 +202,9 @@ class Backend:
         raise NotImplementedError
 
     def shutdown(self) -> None:
+        """Leave the process group once every rank is done: the barrier keeps a rank that
+        finished early (rank 0 still writes reports) from tearing down its side first."""
         if dist.is_initialized():
+            if self.world_size > 1:
+                dist.barrier()
             dist.destroy_process_group()
