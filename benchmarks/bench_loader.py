@@ -5,9 +5,9 @@
 * tokenized shards (``format: tokens``): the shards are written once from the bundled WARC
   (prepare_data --format tokens), then rank 0 of world size 1 and of 2 pulls micro-batches
   through ``GlobalBatchSlicer`` exactly as the trainer does;
-* the on-the-fly chain (WARC -> filters -> tokenize -> pack) in ``sequences`` mode, where
-  every rank reads the whole global stream: documents processed per rank at world size 1
-  and 2 (the pipeline work per rank does not shrink with the world size in this mode).
+* the on-the-fly chain (WARC -> filters -> tokenize -> pack): tokens/s and pipeline work
+  (records and bytes read) of each rank at world size 1 and 2, in ``sequences`` mode (every
+  rank runs the whole global stream) and ``shards`` mode (each rank its virtual shards).
 
 One process, one core (torch and numpy threads set to 1). Prints numbers; asserts nothing.
 """
@@ -60,24 +60,36 @@ def bench_token_shards(shards_dir: str, seq_len: int, micro: int, seconds: float
 
 
 def bench_on_the_fly(tokenizer_path: str, seq_len: int, micro: int, steps: int) -> None:
-    from data_pipeline.config import DataConfig, SourceConfig
-    from data_pipeline.pipeline import document_stream
-    from data_pipeline.stream import PackedStream
-    from data_pipeline.tokenizer import Tokenizer
-    from train.data import GlobalBatchSlicer
+    """Each rank of world size 1 and 2, in ``sequences`` and ``shards`` mode, built by
+    ``train.data.build_train_stream`` from the composed default config as the trainer does."""
+    from hydra import compose, initialize_config_dir
 
+    from data_pipeline.tokenizer import Tokenizer
+    from train.config import register_configs
+    from train.data import _readers, build_train_stream
+
+    register_configs()
     tok = Tokenizer(tokenizer_path)
-    print(f"on-the-fly chain (sequences mode), {steps} steps of micro-batch {micro} per rank:")
-    for world in (1, 2):
-        docs = document_stream(DataConfig(sources=[SourceConfig(paths=[SAMPLE])], seq_len=seq_len), split="train",
-                               loop=True, tokenizer=tok)
-        it = GlobalBatchSlicer(PackedStream(docs, tok, seq_len), micro, 1, 0, world)
-        n, t0 = 0, time.perf_counter()
-        for _ in range(steps):
-            n += next(it)["input"].numel()
-        dt = time.perf_counter() - t0
-        print(f"  world size {world}: rank 0 receives {n / dt:,.0f} tokens/s; it read {docs.reader.stats.seen} "
-              f"records ({docs.reader.stats.seen / dt:.1f}/s) for {n:,} tokens of its own")
+    print(f"on-the-fly chain (WARC -> filters -> tokenize -> pack), {steps} steps, global batch {2 * micro} "
+          f"sequences of {seq_len} tokens:")
+    for mode in ("sequences", "shards"):
+        for world in (1, 2):
+            for rank in range(world):
+                with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
+                    cfg = compose("pretrain", overrides=[f"train.data_sharding={mode}", f"data.seq_len={seq_len}",
+                                                         f"train.micro_batch_size={2 * micro // world}"])
+                it = build_train_stream(cfg, tok, rank, world)
+                n, t0 = 0, time.perf_counter()
+                for _ in range(steps):
+                    n += next(it)["input"].numel()
+                dt = time.perf_counter() - t0
+                shards = getattr(it.windows, "shards", None)
+                readers = ([r for sh in shards.values() for r in _readers(sh.docs)] if shards
+                           else _readers(it.windows.docs))
+                records = sum(r.stats.seen for r in readers)
+                mb = sum(r.stats.bytes_seen for r in readers) / 1e6
+                print(f"  {mode:9s} world size {world} rank {rank}: {n / dt:9,.0f} tokens/s to the trainer; "
+                      f"pipeline work {records} records, {mb:.1f} MB ({mb / dt:.2f} MB/s) for {n:,} tokens")
 
 
 def main() -> None:
@@ -86,6 +98,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--steps", type=int, default=100, help="steps of the on-the-fly chain per rank")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tok = _tokenizer(args.tokenizer, d)
@@ -93,7 +106,7 @@ def main() -> None:
         subprocess.run([sys.executable, os.path.join(REPO, "launch", "prepare_data.py"), "--output-dir", shards,
                         "--format", "tokens", "--tokenizer", tok, "data=sample"], check=True, capture_output=True)
         bench_token_shards(shards, args.seq_len, args.micro, args.seconds)
-        bench_on_the_fly(tok, 256, args.micro, steps=20)
+        bench_on_the_fly(tok, 256, args.micro, steps=args.steps)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,9 @@ def test_checkpoint_holds_everything_needed_to_continue(tiny_cfg, tmp_path):
             "meta.json", "model_config.yaml"} <= names
     state = ckpt.read_trainer_state(path)
     assert state["step"] == 3 and state["tokens"] == 3 * 4 * 32
-    assert state["data"][0]["stream"]["docs"]["reader"]["position"] is not None
+    shards = state["data"][0]["stream"]["shards"]  # train.data_sharding=shards: each virtual shard once
+    assert sorted(shards, key=int) == [str(v) for v in range(8)]
+    assert shards["0"]["docs"]["reader"]["position"] is not None
     assert {"python", "numpy", "torch"} <= set(state["rng"][0])
     # Safe loading: weights and AdamW moments are safetensors, keyed by parameter name.
     from safetensors.torch import load_file

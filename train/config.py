@@ -67,7 +67,11 @@ class TrainConfig:
     eval_sequences: int = 64
     log_every: int = 10
     seed: int = 1337
-    data_sharding: str = "sequences"  # sequences (exact on any world size) | documents (see train/data.py)
+    # shards (exact on any world size that divides virtual_shards; each rank runs 1/N of the
+    # pipeline) | sequences (exact on any world size; every rank runs the whole pipeline) |
+    # documents (each rank its own stream; exact on the same world size). See train/data.py.
+    data_sharding: str = "shards"
+    virtual_shards: int = 8  # fixed for a run: changing it changes the stream
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | fp32 | bf16
     compile: bool = False
@@ -194,9 +198,10 @@ def validate(cfg: Any) -> None:
     _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     _check(t.eval_sequences >= 0, "train.eval_sequences", f"must be >= 0, got {t.eval_sequences}")
     _check(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
-    _check(t.data_sharding in ("sequences", "documents"), "train.data_sharding",
-           f"unknown mode {t.data_sharding!r} (sequences | documents)")
-    _check(t.data_sharding == "sequences" or d.sources[0].format != "tokens", "train.data_sharding",
+    _check(t.data_sharding in ("shards", "sequences", "documents"), "train.data_sharding",
+           f"unknown mode {t.data_sharding!r} (shards | sequences | documents)")
+    _check(t.virtual_shards > 0, "train.virtual_shards", f"must be positive, got {t.virtual_shards}")
+    _check(t.data_sharding != "documents" or d.sources[0].format != "tokens", "train.data_sharding",
            "tokenized shards are read by position: use train.data_sharding=sequences")
     _check(d.num_workers == 0 or t.data_sharding == "documents", "data.num_workers",
            f"{d.num_workers} DataLoader workers need train.data_sharding=documents (with sequences, every rank "

@@ -7,6 +7,14 @@ backends can be compared loss for loss, and a checkpoint resumes exactly on any 
 ranks (the stream state is global). The price is that every rank runs the pipeline on the
 whole stream, which is cheap for prepared or pre-filtered data.
 
+``train.data_sharding=shards``: the stream is cut into ``train.virtual_shards`` (V) fixed
+shards, each its own pipeline (reader share, filters, dedup index) and packer with its own
+state. Row g of the global stream (g counts rows over all steps) is the next window of
+shard g mod V, so the global batch of step k does not depend on the world size N; rank r
+builds and runs only the shards v with v mod N == r, 1/N of the pipeline work, and needs no
+row of another rank. Any N dividing V resumes exactly: the checkpoint holds one state per
+shard, whatever N was. Dedup then works within a shard (a copy in another shard survives).
+
 ``train.data_sharding=documents``: each rank reads a disjoint part of the input (whole
 files, or every N-th record), so pipeline work is divided across ranks. Resuming on the
 same number of ranks is exact; on a different number, each rank restarts its new shard at
@@ -31,6 +39,10 @@ class GlobalBatchSlicer:
 
     def _fill(self) -> None:
         n = self.micro * self.accum * self.world
+        if isinstance(self.windows, VirtualShards):  # this rank's rows come from its own shards
+            rows = self.windows.rows_for_rank(n)
+            self.pending = [self.collate_fn(rows[j * self.micro:(j + 1) * self.micro]) for j in range(self.accum)]
+            return
         if hasattr(self.windows, "take_rows"):  # random access (token shards): read this rank's rows only
             mine = [(j * self.world + self.rank) * self.micro + t for j in range(self.accum) for t in range(self.micro)]
             rows = self.windows.take_rows(n, mine)
@@ -70,6 +82,77 @@ class GlobalBatchSlicer:
         return getattr(getattr(self.windows, "docs", self.windows), "epoch", 0)
 
 
+class VirtualShards:
+    """The ``shards`` mode's stream on one rank (see the module docstring)."""
+
+    def __init__(self, make_shard, num_shards: int, rank: int, world: int):
+        """``make_shard(v, num_shards)``: the packed window stream of shard v."""
+        if num_shards % world:
+            from train.config import ConfigError
+
+            raise ConfigError("train.virtual_shards", f"{num_shards} shards cannot be split evenly over {world} "
+                              f"ranks; use a multiple of {world} (kept for the whole run: it fixes the stream)")
+        self.num_shards, self.rank, self.world = num_shards, rank, world
+        self.shards = {v: make_shard(v, num_shards) for v in range(rank, num_shards, world)}
+        self.position = 0  # rows of the global stream consumed, over all ranks
+
+    def rows_for_rank(self, n: int) -> list:
+        """This rank's rows among the next ``n`` global rows, in order (n / world of them)."""
+        rows = [next(self.shards[g % self.num_shards]) for g in range(self.position, self.position + n)
+                if g % self.num_shards % self.world == self.rank]
+        self.position += n
+        return rows
+
+    def state_dict(self) -> dict:
+        return {"virtual_shards": self.num_shards, "position": self.position,
+                "shards": {str(v): s.state_dict() for v, s in self.shards.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("virtual_shards") != self.num_shards:
+            from train.config import ConfigError
+
+            raise ConfigError("train.virtual_shards", f"the checkpoint's stream has {state.get('virtual_shards')} "
+                              f"shards, this run {self.num_shards}; resume with the same value")
+        self.position = state["position"]
+        for v, s in self.shards.items():
+            s.load_state_dict(state["shards"][str(v)])
+
+    @property
+    def docs(self):
+        """The document stream of this rank's first shard (epoch and report of the trainer)."""
+        return next(iter(self.shards.values())).docs
+
+    def pipeline_work(self) -> dict:
+        """What this rank's readers passed to the pipeline: records and their bytes (the
+        extraction and filters cost about in proportion to bytes)."""
+        readers = [r for sh in self.shards.values() for r in _readers(sh.docs)]
+        return {"documents": sum(r.stats.seen for r in readers), "bytes": sum(r.stats.bytes_seen for r in readers)}
+
+
+def _readers(docs) -> list:
+    return [src.reader for src in getattr(docs, "streams", None) or [docs]]
+
+
+def merge_shard_states(parts: list[dict]) -> dict:
+    """The ranks' slicer states of a ``shards`` stream as one: each virtual shard once."""
+    merged = {**parts[0], "stream": {**parts[0]["stream"], "shards": {}}}
+    for p in parts:
+        merged["stream"]["shards"].update(p["stream"]["shards"])
+    return merged
+
+
+def data_state(stream, backend) -> list[dict]:
+    """The data position a checkpoint stores, collected from the ranks (every rank calls):
+    one state for global streams (rank 0's, not N equal copies), one merged state holding
+    each virtual shard once, or one state per rank for per-rank streams."""
+    if isinstance(stream, GlobalBatchSlicer) and isinstance(stream.windows, VirtualShards):
+        parts = backend.all_gather_object(stream.state_dict())
+        return [merge_shard_states(parts)] if backend.is_main else []
+    if is_global_stream(stream):
+        return [stream.state_dict()] if backend.is_main else []
+    return backend.all_gather_object(stream.state_dict())
+
+
 def shard_validation(rows: list, micro: int, rank: int, world: int, collate_fn=collate) -> list[dict]:
     """This rank's validation micro-batches from the global list of held-out ``rows``.
 
@@ -101,6 +184,14 @@ def build_train_stream(cfg, tokenizer, rank: int, world: int):
     if data.is_token_data(cfg.data):
         return GlobalBatchSlicer(data.token_stream(cfg.data, "train"), t.micro_batch_size, t.grad_accum_steps,
                                  rank, world)
+    if t.data_sharding == "shards":
+        def make_shard(v: int, num_shards: int) -> PackedStream:
+            docs = data.document_stream(cfg.data, split="train", shard=v, num_shards=num_shards, loop=True,
+                                        tokenizer=tokenizer)
+            return PackedStream(docs, tokenizer, cfg.data.seq_len)
+
+        return GlobalBatchSlicer(VirtualShards(make_shard, t.virtual_shards, rank, world), t.micro_batch_size,
+                                 t.grad_accum_steps, rank, world)
     if t.data_sharding == "sequences":
         docs = data.document_stream(cfg.data, split="train", loop=True, tokenizer=tokenizer)
         return GlobalBatchSlicer(PackedStream(docs, tokenizer, cfg.data.seq_len), t.micro_batch_size,
@@ -120,6 +211,11 @@ def restore_stream(stream, states: list[dict], rank: int, world: int) -> str:
     if isinstance(stream, GlobalBatchSlicer):
         if not states[0].get("global"):
             raise ValueError("checkpoint was written with train.data_sharding=documents; resume with the same setting")
+        saved = "shards" if "virtual_shards" in states[0]["stream"] else "sequences"
+        now = "shards" if isinstance(stream.windows, VirtualShards) else "sequences"
+        if saved != now and not hasattr(stream.windows, "take_rows"):
+            raise ValueError(f"checkpoint was written with train.data_sharding={saved}, this run has {now}; "
+                             "resume with the same setting")
         stream.load_state_dict(states[0])
         return "global stream restored exactly"
     if states[0].get("global"):

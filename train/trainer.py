@@ -46,7 +46,7 @@ from train.backends import build_backend
 from train.backends.base import RanksDisagree
 from train.compile import compile_blocks
 from train.config import ConfigError
-from train.data import build_train_stream, is_global_stream, pipeline_steps, restore_stream, validation_batches
+from train.data import build_train_stream, data_state, pipeline_steps, restore_stream, validation_batches
 from train.full_state import load_init_weights
 from train.metrics import MetricsLogger, peak_flops, peak_memory_gb, plot_losses
 from train.optim import lr_at
@@ -307,10 +307,7 @@ class Trainer:
         tmp = ckpt.begin(self.ckpt_root, self.state.step) if b.is_main else None
         tmp = b.broadcast_object(tmp)
         self.save_model_state(tmp)
-        if is_global_stream(self.train_batches):  # one state for the whole world: rank 0's, not N copies
-            data_states = [self.train_batches.state_dict()] if b.is_main else []
-        else:
-            data_states = b.all_gather_object(self.train_batches.state_dict())
+        data_states = data_state(self.train_batches, b)
         rngs = b.all_gather_object(ckpt.rng_state())
         b.barrier()
         final = None
