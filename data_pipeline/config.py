@@ -154,7 +154,11 @@ class DataConfig:
     seq_len: int = 256
     val_fraction: float = 0.05  # share of documents held out (stable hash of the document id)
     val_max_sequences: int = 256  # cap on the validation set held in memory
-    num_workers: int = 0  # DataLoader worker processes per rank (0: read in the training process)
+    # Background processes per rank that read, filter, tokenize and pack (0: the training process
+    # does it). train.data_sharding=shards: they share the rank's virtual shards; documents:
+    # DataLoader workers, each a sub-shard.
+    num_workers: int = 0
+    prefetch: int = 8  # windows each shards-mode worker may hold ready ahead of the trainer
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     url_filter: URLFilterConfig = field(default_factory=URLFilterConfig)
     langid: LangIdConfig = field(default_factory=LangIdConfig)

@@ -48,6 +48,7 @@ class ExactDedup(PipelineStep):
     """Drops documents whose whitespace-normalised text was seen before (xxh3-64 hash)."""
 
     name = "exact_dedup"
+    stateful = True
 
     def __init__(self, capacity: int | None = 1_000_000, mode: str = "streaming"):
         super().__init__()
@@ -65,16 +66,23 @@ class ExactDedup(PipelineStep):
         k = self.key(doc.text)
         if k in self.seen:
             return "exact_duplicate"
+        self._insert(k)
+        return doc
+
+    def _insert(self, k: int) -> None:
+        self._record("_insert", k)
         self.seen[k] = None
         if self.capacity is not None and len(self.seen) > self.capacity:
             self.seen.popitem(last=False)
             self.evicted += 1
-        return doc
 
     def new_epoch(self) -> None:
+        self._record("new_epoch")
         self.seen.clear()
 
     def state_dict(self) -> dict:
+        if self.mirror_id is not None:
+            return {"mirrored": self.mirror_id}
         return {"keys": pack(list(self.seen)), "evicted": self.evicted}
 
     def load_state_dict(self, state: dict) -> None:
@@ -149,6 +157,7 @@ class MinHashDedup(PipelineStep):
     """
 
     name = "minhash_dedup"
+    stateful = True
 
     def __init__(self, ngram: int = 5, num_bands: int = 14, rows_per_band: int = 8, threshold: float = 0.0,
                  capacity: int | None = 1_000_000, mode: str = "streaming", seed: int = 1):
@@ -179,6 +188,7 @@ class MinHashDedup(PipelineStep):
         return False
 
     def _add(self, keys: list[int], sig: np.ndarray | None) -> None:
+        self._record("_add", keys, sig if self.threshold > 0 else None)
         seq = self.next_seq
         self.next_seq += 1
         self.docs[seq] = (keys, sig if self.threshold > 0 else None)
@@ -202,9 +212,12 @@ class MinHashDedup(PipelineStep):
         return doc
 
     def new_epoch(self) -> None:
+        self._record("new_epoch")
         self._reset()
 
     def state_dict(self) -> dict:
+        if self.mirror_id is not None:
+            return {"mirrored": self.mirror_id}
         keys = [k for k, _ in self.docs.values()]
         state = {"n": len(keys), "band_keys": pack(keys), "evicted": self.evicted}
         if self.threshold > 0:

@@ -59,9 +59,21 @@ class PipelineStep:
 
     name: str = "step"
     max_examples_per_reason = 3
+    # Stateful steps (dedup) set this. In a background data worker their index is mirrored in
+    # the training process: the worker records each change of the index in ``journal`` as
+    # (method name, arguments), the mirror replays the changes of the windows the trainer
+    # consumed, and the worker's own state_dict() returns ``{"mirrored": mirror_id}``
+    # instead of packing the index (train/data_workers.py).
+    stateful = False
+    journal: list | None = None
+    mirror_id: int | None = None
 
     def __init__(self):
         self.stats = StepStats()
+
+    def _record(self, method: str, *args) -> None:
+        if self.journal is not None:
+            self.journal.append((method, args))
 
     def process(self, doc: Document) -> Document | str | None:
         """Return the (possibly changed) document to keep it, or a reason string to drop it."""

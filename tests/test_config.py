@@ -44,7 +44,7 @@ def test_misspelt_key_or_wrong_type_fails_naming_the_key(override, key):
     (["backend.zero_stage=4"], "backend.zero_stage"),
     (["resume=/no/such/dir"], "resume"),
     (["tokenizer.path=/no/such.model"], "tokenizer.path"),
-    (["data.num_workers=2"], "data.num_workers"),
+    (["train.data_sharding=sequences", "data.num_workers=2"], "data.num_workers"),
     (["train.data_sharding=random"], "train.data_sharding"),
 ])
 def test_invalid_value_fails_validation_naming_the_key(overrides, key):

@@ -117,6 +117,18 @@ def test_accelerate_launch_runs_two_ranks_matching_the_reference(runs):
     assert_close(losses(run_dir, "eval"), runs["ref_val"], [0, 2, 4])
 
 
+def test_background_data_workers_on_two_ranks_then_one_train_the_reference_steps(runs):
+    """data.num_workers=2 per rank: the pipeline runs in worker processes; the checkpoint
+    of the 2-process run holds the consumed position, and one process resumes from it."""
+    run_dir = runs["root"] / "workers"
+    launch("torchrun", runs["common"] + [f"run_dir={run_dir}", "data.num_workers=2", "train.stop_at_step=5"])
+    assert_close(losses(run_dir), runs["ref"], range(1, 6))
+    out = launch("python", runs["common"] + [f"run_dir={run_dir}", "data.num_workers=2", "train.micro_batch_size=4"])
+    assert "resumed from" in out
+    assert_close(losses(run_dir), runs["ref"], range(6, 11))
+    assert_close(losses(run_dir, "eval"), runs["ref_val"], [0, 2, 4, 6, 8, 10])
+
+
 @pytest.mark.parametrize("name", ["single", *BACKENDS])
 def test_every_launch_trained_the_same_tokenizer_and_says_which_backend_runs(runs, name):
     header = runs["headers"][name]

@@ -203,9 +203,11 @@ def validate(cfg: Any) -> None:
     _check(t.virtual_shards > 0, "train.virtual_shards", f"must be positive, got {t.virtual_shards}")
     _check(t.data_sharding != "documents" or d.sources[0].format != "tokens", "train.data_sharding",
            "tokenized shards are read by position: use train.data_sharding=sequences")
-    _check(d.num_workers == 0 or t.data_sharding == "documents", "data.num_workers",
-           f"{d.num_workers} DataLoader workers need train.data_sharding=documents (with sequences, every rank "
-           "reads the one global stream in order)")
+    _check(d.num_workers == 0 or t.data_sharding != "sequences", "data.num_workers",
+           f"{d.num_workers} background workers need train.data_sharding=shards or documents (with sequences, "
+           "every rank reads the one global stream in order)")
+    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(d.prefetch > 0, "data.prefetch", f"must be positive, got {d.prefetch}")
     _check(t.nan_policy in ("raise", "rollback"), "train.nan_policy",
            f"unknown policy {t.nan_policy!r} (raise | rollback)")
     _check(t.max_rollbacks >= 0, "train.max_rollbacks", f"must be >= 0, got {t.max_rollbacks}")

@@ -62,6 +62,10 @@ class GlobalBatchSlicer:
             self._fill()
         return self.pending.pop(0)
 
+    def close(self) -> None:
+        if hasattr(self.windows, "close"):
+            self.windows.close()
+
     def state_dict(self) -> dict:
         """The position between two optimizer steps (where checkpoints are taken). It is
         read only then: packing the stream state (with a dedup index, megabytes) every step
@@ -85,16 +89,25 @@ class GlobalBatchSlicer:
 class VirtualShards:
     """The ``shards`` mode's stream on one rank (see the module docstring)."""
 
-    def __init__(self, make_shard, num_shards: int, rank: int, world: int):
-        """``make_shard(v, num_shards)``: the packed window stream of shard v."""
+    def __init__(self, make_shard, num_shards: int, rank: int, world: int, workers: int = 0, prefetch: int = 8):
+        """``make_shard(v)``: the packed window stream of shard v (picklable when ``workers``
+        > 0: background processes build the shards, train/data_workers.py)."""
         if num_shards % world:
             from train.config import ConfigError
 
             raise ConfigError("train.virtual_shards", f"{num_shards} shards cannot be split evenly over {world} "
                               f"ranks; use a multiple of {world} (kept for the whole run: it fixes the stream)")
         self.num_shards, self.rank, self.world = num_shards, rank, world
-        self.shards = {v: make_shard(v, num_shards) for v in range(rank, num_shards, world)}
+        owned = list(range(rank, num_shards, world))
         self.position = 0  # rows of the global stream consumed, over all ranks
+        self.workers = None
+        if workers > 0:
+            from train.data_workers import ShardWorkers
+
+            self.workers = ShardWorkers(make_shard, owned, workers, prefetch, num_shards, lambda: self.position)
+            self.shards = {v: self.workers.shard(v, make_shard(v)) for v in owned}
+        else:
+            self.shards = {v: make_shard(v) for v in owned}
 
     def rows_for_rank(self, n: int) -> list:
         """This rank's rows among the next ``n`` global rows, in order (n / world of them)."""
@@ -117,6 +130,11 @@ class VirtualShards:
         for v, s in self.shards.items():
             s.load_state_dict(state["shards"][str(v)])
 
+    def close(self) -> None:
+        """Stop the background workers, if any (they would outlive an os._exit)."""
+        if self.workers is not None:
+            self.workers.stop()
+
     @property
     def docs(self):
         """The document stream of this rank's first shard (epoch and report of the trainer)."""
@@ -127,6 +145,33 @@ class VirtualShards:
         extraction and filters cost about in proportion to bytes)."""
         readers = [r for sh in self.shards.values() for r in _readers(sh.docs)]
         return {"documents": sum(r.stats.seen for r in readers), "bytes": sum(r.stats.bytes_seen for r in readers)}
+
+
+class ShardFactory:
+    """Builds virtual shard v's packed stream; picklable (plain config, tokenizer path), so a
+    background worker process can build the same stream."""
+
+    def __init__(self, data_cfg, tokenizer_path: str, num_shards: int):
+        from omegaconf import OmegaConf
+
+        self.data = OmegaConf.to_container(data_cfg, resolve=True) if OmegaConf.is_config(data_cfg) else data_cfg
+        self.tokenizer_path, self.num_shards = tokenizer_path, num_shards
+        self._tok = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tok": None}
+
+    def __call__(self, v: int) -> PackedStream:
+        from omegaconf import OmegaConf
+
+        from data_pipeline.tokenizer import Tokenizer
+
+        if self._tok is None:
+            self._tok = Tokenizer(self.tokenizer_path)
+        cfg = OmegaConf.create(self.data)
+        docs = data.document_stream(cfg, split="train", shard=v, num_shards=self.num_shards, loop=True,
+                                    tokenizer=self._tok)
+        return PackedStream(docs, self._tok, cfg.seq_len)
 
 
 def _readers(docs) -> list:
@@ -185,13 +230,9 @@ def build_train_stream(cfg, tokenizer, rank: int, world: int):
         return GlobalBatchSlicer(data.token_stream(cfg.data, "train"), t.micro_batch_size, t.grad_accum_steps,
                                  rank, world)
     if t.data_sharding == "shards":
-        def make_shard(v: int, num_shards: int) -> PackedStream:
-            docs = data.document_stream(cfg.data, split="train", shard=v, num_shards=num_shards, loop=True,
-                                        tokenizer=tokenizer)
-            return PackedStream(docs, tokenizer, cfg.data.seq_len)
-
-        return GlobalBatchSlicer(VirtualShards(make_shard, t.virtual_shards, rank, world), t.micro_batch_size,
-                                 t.grad_accum_steps, rank, world)
+        make_shard = ShardFactory(cfg.data, tokenizer.path, t.virtual_shards)
+        shards = VirtualShards(make_shard, t.virtual_shards, rank, world, cfg.data.num_workers, cfg.data.prefetch)
+        return GlobalBatchSlicer(shards, t.micro_batch_size, t.grad_accum_steps, rank, world)
     if t.data_sharding == "sequences":
         docs = data.document_stream(cfg.data, split="train", loop=True, tokenizer=tokenizer)
         return GlobalBatchSlicer(PackedStream(docs, tokenizer, cfg.data.seq_len), t.micro_batch_size,

@@ -494,6 +494,8 @@ class Trainer:
                 result["stopped"] = True
                 break
         logger.close()
+        if hasattr(self.train_batches, "close"):  # background data workers
+            self.train_batches.close()
         result["final_step"] = self.state.step
         result["tokens"] = self.state.tokens
         if b.is_main:
