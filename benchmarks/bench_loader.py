@@ -72,23 +72,27 @@ def bench_on_the_fly(tokenizer_path: str, seq_len: int, micro: int, steps: int) 
     tok = Tokenizer(tokenizer_path)
     print(f"on-the-fly chain (WARC -> filters -> tokenize -> pack), {steps} steps, global batch {2 * micro} "
           f"sequences of {seq_len} tokens:")
-    for mode in ("sequences", "shards"):
+    for mode, workers in (("sequences", 0), ("shards", 0), ("shards", 2)):
         for world in (1, 2):
             for rank in range(world):
                 with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
                     cfg = compose("pretrain", overrides=[f"train.data_sharding={mode}", f"data.seq_len={seq_len}",
-                                                         f"train.micro_batch_size={2 * micro // world}"])
+                                                         f"train.micro_batch_size={2 * micro // world}",
+                                                         f"data.num_workers={workers}"])
                 it = build_train_stream(cfg, tok, rank, world)
+                next(it)  # workers started, first windows in flight
                 n, t0 = 0, time.perf_counter()
                 for _ in range(steps):
                     n += next(it)["input"].numel()
                 dt = time.perf_counter() - t0
+                it.close()
                 shards = getattr(it.windows, "shards", None)
                 readers = ([r for sh in shards.values() for r in _readers(sh.docs)] if shards
                            else _readers(it.windows.docs))
                 records = sum(r.stats.seen for r in readers)
                 mb = sum(r.stats.bytes_seen for r in readers) / 1e6
-                print(f"  {mode:9s} world size {world} rank {rank}: {n / dt:9,.0f} tokens/s to the trainer; "
+                print(f"  {mode:9s} workers {workers} world size {world} rank {rank}: {n / dt:9,.0f} tokens/s to the "
+                      "trainer; "
                       f"pipeline work {records} records, {mb:.1f} MB ({mb / dt:.2f} MB/s) for {n:,} tokens")
 
 

@@ -11,7 +11,13 @@ configuration. Under torchrun/deepspeed, pass backend=... exactly as for launch/
   deepspeed --num_gpus 8 benchmarks/bench_train.py model=1b backend=deepspeed backend.zero_stage=2 train=gpu
 
 Extra keys (``bench.steps``, ``bench.warmup``) are read from the environment:
-KILN_BENCH_STEPS (default 20), KILN_BENCH_WARMUP (default 5).
+KILN_BENCH_STEPS (default 20), KILN_BENCH_WARMUP (default 5). KILN_BENCH_DATA=real feeds
+the configured data instead (tokenizer, data pipeline or token shards, data.num_workers)
+and also times the same real batches replayed from memory, so the loader's cost is the
+difference (random tokens differ from packed text: no document masks):
+
+  python benchmarks/bench_train.py tokenizer.path=runs/default/tokenizer.model
+  KILN_BENCH_DATA=real python benchmarks/bench_train.py tokenizer.path=runs/default/tokenizer.model data.num_workers=1
 """
 
 import os
@@ -43,6 +49,10 @@ def main(cfg: DictConfig) -> None:
     steps, warmup = int(os.environ.get("KILN_BENCH_STEPS", 20)), int(os.environ.get("KILN_BENCH_WARMUP", 5))
     T, B, A = cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     vocab = cfg.model.vocab_size or 32000
+    if cfg.tokenizer.path:  # the vocabulary a real run would have, so both feeds train the same model
+        from data_pipeline.tokenizer import Tokenizer
+
+        vocab = Tokenizer(cfg.tokenizer.path).vocab_size
 
     class SyntheticTrainer(Trainer):
         """The trainer itself -- model set-up, backend, forward_backward, backend.step --
@@ -55,35 +65,51 @@ def main(cfg: DictConfig) -> None:
             x = torch.randint(0, vocab, (B, T + 1))
             return itertools.repeat({"input": x[:, :-1], "target": x[:, 1:]}), []
 
+    real = os.environ.get("KILN_BENCH_DATA", "synthetic") == "real"
     cfg.run_dir = tempfile.mkdtemp(prefix="kiln-bench-")
-    trainer = SyntheticTrainer(cfg)
+    trainer = (Trainer if real else SyntheticTrainer)(cfg)
     backend, dev, mc = trainer.backend, trainer.backend.device, trainer.model_cfg
 
-    def one_step():
-        trainer.forward_backward([next(trainer.train_batches) for _ in range(A)])
+    def one_step(batches):
+        trainer.forward_backward([next(batches) for _ in range(A)])
         backend.step(cfg.optim.lr, cfg.optim.grad_clip)
 
+    def timed(batches, n: int) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            one_step(batches)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     for _ in range(warmup):
-        one_step()
+        one_step(trainer.train_batches)
     if dev.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    dt = timed(trainer.train_batches, steps)
+    replay_note = ""
+    if real:  # the same real batches (document masks included) replayed from memory: no loader work
+        cached = itertools.cycle([next(trainer.train_batches) for _ in range(A)])
+        dt_replay = timed(cached, steps // 2) + timed(cached, steps - steps // 2)
+        dt += timed(trainer.train_batches, steps)  # loader again, so drift hits both alike
+        dt /= 2
+        replay_note = (f"; replayed from memory {steps / dt_replay:.3f} steps/s: the loader costs "
+                       f"{(dt - dt_replay) / dt_replay:+.1%}")
     tps = B * T * A * backend.world_size * steps / dt
     mfu = trainer.flops_per_token * tps / backend.world_size / trainer.peak if trainer.peak else float("nan")
     if backend.is_main:
         print(f"[bench_train] model={mc.d_model}x{mc.n_layers} params={param_count(mc) / 1e6:.1f}M "
               f"backend={backend.name}{'-z' + str(cfg.backend.zero_stage) if backend.name == 'deepspeed' else ''} "
               f"world={backend.world_size} device={dev} bf16={backend.bf16} compile={cfg.train.compile} "
-              f"ac={cfg.train.activation_checkpointing} seq={T} micro={B} accum={A}: "
+              f"ac={cfg.train.activation_checkpointing} seq={T} micro={B} accum={A} "
+              f"data={'real' if real else 'synthetic'} workers={cfg.data.num_workers if real else 0}: "
               f"{tps:,.0f} tokens/s ({tps / backend.world_size:,.0f} per device), "
-              f"{dt / steps * 1000:.1f} ms/step, MFU {mfu:.1%}, peak memory {peak_memory_gb(dev):.2f} GiB",
-              flush=True)
+              f"{dt / steps * 1000:.1f} ms/step ({steps / dt:.3f} steps/s), MFU {mfu:.1%}, "
+              f"peak memory {peak_memory_gb(dev):.2f} GiB{replay_note}", flush=True)
+    if hasattr(trainer.train_batches, "close"):
+        trainer.train_batches.close()
     backend.shutdown()
 
 

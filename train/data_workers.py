@@ -22,6 +22,8 @@ import multiprocessing as mp
 import os
 import queue
 
+import torch
+
 from data_pipeline.stream import PackedStream
 
 
@@ -67,8 +69,6 @@ def _fill_in(state, mirrors: list, files: list):
 
 
 def _worker(make_shard, shard_ids: list[int], states: dict, out: mp.Queue, prefetch_parent: int) -> None:
-    import torch
-
     torch.set_num_threads(1)
     streams = {}
     for v in shard_ids:
@@ -86,6 +86,8 @@ def _worker(make_shard, shard_ids: list[int], states: dict, out: mp.Queue, prefe
             for step in _stateful_steps(packed):
                 step.journal.clear()
             stats = [part.stats.as_dict() for part in _readers_and_steps(packed)]
+            # numpy, not tensors: torch would move each tensor through a shared-memory segment
+            window = {k: t.numpy() for k, t in window.items()}
             item = (v, window, _strip_files(packed.state_dict()), changes, stats)
             while True:
                 try:
@@ -123,7 +125,7 @@ class WorkerShard:
         if "epoch" in light.get("docs", {}):
             self.mirror.docs.epoch = light["docs"]["epoch"]
         self.light = light
-        return window
+        return {k: torch.from_numpy(a) for k, a in window.items()}
 
     def state_dict(self) -> dict:
         if self.light is None:
