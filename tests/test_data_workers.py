@@ -61,3 +61,42 @@ def test_a_run_with_workers_resumes_to_the_losses_of_the_uninterrupted_run(tiny_
     assert {**first["losses"], **second["losses"]} == straight["losses"]
     assert second["val_losses"][12] == straight["val_losses"][12]
     assert trainer.train_batches.windows.workers.procs == []  # stopped when fit returned
+
+
+def test_workers_exit_when_the_trainer_is_killed(tiny_cfg, tokenizer, tmp_path):
+    """A SIGKILLed trainer (OOM killer, scheduler) must not leave workers holding memory."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    script = tmp_path / "trainer.py"
+    script.write_text(f"""
+import sys, time
+sys.path.insert(0, {REPO!r})
+from tests.conftest import compose, TINY
+from data_pipeline.tokenizer import Tokenizer
+from train.data import build_train_stream
+if __name__ == "__main__":
+    cfg = compose(TINY + ["train.virtual_shards=4", "data.num_workers=2", "data.prefetch=2",
+                          "tokenizer.path={tokenizer.path}", "run_dir={tmp_path / 'run'}"])
+    s = build_train_stream(cfg, Tokenizer("{tokenizer.path}"), 0, 1)
+    next(s)
+    print(" ".join(str(p.pid) for p in s.windows.workers.procs), flush=True)
+    time.sleep(600)
+""")
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids = [int(x) for x in p.stdout.readline().split()]
+    assert len(pids) == 2
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.time() + 60
+    alive = pids
+    while alive and time.time() < deadline:
+        time.sleep(0.5)
+        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}") and
+                 open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+    assert not alive, f"workers {alive} outlived the killed trainer"

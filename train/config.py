@@ -202,11 +202,13 @@ def validate(cfg: Any) -> None:
            f"unknown mode {t.data_sharding!r} (shards | sequences | documents)")
     _check(t.virtual_shards > 0, "train.virtual_shards", f"must be positive, got {t.virtual_shards}")
     _check(t.data_sharding != "documents" or d.sources[0].format != "tokens", "train.data_sharding",
-           "tokenized shards are read by position: use train.data_sharding=sequences")
+           "tokenized shards are read by position: use train.data_sharding=shards or sequences")
+    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _check(d.num_workers == 0 or t.data_sharding != "sequences", "data.num_workers",
            f"{d.num_workers} background workers need train.data_sharding=shards or documents (with sequences, "
            "every rank reads the one global stream in order)")
-    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(d.num_workers == 0 or d.sources[0].format != "tokens", "data.num_workers",
+           "tokenized shards need no background workers (a window is a slice of a memory-mapped file); set 0")
     _check(d.prefetch > 0, "data.prefetch", f"must be positive, got {d.prefetch}")
     _check(t.nan_policy in ("raise", "rollback"), "train.nan_policy",
            f"unknown policy {t.nan_policy!r} (raise | rollback)")

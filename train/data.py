@@ -96,7 +96,9 @@ class VirtualShards:
             from train.config import ConfigError
 
             raise ConfigError("train.virtual_shards", f"{num_shards} shards cannot be split evenly over {world} "
-                              f"ranks; use a multiple of {world} (kept for the whole run: it fixes the stream)")
+                              f"ranks; use a multiple of {world} (kept for the whole run: it fixes the stream), "
+                              "or train.data_sharding=sequences (any world size; every rank runs the whole "
+                              "pipeline)")
         self.num_shards, self.rank, self.world = num_shards, rank, world
         owned = list(range(rank, num_shards, world))
         self.position = 0  # rows of the global stream consumed, over all ranks
@@ -191,7 +193,7 @@ def data_state(stream, backend) -> list[dict]:
     one state for global streams (rank 0's, not N equal copies), one merged state holding
     each virtual shard once, or one state per rank for per-rank streams."""
     if isinstance(stream, GlobalBatchSlicer) and isinstance(stream.windows, VirtualShards):
-        parts = backend.all_gather_object(stream.state_dict())
+        parts = backend.gather_object(stream.state_dict())  # dedup indexes: to rank 0 only
         return [merge_shard_states(parts)] if backend.is_main else []
     if is_global_stream(stream):
         return [stream.state_dict()] if backend.is_main else []
@@ -249,24 +251,36 @@ def restore_stream(stream, states: list[dict], rank: int, world: int) -> str:
     """Load the saved data state into ``stream``; returns a note on what was done."""
     if not states:
         return "no data state saved; starting the stream afresh"
+    saved, now = _mode_of_state(states[0]), _mode_of_stream(stream)
+    if saved != now:
+        raise ValueError(f"the checkpoint's data position is of a {saved} stream, this run reads a {now} "
+                         "stream; resume with the data and train.data_sharding it was written with")
     if isinstance(stream, GlobalBatchSlicer):
-        if not states[0].get("global"):
-            raise ValueError("checkpoint was written with train.data_sharding=documents; resume with the same setting")
-        saved = "shards" if "virtual_shards" in states[0]["stream"] else "sequences"
-        now = "shards" if isinstance(stream.windows, VirtualShards) else "sequences"
-        if saved != now and not hasattr(stream.windows, "take_rows"):
-            raise ValueError(f"checkpoint was written with train.data_sharding={saved}, this run has {now}; "
-                             "resume with the same setting")
         stream.load_state_dict(states[0])
         return "global stream restored exactly"
-    if states[0].get("global"):
-        raise ValueError("checkpoint was written with train.data_sharding=sequences; resume with the same setting")
     if len(states) == world:
         stream.load_state_dict(states[rank])
         return "per-rank streams restored exactly"
     epoch = max(s["docs"]["epoch"] for s in states)
     stream.set_epoch(epoch)
     return f"{len(states)} data ranks then, {world} now: shards restart at epoch {epoch}"
+
+
+def _mode_of_state(state: dict) -> str:
+    if not state.get("global"):
+        return "train.data_sharding=documents"
+    inner = state.get("stream", {})
+    if "virtual_shards" in inner:
+        return "train.data_sharding=shards"
+    return "train.data_sharding=sequences" if "docs" in inner else "row-addressed (tokenized shards, SFT rows)"
+
+
+def _mode_of_stream(stream) -> str:
+    if not isinstance(stream, GlobalBatchSlicer):
+        return "train.data_sharding=documents"
+    if isinstance(stream.windows, VirtualShards):
+        return "train.data_sharding=shards"
+    return "train.data_sharding=sequences" if isinstance(stream.windows, PackedStream) else "row-addressed (tokenized shards, SFT rows)"
 
 
 def pipeline_steps(stream) -> list:

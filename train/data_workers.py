@@ -68,6 +68,13 @@ def _fill_in(state, mirrors: list, files: list):
     return walk(state)
 
 
+def _leave(out: mp.Queue) -> None:
+    """Exit without flushing the queue: its feeder thread would block forever on a pipe
+    that nobody reads any more."""
+    out.cancel_join_thread()
+    os._exit(0)
+
+
 def _worker(make_shard, shard_ids: list[int], states: dict, out: mp.Queue, prefetch_parent: int) -> None:
     torch.set_num_threads(1)
     streams = {}
@@ -80,6 +87,8 @@ def _worker(make_shard, shard_ids: list[int], states: dict, out: mp.Queue, prefe
         streams[v] = packed
     while True:
         for v in shard_ids:
+            if os.getppid() != prefetch_parent:  # the trainer is gone (killed): so is this worker
+                _leave(out)
             packed = streams[v]
             window = next(packed)
             changes = [step.journal[:] for step in _stateful_steps(packed)]
@@ -94,8 +103,8 @@ def _worker(make_shard, shard_ids: list[int], states: dict, out: mp.Queue, prefe
                     out.put(item, timeout=5)
                     break
                 except queue.Full:
-                    if os.getppid() != prefetch_parent:  # the trainer is gone
-                        return
+                    if os.getppid() != prefetch_parent:
+                        _leave(out)
 
 
 class WorkerShard:

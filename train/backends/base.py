@@ -158,6 +158,14 @@ class Backend:
         dist.all_gather_object(out, obj, group=self._host())
         return out
 
+    def gather_object(self, obj: Any) -> list:
+        """Every rank's ``obj`` on rank 0 (the others get an empty list)."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0, group=self._host())
+        return out if self.is_main else []
+
     def broadcast_object(self, obj: Any) -> Any:
         if self.world_size == 1 or not dist.is_initialized():
             return obj
