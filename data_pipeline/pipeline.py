@@ -129,6 +129,17 @@ def document_stream(cfg: DataConfig, split=None, shard: int = 0, num_shards: int
                          seed=cfg.seed, loop=loop, **kw)
 
 
+def source_streams(docs) -> list:
+    """The DocumentStreams behind what ``document_stream`` returned: itself, or the sources
+    of a mixture."""
+    return list(getattr(docs, "streams", None) or [docs])
+
+
+def pipeline_parts(docs) -> list:
+    """Each source's reader and steps, in run order (their stats make the data report)."""
+    return [part for src in source_streams(docs) for part in (src.reader, *src.steps)]
+
+
 def iter_texts(cfg: DataConfig, max_docs: int) -> Iterator[str]:
     """Texts of the training split, one pass, for tokenizer training."""
     stream = document_stream(cfg, split="train", loop=False)

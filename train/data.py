@@ -177,7 +177,7 @@ class ShardFactory:
 
 
 def _readers(docs) -> list:
-    return [src.reader for src in getattr(docs, "streams", None) or [docs]]
+    return [src.reader for src in data.source_streams(docs)]
 
 
 def merge_shard_states(parts: list[dict]) -> dict:
@@ -288,9 +288,6 @@ def pipeline_steps(stream) -> list:
     when they live in DataLoader worker processes."""
     packed = getattr(stream, "windows", None) or getattr(stream, "stream", None)
     docs = getattr(packed, "docs", None)
-    sources = getattr(docs, "streams", None) or ([docs] if docs is not None else [])
-    out = []
-    for src in sources:
-        if hasattr(src, "reader") and hasattr(src, "steps"):
-            out += [src.reader, *src.steps]
-    return out
+    if docs is None or not all(hasattr(src, "reader") for src in data.source_streams(docs)):
+        return []
+    return data.pipeline_parts(docs)

@@ -24,20 +24,13 @@ import queue
 
 import torch
 
+from data_pipeline.pipeline import pipeline_parts, source_streams
 from data_pipeline.stream import PackedStream
 
 
 def _stateful_steps(packed: PackedStream) -> list:
     """The stateful steps of a shard's stream, in a fixed order (sources, then chain)."""
-    docs = packed.docs
-    sources = getattr(docs, "streams", None) or [docs]
-    return [step for src in sources for step in src.steps if step.stateful]
-
-
-def _readers_and_steps(packed: PackedStream) -> list:
-    docs = packed.docs
-    sources = getattr(docs, "streams", None) or [docs]
-    return [part for src in sources for part in (src.reader, *src.steps)]
+    return [part for part in pipeline_parts(packed.docs) if getattr(part, "stateful", False)]
 
 
 def _strip_files(state):
@@ -77,24 +70,25 @@ def _leave(out: mp.Queue) -> None:
 
 def _worker(make_shard, shard_ids: list[int], states: dict, out: mp.Queue, prefetch_parent: int) -> None:
     torch.set_num_threads(1)
-    streams = {}
+    streams = {}  # shard -> (packed stream, its stateful steps, all its reader and steps)
     for v in shard_ids:
         packed = make_shard(v)
         if states.get(v) is not None:
             packed.load_state_dict(states[v])
-        for i, step in enumerate(_stateful_steps(packed)):
+        stateful = _stateful_steps(packed)
+        for i, step in enumerate(stateful):
             step.journal, step.mirror_id = [], i
-        streams[v] = packed
+        streams[v] = (packed, stateful, pipeline_parts(packed.docs))
     while True:
         for v in shard_ids:
             if os.getppid() != prefetch_parent:  # the trainer is gone (killed): so is this worker
                 _leave(out)
-            packed = streams[v]
+            packed, stateful, parts = streams[v]
             window = next(packed)
-            changes = [step.journal[:] for step in _stateful_steps(packed)]
-            for step in _stateful_steps(packed):
+            changes = [step.journal[:] for step in stateful]
+            for step in stateful:
                 step.journal.clear()
-            stats = [part.stats.as_dict() for part in _readers_and_steps(packed)]
+            stats = [part.stats.as_dict() for part in parts]
             # numpy, not tensors: torch would move each tensor through a shared-memory segment
             window = {k: t.numpy() for k, t in window.items()}
             item = (v, window, _strip_files(packed.state_dict()), changes, stats)
@@ -128,7 +122,7 @@ class WorkerShard:
         for step, log in zip(_stateful_steps(self.mirror), changes):
             for method, args in log:
                 getattr(step, method)(*args)
-        for part, st in zip(_readers_and_steps(self.mirror), stats):
+        for part, st in zip(pipeline_parts(self.mirror.docs), stats):
             part.stats.__init__()
             part.stats.merge(st)
         if "epoch" in light.get("docs", {}):
@@ -139,7 +133,7 @@ class WorkerShard:
     def state_dict(self) -> dict:
         if self.light is None:
             return self.mirror.state_dict()
-        files = [r.reader.files for r in (getattr(self.mirror.docs, "streams", None) or [self.mirror.docs])]
+        files = [src.reader.files for src in source_streams(self.mirror.docs)]
         return _fill_in(self.light, _stateful_steps(self.mirror), files)
 
     def load_state_dict(self, state: dict) -> None:
