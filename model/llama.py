@@ -10,11 +10,16 @@ from outside (see ``train/``).
 Initialisation: every Linear and the embedding draw from N(0, init_std); the two
 projections that write into the residual stream (attention ``wo`` and MLP ``w2``) are
 scaled down by 1/sqrt(2 * n_layers) so the residual variance stays O(1) with depth
-(GPT-2 / Megatron scheme). RMSNorm gains start at 1.
+(GPT-2 / Megatron scheme). RMSNorm gains start at 1. Each block of rows of a parameter is
+drawn from its own generator, seeded by (model seed, parameter name, block), so any slice
+of the initial weights can be made alone and equals the same slice of the whole: a sharded
+trainer initialises only its shard and still gets the weights of a one-process run
+(``init_rows``; the sharding itself lives in ``train/sharded_init.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +28,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 @dataclass
@@ -46,6 +52,11 @@ class ModelConfig:
     # [tokens, vocab] logits (and their fp32 copy) are computed chunk by chunk and recomputed in
     # backward, never held whole (8192 tokens x 128k vocab in fp32 would be 4 GB).
     loss_chunk: int = 4096
+    # Packed documents (doc_ids): "auto" = flex_attention's block-sparse mask on a GPU (only
+    # blocks that hold tokens of one document are computed), a dense mask for SDPA on a CPU;
+    # "flex" / "sdpa" force one ("flex" on a CPU only without gradients: torch has no CPU
+    # flex backward). Plain causal attention is always SDPA (flash on a GPU).
+    attention: str = "auto"
 
     @property
     def kv_heads(self) -> int:
@@ -120,7 +131,9 @@ class Attention(nn.Module):
             k, v = kv_cache.update(k, v)
         drop = self.dropout if self.training else 0.0
         gqa = self.n_kv != self.n_heads  # SDPA shares each K/V head across its query group: no copies
-        if mask is None:
+        if isinstance(mask, BlockMask):
+            y = _flex(q, k, v, mask, gqa)
+        elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, enable_gqa=gqa)
@@ -168,10 +181,16 @@ class KVCache:
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init_weights: bool = True):
+        """``init_weights=False`` leaves the parameters as allocated (on the meta device, or
+        partitioned): whoever owns their storage fills them with ``init_rows``."""
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be set before building the model")
+        # One draw from the global RNG, first (building layers on a real device draws too, on
+        # the meta device not), so torch.manual_seed(s) fixes the initial weights however
+        # they are materialised.
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -179,22 +198,33 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         # Not persistent: derived from the config, so checkpoints hold weights only.
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
+        if not self.rope_cos.is_meta:
+            self.reset_buffers()
+        if init_weights:
+            self.reset_parameters()
+
+    def reset_buffers(self):
+        """(Re)compute the rotary tables, e.g. after ``to_empty`` from the meta device."""
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        with torch.no_grad():
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def init_std(self, name: str) -> Optional[float]:
+        """The normal std parameter ``name`` starts from; None: it starts at ones (norm gains)."""
+        if name.endswith("norm.weight"):
+            return None
+        if name.endswith(("wo.weight", "w2.weight")):
+            return self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        return self.cfg.init_std
 
     def reset_parameters(self):
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=out_std)
-            else:
-                nn.init.normal_(p, mean=0.0, std=std)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(init_rows(self.init_seed, name, tuple(p.shape), self.init_std(name), 0, p.shape[0]))
 
     def forward(
         self,
@@ -225,7 +255,9 @@ class Transformer(nn.Module):
             position_ids = torch.arange(start, start + T, device=tokens.device).unsqueeze(0)
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         mask = None
-        if doc_ids is not None:
+        if doc_ids is not None and self._use_flex(tokens.device):
+            mask = document_block_mask(doc_ids)
+        elif doc_ids is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
             mask = (doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)) & causal
             mask = mask.unsqueeze(1)  # (B, 1, T, T), broadcast over heads
@@ -249,11 +281,43 @@ class Transformer(nn.Module):
             return self.output(h), None
         return None, chunked_cross_entropy(self.output, h, targets, self.cfg.loss_chunk)
 
+    def _use_flex(self, device: torch.device) -> bool:
+        choice = self.cfg.attention
+        if choice == "auto":  # flex_attention has no dropout
+            return device.type == "cuda" and not (self.training and self.cfg.dropout > 0)
+        return choice == "flex" and (device.type == "cuda" or not torch.is_grad_enabled())
+
     def new_kv_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
         device = device or self.tok_embeddings.weight.device
         dtype = dtype or self.tok_embeddings.weight.dtype
         c = self.cfg
         return [KVCache(batch, c.kv_heads, max_len, c.head_dim, device, dtype) for _ in range(c.n_layers)]
+
+
+def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
+    """flex_attention's block-sparse form of "causal, and within one document" for (B, T)
+    document ids: blocks of 128 x 128 positions that cross documents are skipped, where a
+    dense (B, 1, T, T) mask would cost T*T bytes per row and keep SDPA off flash kernels."""
+    B, T = doc_ids.shape
+
+    def same_document_causal(b, h, q, kv):
+        return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
+
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask: BlockMask, gqa: bool) -> torch.Tensor:
+    """flex_attention, compiled on a GPU (eager flex is an unfused reference implementation,
+    which is what the CPU runs when ``attention=flex`` is forced there)."""
+    global _compiled_flex
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 def _ce_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -278,6 +342,29 @@ def chunked_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tenso
     total = sum(checkpoint(_ce_sum, head, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
                 for i in range(0, h.size(0), chunk))
     return total / count
+
+
+INIT_BLOCK = 1 << 16  # elements per independently seeded draw
+
+
+def init_rows(seed: int, name: str, shape: tuple, std: Optional[float], start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of parameter ``name``'s initial value (full shape ``shape``), fp32 on
+    the CPU: N(0, std), or ones when ``std`` is None. Rows come in blocks of about INIT_BLOCK
+    elements, each from a generator seeded by (seed, name, block), so the result does not
+    depend on which rows are asked for together."""
+    cols = math.prod(shape[1:])
+    if std is None:
+        return torch.ones((stop - start,) + tuple(shape[1:]))
+    rows = max(1, INIT_BLOCK // max(cols, 1))
+    first, last = start // rows, (stop + rows - 1) // rows
+    parts = []
+    for block in range(first, last):
+        digest = hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        n = min(rows, shape[0] - block * rows)
+        parts.append(torch.empty((n,) + tuple(shape[1:])).normal_(0.0, std, generator=g))
+    out = torch.cat(parts) if parts else torch.empty((0,) + tuple(shape[1:]))
+    return out[start - first * rows: stop - first * rows]
 
 
 def param_count(cfg: ModelConfig, include_embeddings: bool = True) -> int:

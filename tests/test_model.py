@@ -75,6 +75,33 @@ def test_document_mask_makes_packed_documents_independent():
     assert torch.allclose(out[:, 10:], rb, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+def test_flex_attention_block_mask_equals_the_dense_document_mask():
+    """attention=flex (the GPU path for packed documents) against the dense SDPA mask, on the
+    CPU where flex runs eagerly and forward only (benchmarks/gpu_checks.py compares gradients
+    on CUDA): 3 documents per row, one crossing a 128-position block edge."""
+    torch.manual_seed(0)
+    cfg = small(max_seq_len=256)
+    dense, flex = Transformer(cfg), Transformer(ModelConfig(**{**cfg.__dict__, "attention": "flex"}))
+    flex.load_state_dict(dense.state_dict())
+    x = torch.randint(0, 101, (2, 200))
+    doc_ids = torch.tensor([[0] * 70 + [1] * 90 + [2] * 40, [0] * 150 + [1] * 10 + [2] * 40])
+    pos = torch.cat([torch.arange(n) for n in (70, 90, 40)]).repeat(2, 1)
+    pos[1] = torch.cat([torch.arange(n) for n in (150, 10, 40)])
+    with torch.no_grad():
+        (o1, _), (o2, _) = (m(x, position_ids=pos, doc_ids=doc_ids) for m in (dense, flex))
+        (_, l1), (_, l2) = (m(x, x, position_ids=pos, doc_ids=doc_ids) for m in (dense, flex))
+        plain, _ = dense(x, position_ids=pos)
+    assert torch.allclose(o1, o2, atol=1e-5)
+    assert abs(float(l1) - float(l2)) < 1e-5
+    # A mask that ignored documents would not match: the second document sees the first otherwise.
+    assert not torch.allclose(plain, o2, atol=1e-3)
+    # Training on the CPU, where torch has no flex backward, keeps the dense mask.
+    assert flex._use_flex(torch.device("cpu")) is False
+    with torch.no_grad():
+        assert flex._use_flex(torch.device("cpu")) is True
+
+
 def test_loss_ignores_minus_100_targets():
     torch.manual_seed(0)
     m = Transformer(small())

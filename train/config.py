@@ -168,6 +168,7 @@ def validate(cfg: Any) -> None:
     _check(m.n_layers > 0, "model.n_layers", f"must be positive, got {m.n_layers}")
     _check(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", f"must be positive, got {m.vocab_size}")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _check(m.attention in ("auto", "flex", "sdpa"), "model.attention", f"must be auto, flex or sdpa, got {m.attention!r}")
     _check(d.seq_len > 0, "data.seq_len", f"must be positive, got {d.seq_len}")
     # With init_from=hf: the HF config's max_position_embeddings applies (checked by the trainer).
     _check(d.seq_len <= m.max_seq_len or str(cfg.init_from or "").startswith("hf:"), "data.seq_len",

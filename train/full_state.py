@@ -136,9 +136,8 @@ def _read_dcp(path: str, param_names: list[str], with_optimizer: bool) -> FullSt
         if with_optimizer and f"optim.state.{n}.exp_avg" in shapes:
             state["optim"]["state"][n] = {m: torch.empty(shapes[f"optim.state.{n}.{m}"]) for m in MOMENTS}
             state["optim"]["state"][n]["step"] = torch.zeros(())
-    import torch.distributed as dist
-
-    dcp.load(state, storage_reader=SafeDCPReader(path), no_dist=not dist.is_initialized())
+    # One process reads the whole directory (rank 0 for a resume, or a tool): no collectives.
+    dcp.load(state, storage_reader=SafeDCPReader(path), no_dist=True)
     moments = {n: {m: s[m] for m in MOMENTS} for n, s in state["optim"]["state"].items()}
     steps = [int(s["step"]) for s in state["optim"]["state"].values()]
     return FullState(model=state["model"], moments=moments, step=steps[0] if steps else 0)
@@ -205,13 +204,28 @@ def load_model(path: str, device: str = "cpu", verify: str = "full"):
 # ---- starting weights -----------------------------------------------------------------
 
 def load_init_weights(model: torch.nn.Module, path: str) -> None:
-    """Start from the full weights of a kiln checkpoint -- any backend's format (consolidated
-    safetensors, FSDP DCP, DeepSpeed ZeRO shards), given as a step dir, checkpoints root or
-    run dir -- or of a local Hugging Face Llama directory given as ``hf:<dir>``.
+    """Start ``model`` from the full weights of a kiln checkpoint -- any backend's format
+    (consolidated safetensors, FSDP DCP, DeepSpeed ZeRO shards), given as a step dir,
+    checkpoints root or run dir -- or of a local Hugging Face Llama directory given as
+    ``hf:<dir>``. Parameters the model has beyond the checkpoint's (a classification head,
+    LoRA adapters) keep their initial values; every checkpoint tensor must fit the model."""
+    state, source = _read_init(path, model.cfg)
+    _load_base(model, state, source)
 
-    Parameters the model has beyond the checkpoint's (a classification head, LoRA
-    adapters) keep their initial values; every checkpoint tensor must fit the model.
-    """
+
+def read_init_weights(path: str, model_cfg) -> dict[str, torch.Tensor]:
+    """The full weights ``init_from=path`` names, checked against a Transformer of
+    ``model_cfg`` (names and shapes; a mismatch is a ConfigError naming init_from)."""
+    from model.llama import Transformer
+
+    state, source = _read_init(path, model_cfg)
+    with torch.device("meta"):
+        shape_model = Transformer(model_cfg, init_weights=False)
+    _load_base(shape_model, state, source, assign=True)
+    return state
+
+
+def _read_init(path: str, model_cfg) -> tuple[dict, str]:
     from model import hf_interop
     from model.llama import Transformer
     from train.checkpoint import resolve
@@ -219,21 +233,23 @@ def load_init_weights(model: torch.nn.Module, path: str) -> None:
 
     if path.startswith("hf:"):
         _, state = hf_interop.load_hf_llama(path[3:])
-        _load_base(model, state, path)
-        return
+        return state, path
     try:
         step_dir = resolve(path)
     except FileNotFoundError as e:
         raise ConfigError("init_from", str(e)) from None
     with torch.device("meta"):  # only names and shapes: read_full_state must not ask for head/adapter tensors
-        shape_model = Transformer(model.cfg)
-    _load_base(model, read_full_state(step_dir, shape_model, with_optimizer=False).model, step_dir)
+        shape_model = Transformer(model_cfg, init_weights=False)
+    return read_full_state(step_dir, shape_model, with_optimizer=False).model, step_dir
 
 
-def _load_base(model: torch.nn.Module, state: dict, source: str) -> None:
+def _load_base(model: torch.nn.Module, state: dict, source: str, assign: bool = False) -> None:
     from train.config import ConfigError
 
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
+    except RuntimeError as e:  # a shape mismatch
+        raise ConfigError("init_from", f"{source} does not match the model: {e}") from None
     extra = getattr(model, "extra_parameter_names", lambda: set())()
     really_missing = [k for k in missing if k not in extra]
     if really_missing or unexpected:

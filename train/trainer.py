@@ -47,9 +47,10 @@ from train.backends.base import RanksDisagree
 from train.compile import compile_blocks
 from train.config import ConfigError
 from train.data import build_train_stream, data_state, pipeline_steps, restore_stream, validation_batches
-from train.full_state import load_init_weights
+from train.full_state import FullState, read_init_weights
 from train.metrics import MetricsLogger, peak_flops, peak_memory_gb, plot_losses
 from train.optim import lr_at
+from train.sharded_init import builds_deferred, deferred
 
 
 def seed_everything(seed: int) -> None:
@@ -182,6 +183,7 @@ class Trainer:
         if cfg.train.compile:
             compile_blocks(model)
         b.setup(model)
+        self.load_initial_weights()
 
         self.use_bf16 = b.bf16
         dp = b.data_parallel_size
@@ -199,10 +201,17 @@ class Trainer:
         return resolve_model_config(self.cfg, self.tokenizer)
 
     def build_model(self) -> torch.nn.Module:
-        model = Transformer(self.model_cfg)
+        """The Transformer; where the backend shards it, built without weights (each rank
+        initialises its own shard in ``backend.setup``: train/sharded_init.py)."""
+        with deferred(self.backend):
+            return Transformer(self.model_cfg, init_weights=not builds_deferred(self.backend))
+
+    def load_initial_weights(self) -> None:
+        """``init_from`` weights, read once on rank 0 and streamed into the set-up backend."""
         if self.cfg.init_from:
-            load_init_weights(model, self.cfg.init_from)
-        return model
+            b, path = self.backend, str(self.cfg.init_from)
+            b.import_full(b.on_main(f"reading init_from={path}",
+                                    lambda: FullState(model=read_init_weights(path, self.model_cfg))))
 
     def build_data(self):
         """(endless training micro-batches of this rank, list of validation micro-batches)."""
@@ -223,8 +232,9 @@ class Trainer:
             source = {"weights_from": "kiln checkpoint", "path": step_dir, "step": ckpt.read_meta(step_dir).get("step")}
         else:
             source = {"weights_from": "fresh init", "seed": int(self.cfg.train.seed)}
-        total = sum(p.numel() for p in model.parameters())
-        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: full
+        total = sum(n for n, _ in sizes)
+        trained = sum(n for n, grad in sizes if grad)
         return {**source, "parameters": total, "trainable_parameters": trained,
                 "trainable_share": trained / max(total, 1)}
 

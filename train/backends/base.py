@@ -177,6 +177,49 @@ class Backend:
         if self.world_size > 1 and dist.is_initialized():
             dist.barrier()
 
+    def on_main(self, what: str, fn):
+        """``fn()`` on rank 0 only (None elsewhere), e.g. reading a checkpoint once instead
+        of once per rank. Its failure stops every rank: rank 0 re-raises it, the others
+        raise RanksDisagree quoting it, instead of waiting in the next collective."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as e:  # told to the other ranks, then raised here
+                error = e
+        told = self.broadcast_object(f"{type(error).__name__}: {error}" if error is not None else None)
+        if error is not None:
+            raise error
+        if told is not None:
+            raise RanksDisagree(f"rank 0 failed {what}: {told}")
+        return result
+
+    def stream_from_main(self, tensors: Optional[dict]):
+        """Yield rank 0's ``tensors`` (key -> CPU tensor) on every rank, one at a time: a
+        rank never holds more than one of them beyond its own state (other ranks pass None)."""
+        listing = [(k, tuple(t.shape), t.dtype) for k, t in tensors.items()] if self.is_main else None
+        for key, shape, dtype in self.broadcast_object(listing):
+            t = tensors[key].contiguous() if self.is_main else torch.empty(shape, dtype=dtype)
+            if self.world_size > 1 and dist.is_initialized():
+                dist.broadcast(t, src=0, group=self._host())
+            yield key, t
+
+    def full_state_from_main(self, st: Optional[FullState]) -> FullState:
+        """Rank 0's FullState on every rank (for backends that hold the whole model anyway)."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return st
+        flat = None
+        if self.is_main:
+            flat = {("model", n): t for n, t in st.model.items()}
+            flat.update({(k, n): m[k] for n, m in st.moments.items() for k in m})
+        out = FullState(model={}, step=self.broadcast_object(st.step if self.is_main else None))
+        for (kind, name), t in self.stream_from_main(flat):
+            if kind == "model":
+                out.model[name] = t
+            else:
+                out.moments.setdefault(name, {})[kind] = t
+        return out
+
     def agree(self, what: str, value: Any) -> Any:
         """Guard in front of collectives whose number depends on local work: every rank
         states ``value`` (a count, a step, a checksum, an error text); if they differ, every
@@ -204,9 +247,10 @@ class Backend:
         ``trainable_only``: only the parameters that train (LoRA adapters, a head)."""
         raise NotImplementedError
 
-    def import_full(self, st: FullState, partial: bool = False) -> None:
-        """Set weights and moments from full tensors, each rank keeping its shard.
-        ``partial``: ``st`` holds only some parameters (an adapter checkpoint)."""
+    def import_full(self, st: Optional[FullState], partial: bool = False) -> None:
+        """Set weights and moments from rank 0's full tensors (other ranks may pass None),
+        each rank keeping its part. ``partial``: ``st`` holds only some parameters (an
+        adapter checkpoint). Collective."""
         raise NotImplementedError
 
     def shutdown(self) -> None:

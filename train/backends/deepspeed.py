@@ -10,7 +10,10 @@ loss arrives already scaled).
 Checkpoints are DeepSpeed's own (``deepspeed/`` inside the kiln checkpoint). Resuming with
 the same world size and ZeRO stage uses DeepSpeed's loader; anything else (another world
 size, another stage, an FSDP or single-device checkpoint) goes through the portable full
-state and DeepSpeed's public full-parameter setters.
+state and DeepSpeed's public full-parameter setters: rank 0 reads it (one conversion, not
+one per rank) and streams it to the others a tensor at a time. Under ZeRO-3 the model is
+built inside ``zero.Init`` (``train/sharded_init.py``) and each rank initialises its own
+partitions, so no rank holds the whole model at launch.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from train.config import ConfigError
 from train.full_state import DS_DIR, MOMENTS, FullState, adamw_step, named_params, read_full_state, storage_format
 from train.optim import param_groups
 from train.safe_unpickle import check_deepspeed_files
+from train.sharded_init import init_zero3_partitions
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -105,6 +109,8 @@ class DeepSpeedBackend(Backend):
             kw = {"fused": True} if fused else {}
             opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                     eps=o.eps, **kw)
+        if any(hasattr(p, "ds_tensor") for p in model.parameters()):  # built under zero.Init
+            init_zero3_partitions(model)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds_config)
         self.engine = engine
         self.model = engine
@@ -141,36 +147,42 @@ class DeepSpeedBackend(Backend):
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load {directory}")
             return
-        self.import_full(read_full_state(directory, self.raw_model))
+        self.import_full(self.on_main(f"reading {directory}", lambda: read_full_state(directory, self.raw_model)))
 
-    def import_full(self, st: FullState, partial: bool = False) -> None:
-        """Set weights and moments from full tensors; ``partial``: only the names in ``st``
-        (adapter checkpoints)."""
+    def import_full(self, st: FullState | None, partial: bool = False) -> None:
+        """Set weights and moments from rank 0's full tensors, streamed a tensor at a time;
+        ``partial``: only the names in ``st`` (adapter checkpoints)."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         stage = int(self.cfg.backend.zero_stage)
-        if st.moments and stage > 0:
+        main = st if self.is_main else None
+        names, _ = named_params(self.raw_model)
+        flat = None
+        if main:
+            flat = {("model", n): main.model[n] for n in names if n in main.model}
+            flat.update({(k, n): main.moments[n][k] for n in names if n in main.moments for k in MOMENTS})
+        step, has_moments = self.broadcast_object((main.step, bool(main.moments)) if main else None)
+        if has_moments and stage > 0:
             self._materialize_optimizer_state()
-        for name, p in self.raw_model.named_parameters():
-            if partial and name not in st.model:
-                continue
-            full = st.model[name].to(torch.float32)
+        params = dict(self.raw_model.named_parameters())
+        for (kind, name), full in self.stream_from_main(flat):
+            p = params[name]
+            full = full.to(torch.float32)
             if stage == 0:
                 with torch.no_grad():
-                    p.copy_(full.to(p.device, p.dtype))
-            else:
-                safe_set_full_fp32_param(p, full.to(self.device))
-            if name in st.moments:
-                for k in MOMENTS:
-                    if stage == 0:
-                        state = self.optimizer.state[p]
-                        state[k] = st.moments[name][k].to(p.device, torch.float32).clone()
-                        state.setdefault("step", adamw_step(self.optimizer, p, st.step))
+                    if kind == "model":
+                        p.copy_(full.to(p.device, p.dtype))
                     else:
-                        safe_set_full_optimizer_state(p, st.moments[name][k].to(self.device), k)
+                        state = self.optimizer.state[p]
+                        state[kind] = full.to(p.device).clone()
+                        state.setdefault("step", adamw_step(self.optimizer, p, step))
+            elif kind == "model":
+                safe_set_full_fp32_param(p, full.to(self.device))
+            else:
+                safe_set_full_optimizer_state(p, full.to(self.device), kind)
         if stage > 0:
             self._copy_master_to_model_weights()
-        self._set_step(st.step)
+        self._set_step(step)
 
     def _materialize_optimizer_state(self) -> None:
         """AdamW creates its moments lazily at the first step, and DeepSpeed links each
@@ -222,6 +234,8 @@ class DeepSpeedBackend(Backend):
         stage = int(self.cfg.backend.zero_stage)
         params = dict(self.raw_model.named_parameters())
         model, moments, step = {}, {}, 0
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        stepped = any(inner.state.values())  # before the first step AdamW has no moments to gather
         for n in names:
             p = params[n]
             if stage == 0:
@@ -231,10 +245,9 @@ class DeepSpeedBackend(Backend):
                     moments[n] = {k: s[k].float().cpu().clone() for k in MOMENTS}
             else:
                 model[n] = safe_get_full_fp32_param(p).cpu()
-                got = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
-                if all(v is not None for v in got.values()):
+                got = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS} if stepped else {}
+                if got and all(v is not None for v in got.values()):
                     moments[n] = {k: v.cpu() for k, v in got.items()}
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
         for group in inner.param_groups:
             for p in group["params"]:
                 if "step" in inner.state.get(p, {}):

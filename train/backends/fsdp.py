@@ -4,7 +4,9 @@ Parameters, gradients and optimizer state are sharded across ranks (or, with
 ``backend.hybrid_shard``, sharded within a node and replicated across nodes). Checkpoints
 are torch.distributed.checkpoint directories, which DCP reshards on load, so a run saved
 on N ranks resumes on M. Portable full checkpoints (single/DDP/converted DeepSpeed) load
-too, with every rank reading the full tensors and keeping its shard.
+too: rank 0 reads the full tensors and broadcasts them one by one, each rank keeping its
+shard. A model built on the meta device (``train/sharded_init.py``) is sharded first and
+then materialised shard by shard, so no rank ever holds it whole.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from train.backends.base import Backend, init_distributed
 from train.full_state import DCP_DIR, MOMENTS, FullState, read_full_state, storage_format
 from train.optim import build_adamw
 from train.safe_unpickle import SafeDCPReader
+from train.sharded_init import init_fsdp_shards, is_deferred
 
 
 class FSDPBackend(Backend):
@@ -57,11 +60,14 @@ class FSDPBackend(Backend):
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if bcfg.offload_params:
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        if not bcfg.offload_params:
+        deferred = is_deferred(model)
+        if not bcfg.offload_params and not deferred:
             model = model.to(self.device)
         for block in model.layers:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
+        if deferred:  # FSDP has allocated nothing yet: each rank makes and initialises its shard
+            init_fsdp_shards(model, torch.device("cpu") if bcfg.offload_params else self.device, self.device)
         self.raw_model = self.model = model
         opt_device = torch.device("cpu") if bcfg.offload_params else self.device
         self.optimizer = build_adamw(model, self.cfg.optim, opt_device)
@@ -84,7 +90,7 @@ class FSDPBackend(Backend):
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict={"state": state["optim"]["state"], "param_groups": osd["param_groups"]})
             return
-        self.import_full(read_full_state(directory, self.model))
+        self.import_full(self.on_main(f"reading {directory}", lambda: read_full_state(directory, self.model)))
 
     def _init_optimizer_state(self) -> None:
         """Materialise AdamW's state (zeros) so DCP has tensors to load into."""
@@ -96,16 +102,23 @@ class FSDPBackend(Backend):
                     st["exp_avg"] = torch.zeros_like(p)
                     st["exp_avg_sq"] = torch.zeros_like(p)
 
-    def import_full(self, st: FullState, partial: bool = False) -> None:
-        set_model_state_dict(self.model, st.model, options=StateDictOptions(full_state_dict=True, strict=not partial))
-        if st.moments:
+    def import_full(self, st: FullState | None, partial: bool = False) -> None:
+        """Rank 0's full tensors are broadcast one at a time (DCP's ``broadcast_from_rank0``);
+        every rank keeps its shard, so no rank but 0 ever holds a full copy."""
+        main = st if self.is_main else None
+        set_model_state_dict(self.model, main.model if main else {}, options=StateDictOptions(
+            full_state_dict=True, strict=not partial, broadcast_from_rank0=True))
+        if self.broadcast_object(bool(main.moments) if main else None):
             self._init_optimizer_state()
+            # Full zeros gathered on rank 0 only (cpu_offload), the frame rank 0's moments fill.
             full = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
-                full_state_dict=True, cpu_offload=False))
-            for name, m in st.moments.items():
-                full["state"][name] = {"step": torch.tensor(float(st.step)),
-                                       **{k: m[k].to(torch.float32) for k in MOMENTS}}
-            set_optimizer_state_dict(self.model, self.optimizer, full, options=StateDictOptions(full_state_dict=True))
+                full_state_dict=True, cpu_offload=True))
+            if main:
+                for name, m in main.moments.items():
+                    full["state"][name] = {"step": torch.tensor(float(main.step)),
+                                           **{k: m[k].to(torch.float32) for k in MOMENTS}}
+            set_optimizer_state_dict(self.model, self.optimizer, full if main else {}, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True))
 
     def export_full(self, trainable_only: bool = False) -> FullState:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -26,7 +26,8 @@ class SingleBackend(Backend):
         return FullState(model={n: p.detach().cpu().clone() for n, p in trained.items()},
                          moments={n: m for n, m in moments.items() if n in trained}, step=step)
 
-    def import_full(self, st: FullState, partial: bool = False) -> None:
+    def import_full(self, st: FullState | None, partial: bool = False) -> None:
+        st = self.full_state_from_main(st)
         if partial:
             params = dict(self.raw_model.named_parameters())
             with torch.no_grad():
@@ -41,4 +42,4 @@ class SingleBackend(Backend):
             self.export_full().save(directory)
 
     def load(self, directory: str, meta: dict) -> None:
-        self.import_full(read_full_state(directory, self.raw_model))
+        self.import_full(self.on_main(f"reading {directory}", lambda: read_full_state(directory, self.raw_model)))

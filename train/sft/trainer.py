@@ -113,6 +113,10 @@ class SFTTrainer(Trainer):
                 quantize_base_4bit(model.to(self.backend.device))
         return model
 
+    def load_initial_weights(self) -> None:
+        """Already done in ``build_model``: LoRA adapters and a head are built around the base
+        weights, so every rank builds the whole model (no sharded initialisation for SFT)."""
+
     def build_data(self):
         if self.task == "continued_pretraining":
             return super().build_data()

@@ -1,0 +1,95 @@
+"""Build a model that never exists whole on one rank.
+
+A sharding backend (FSDP, DeepSpeed ZeRO-3) asks for the model to be built inside
+``deferred(backend)``: on the meta device for FSDP (no storage at all; ``fully_shard`` then
+allocates each rank's shard), or under DeepSpeed's ``zero.Init`` (each layer is partitioned
+as soon as it is built). The backend then fills only its local slice of every parameter
+with ``fill_slice``, which draws exactly the values a one-process build with the same seed
+would hold there (``model.llama.init_rows``). Peak host memory while launching is one
+rank's shard plus one block of rows, not the model: the 7B config would otherwise cost 27 GB
+per rank before sharding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from model.llama import init_rows
+
+
+def builds_deferred(backend) -> bool:
+    """Whether ``backend`` takes a model built without its weights (see ``deferred``)."""
+    if backend.name == "fsdp":
+        return True
+    return backend.name == "deepspeed" and int(backend.cfg.backend.zero_stage) == 3
+
+
+def deferred(backend):
+    """Context to build the model in, for ``backend``: the meta device (FSDP), zero.Init
+    (ZeRO-3), or nothing (the other backends hold the whole model anyway)."""
+    if backend.name == "fsdp":
+        return torch.device("meta")
+    if builds_deferred(backend):
+        import deepspeed
+
+        from train.backends.deepspeed import build_ds_config
+
+        remote = "cpu" if backend.cfg.backend.offload_params else None
+        return deepspeed.zero.Init(config_dict_or_path=build_ds_config(backend.cfg, backend.bf16),
+                                   remote_device=remote, dtype=torch.bfloat16 if backend.bf16 else torch.float32)
+    return contextlib.nullcontext()
+
+
+def fill_slice(model: torch.nn.Module, name: str, shape: tuple, flat: torch.Tensor, first: int) -> None:
+    """Write parameter ``name``'s initial values at flat (row-major) positions ``first`` ...
+    into ``flat`` (1-D; entries past the parameter's end, i.e. padding, are left alone)."""
+    total = math.prod(shape)
+    n = max(0, min(flat.numel(), total - first))
+    if n == 0:
+        return
+    cols = total // shape[0]
+    r0, r1 = first // cols, (first + n + cols - 1) // cols
+    rows = init_rows(model.init_seed, name, shape, model.init_std(name), r0, r1).reshape(-1)
+    with torch.no_grad():
+        flat[:n].copy_(rows[first - r0 * cols: first - r0 * cols + n])
+
+
+def is_deferred(model: torch.nn.Module) -> bool:
+    """Whether ``model`` was built without weights: on the meta device."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def init_fsdp_shards(model: torch.nn.Module, device: torch.device, buffer_device: torch.device) -> None:
+    """Materialise a meta-built, ``fully_shard``-ed model on ``device`` (the CPU when
+    parameters are offloaded) with its buffers on ``buffer_device``, and initialise each
+    rank's row shard (FSDP2 shards dim 0 in chunks of ceil(rows / ranks))."""
+    model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        offset = 0
+        for mesh_dim, placement in enumerate(p.placements):
+            if placement.is_shard():
+                if placement.dim != 0:
+                    raise ValueError(f"{name}: sharded on dim {placement.dim}; kiln's init fills dim-0 shards")
+                ranks = p.device_mesh.size(mesh_dim)
+                offset = p.device_mesh.get_coordinate()[mesh_dim] * math.ceil(p.shape[0] / ranks)
+        first = min(offset, p.shape[0]) * math.prod(p.shape[1:])
+        fill_slice(model, name, tuple(p.shape), p.to_local().view(-1), first)
+    for module in model.modules():
+        for key, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[key] = buf.to(buffer_device)
+    model.reset_buffers()
+
+
+def init_zero3_partitions(model: torch.nn.Module) -> None:
+    """Initialise each rank's ZeRO-3 partition of a model built under ``zero.Init``: a
+    parameter's flat elements are cut into equal partitions, rank r holding the r-th."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    for name, p in model.named_parameters():
+        part = p.ds_tensor
+        fill_slice(model, name, tuple(p.ds_shape), part.view(-1), rank * part.numel())
