@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", help="a tokenizer.model (default: one trained on the embedded corpus)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     args = ap.parse_args()
     if args.worker:
         return worker(args)

@@ -18,6 +18,13 @@ difference (random tokens differ from packed text: no document masks):
 
   python benchmarks/bench_train.py tokenizer.path=runs/default/tokenizer.model
   KILN_BENCH_DATA=real python benchmarks/bench_train.py tokenizer.path=runs/default/tokenizer.model data.num_workers=1
+
+KILN_BENCH_HF=1 (one process) also trains Hugging Face transformers' LlamaForCausalLM of the
+same shape with torch AdamW on the same batches, in interleaved rounds (kiln, HF, kiln, ...,
+so drift on a shared machine hits both alike), and prints the steps/s ratio:
+
+  KILN_BENCH_HF=1 python benchmarks/bench_train.py model=tiny model.vocab_size=8192 train.device=cpu
+  KILN_BENCH_HF=1 python benchmarks/bench_train.py model=tiny model.vocab_size=8192 train.device=cpu train.compile=true
 """
 
 import os
@@ -108,9 +115,64 @@ def main(cfg: DictConfig) -> None:
               f"{tps:,.0f} tokens/s ({tps / backend.world_size:,.0f} per device), "
               f"{dt / steps * 1000:.1f} ms/step ({steps / dt:.3f} steps/s), MFU {mfu:.1%}, "
               f"peak memory {peak_memory_gb(dev):.2f} GiB{replay_note}", flush=True)
+    if os.environ.get("KILN_BENCH_HF") == "1" and not real and backend.world_size == 1 and backend.is_main:
+        compare_with_hf(trainer, timed, steps, cfg)
     if hasattr(trainer.train_batches, "close"):
         trainer.train_batches.close()
     backend.shutdown()
+
+
+def compare_with_hf(trainer, timed, steps: int, cfg) -> None:
+    """kiln's trainer step against transformers' LlamaForCausalLM + torch AdamW (the same
+    shape, batches, learning rate and clipping; bf16 autocast when kiln runs bf16)."""
+    import contextlib
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model.hf_interop import hf_config_dict
+
+    mc, dev = trainer.model_cfg, trainer.backend.device
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config_dict(mc, 1, 2, None))).to(dev)
+    hf.config._attn_implementation = "sdpa"
+    o = cfg.optim
+    opt = torch.optim.AdamW(hf.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            weight_decay=o.weight_decay, fused=dev.type == "cuda")
+    batch = next(trainer.train_batches)
+    x, y = batch["input"].to(dev), batch["target"].to(dev)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if trainer.use_bf16 else contextlib.nullcontext()
+
+    def hf_step(_):
+        A = cfg.train.grad_accum_steps
+        for _ in range(A):
+            with autocast:
+                logits = hf(input_ids=x).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / A
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), o.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def hf_timed(n: int) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            hf_step(None)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        hf_step(None)
+    kiln_t = hf_t = 0.0
+    rounds = 3
+    for _ in range(rounds):
+        kiln_t += timed(trainer.train_batches, steps)
+        hf_t += hf_timed(steps)
+    n = rounds * steps
+    print(f"[bench_train] vs transformers LlamaForCausalLM + torch AdamW, {rounds} interleaved rounds of {steps} "
+          f"steps: kiln {n / kiln_t:.3f} steps/s, HF {n / hf_t:.3f} steps/s, ratio {hf_t / kiln_t:.2f}x "
+          f"(compile={cfg.train.compile})", flush=True)
 
 
 if __name__ == "__main__":

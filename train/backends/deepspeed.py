@@ -117,6 +117,22 @@ class DeepSpeedBackend(Backend):
         self.raw_model = engine.module
         self.optimizer = optimizer
 
+    def shutdown(self) -> None:
+        """Leave the group, then remove this rank's shared-memory segment of DeepSpeed's CPU
+        all-reduce (/dev/shm/deepspeed_allreduce_buffer_*: 66 MB a rank). DeepSpeed never
+        unlinks it, so every CPU run would leave it behind until the machine reboots; after
+        the barrier every rank has mapped the others', and a mapping outlives its name."""
+        super().shutdown()
+        if self.device.type == "cpu":
+            import glob
+
+            port = os.environ.get("MASTER_PORT", "")
+            for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{self.rank}"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
     def micro_step_context(self, is_last: bool):
         self._is_last = is_last
         return super().micro_step_context(is_last)
