@@ -123,56 +123,57 @@ def main(cfg: DictConfig) -> None:
 
 
 def compare_with_hf(trainer, timed, steps: int, cfg) -> None:
-    """kiln's trainer step against transformers' LlamaForCausalLM + torch AdamW (the same
-    shape, batches, learning rate and clipping; bf16 autocast when kiln runs bf16)."""
+    """kiln's trainer step against transformers' LlamaForCausalLM of the same shape on the
+    same batch, learning rate and clipping (bf16 autocast when kiln runs bf16), with torch
+    AdamW as a user gets it by default and with ``fused=True``."""
     import contextlib
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from model.hf_interop import hf_config_dict
 
-    mc, dev = trainer.model_cfg, trainer.backend.device
-    hf = LlamaForCausalLM(LlamaConfig(**hf_config_dict(mc, 1, 2, None))).to(dev)
-    hf.config._attn_implementation = "sdpa"
-    o = cfg.optim
-    opt = torch.optim.AdamW(hf.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            weight_decay=o.weight_decay, fused=dev.type == "cuda")
+    mc, dev, o, A = trainer.model_cfg, trainer.backend.device, cfg.optim, cfg.train.grad_accum_steps
     batch = next(trainer.train_batches)
     x, y = batch["input"].to(dev), batch["target"].to(dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if trainer.use_bf16 else contextlib.nullcontext()
 
-    def hf_step(_):
-        A = cfg.train.grad_accum_steps
-        for _ in range(A):
-            with autocast:
-                logits = hf(input_ids=x).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / A
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), o.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def hf_runner(fused: bool):
+        hf = LlamaForCausalLM(LlamaConfig(**hf_config_dict(mc, 1, 2, None), attn_implementation="sdpa")).to(dev)
+        opt = torch.optim.AdamW(hf.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                weight_decay=o.weight_decay, **({"fused": True} if fused else {}))
 
-    def hf_timed(n: int) -> float:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            hf_step(None)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        def run(n: int) -> float:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                for _ in range(A):
+                    with autocast:
+                        logits = hf(input_ids=x).logits
+                    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / A
+                    loss.backward()
+                torch.nn.utils.clip_grad_norm_(hf.parameters(), o.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
 
-    for _ in range(3):
-        hf_step(None)
-    kiln_t = hf_t = 0.0
+        run(3)  # warm-up
+        return run
+
+    hf_default, hf_fused = hf_runner(False), hf_runner(True)
+    kiln_t = default_t = fused_t = 0.0
     rounds = 3
     for _ in range(rounds):
         kiln_t += timed(trainer.train_batches, steps)
-        hf_t += hf_timed(steps)
+        default_t += hf_default(steps)
+        fused_t += hf_fused(steps)
     n = rounds * steps
-    print(f"[bench_train] vs transformers LlamaForCausalLM + torch AdamW, {rounds} interleaved rounds of {steps} "
-          f"steps: kiln {n / kiln_t:.3f} steps/s, HF {n / hf_t:.3f} steps/s, ratio {hf_t / kiln_t:.2f}x "
-          f"(compile={cfg.train.compile})", flush=True)
+    print(f"[bench_train] vs transformers LlamaForCausalLM, {rounds} interleaved rounds of {steps} steps "
+          f"(kiln compile={cfg.train.compile}): kiln {n / kiln_t:.3f} steps/s; HF + torch AdamW (default) "
+          f"{n / default_t:.3f} steps/s, kiln {default_t / kiln_t:.2f}x; HF + torch AdamW(fused=True) "
+          f"{n / fused_t:.3f} steps/s, kiln {fused_t / kiln_t:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

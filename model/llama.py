@@ -198,6 +198,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # The loss as an attribute, so train/compile.py can swap in a compiled one (fusing
+        # log-softmax, its backward and the tied-embedding gradient) without a new module.
+        self.loss_fn = chunked_cross_entropy
         # Not persistent: derived from the config, so checkpoints hold weights only.
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
@@ -279,7 +282,7 @@ class Transformer(nn.Module):
             return h
         if targets is None:
             return self.output(h), None
-        return None, chunked_cross_entropy(self.output, h, targets, self.cfg.loss_chunk)
+        return None, self.loss_fn(self.output, h, targets, self.cfg.loss_chunk)
 
     def _use_flex(self, device: torch.device) -> bool:
         choice = self.cfg.attention

@@ -43,6 +43,10 @@ def test_compiled_blocks_match_eager_and_keep_parameter_names():
     assert torch.allclose(loss, ref_loss, atol=1e-5)
     assert all(torch.allclose(grads[n], ref_grads[n], atol=1e-5) for n in ref_grads)
     assert set(m.state_dict()) == set(tiny_model().state_dict())
+    m.cfg.loss_chunk = 12  # 32 positions: the compiled loss now takes its chunked, recomputing path
+    loss, grads = loss_and_grads(m, x)
+    assert torch.allclose(loss, ref_loss, atol=1e-5)
+    assert all(torch.allclose(grads[n], ref_grads[n], atol=1e-5) for n in ref_grads)
 
 
 def test_deepspeed_config_is_generated_from_hydra_and_user_file_merges(tmp_path):

@@ -26,7 +26,7 @@ import torch
 from train.backends.base import Backend
 from train.config import ConfigError
 from train.full_state import DS_DIR, MOMENTS, FullState, adamw_step, named_params, read_full_state, storage_format
-from train.optim import param_groups
+from train.optim import adamw_kwargs, param_groups
 from train.safe_unpickle import check_deepspeed_files
 from train.sharded_init import init_zero3_partitions
 
@@ -105,10 +105,7 @@ class DeepSpeedBackend(Backend):
             opt = DeepSpeedCPUAdam(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                    eps=o.eps, adamw_mode=True)
         else:
-            fused = o.fused if o.fused is not None else self.device.type == "cuda"
-            kw = {"fused": True} if fused else {}
-            opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                    eps=o.eps, **kw)
+            opt = torch.optim.AdamW(param_groups(model, o.weight_decay), **adamw_kwargs(o, self.device))
         if any(hasattr(p, "ds_tensor") for p in model.parameters()):  # built under zero.Init
             init_zero3_partitions(model)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds_config)
