@@ -2,7 +2,8 @@
 # One-command GPU suite for one H100/H200-class GPU (about 8 minutes): throughput, MFU and
 # peak memory of the trainer's own step (benchmarks/bench_train.py) for 125m and 1b at seq
 # 2048 and 4096 on every backend, compile and activation checkpointing on/off; then the
-# CUDA-only checks (benchmarks/gpu_checks.py: flash kernel, no host syncs, exact resume).
+# CUDA-only checks (benchmarks/gpu_checks.py: flash kernel, flex document mask = dense mask,
+# no host syncs, exact resume).
 #
 #   bash benchmarks/gpu_suite.sh 2>&1 | tee gpu_suite.log
 #

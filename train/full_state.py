@@ -210,7 +210,7 @@ def load_init_weights(model: torch.nn.Module, path: str) -> None:
     ``hf:<dir>``. Parameters the model has beyond the checkpoint's (a classification head,
     LoRA adapters) keep their initial values; every checkpoint tensor must fit the model."""
     state, source = _read_init(path, model.cfg)
-    _load_base(model, state, source)
+    load_weights(model, state, source)
 
 
 def read_init_weights(path: str, model_cfg) -> dict[str, torch.Tensor]:
@@ -221,7 +221,7 @@ def read_init_weights(path: str, model_cfg) -> dict[str, torch.Tensor]:
     state, source = _read_init(path, model_cfg)
     with torch.device("meta"):
         shape_model = Transformer(model_cfg, init_weights=False)
-    _load_base(shape_model, state, source, assign=True)
+    load_weights(shape_model, state, source, assign=True)
     return state
 
 
@@ -243,7 +243,9 @@ def _read_init(path: str, model_cfg) -> tuple[dict, str]:
     return read_full_state(step_dir, shape_model, with_optimizer=False).model, step_dir
 
 
-def _load_base(model: torch.nn.Module, state: dict, source: str, assign: bool = False) -> None:
+def load_weights(model: torch.nn.Module, state: dict, source: str, assign: bool = False) -> None:
+    """``state`` into ``model``; parameters the model has beyond it (a head, adapters) keep
+    their values, anything else that does not fit is a ConfigError naming init_from."""
     from train.config import ConfigError
 
     try:

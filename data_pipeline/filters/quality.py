@@ -13,9 +13,11 @@ right at a threshold may differ from datatrove's by a word.
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections import Counter
 from collections.abc import Sequence
+
+import numpy as np
 
 from data_pipeline.document import Document
 from data_pipeline.step import Filter, PipelineStep
@@ -87,43 +89,73 @@ class GopherQualityFilter(Filter):
 
 
 class _NGrams:
-    """n-grams of a word list as tuples of word ids, with their character length
-    (words joined by single spaces) from prefix sums: much faster than joining strings."""
+    """The repetition statistics of a word list, computed on n-grams that repeat only.
+
+    An n-gram can only repeat where its first n-1 words do, so level n looks only at the
+    positions whose (n-1)-gram repeats, numbering each one by (its (n-1)-gram's number, the
+    next word's number): equal n-grams get equal numbers exactly (no hashing), and in
+    prose the positions left shrink fast with n. Character lengths (words joined by single
+    spaces) come from prefix sums. Over 5x faster than counting tuples of words, with the
+    same numbers (tests/test_filters.py compares them on the shipped sample)."""
 
     def __init__(self, words: list[str]):
-        vocab: dict[str, int] = {}
-        self.ids = [vocab.setdefault(w, len(vocab)) for w in words]
-        self.prefix = [0]
-        for w in words:
-            self.prefix.append(self.prefix[-1] + len(w))
+        self.n_words = len(words)
+        vocab: dict[str, int] = {}  # a word's number: the position where it first occurs
+        self.ids = np.fromiter(map(vocab.setdefault, words, itertools.count()), dtype=np.int64, count=len(words))
+        self.prefix = np.zeros(len(words) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, words), dtype=np.int64, count=len(words)), out=self.prefix[1:])
+        self._repeats: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def grams(self, n: int) -> list[tuple]:
-        return list(zip(*(self.ids[i:] for i in range(n))))
+    def repeats(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ascending start positions of the n-grams that occur more than once, a number per
+        position: equal n-grams have equal numbers)."""
+        if n not in self._repeats:
+            if n == 1:
+                pos = np.flatnonzero(np.bincount(self.ids)[self.ids] > 1)
+                self._repeats[n] = (pos, self.ids[pos])
+            else:
+                pos, num = self.repeats(n - 1)
+                fits = pos <= self.n_words - n
+                pos, num = pos[fits], num[fits]
+                _, num, counts = np.unique(num * self.n_words + self.ids[pos + n - 1], return_inverse=True,
+                                           return_counts=True)
+                num = num.reshape(-1)
+                again = counts[num] > 1
+                self._repeats[n] = (pos[again], num[again])
+        return self._repeats[n]
 
     def chars(self, start: int, n: int) -> int:
-        return self.prefix[start + n] - self.prefix[start] + n - 1
+        return int(self.prefix[start + n] - self.prefix[start]) + n - 1
 
     def top_chars(self, n: int) -> int:
-        """Characters covered by the most frequent n-gram, counted at every occurrence."""
-        grams = self.grams(n)
-        if not grams:
+        """Characters covered by the most frequent n-gram, counted at every occurrence (ties:
+        the n-gram seen first, as Counter.most_common does)."""
+        if self.n_words < n:
             return 0
-        gram, count = Counter(grams).most_common(1)[0]
-        return self.chars(grams.index(gram), n) * count
+        pos, num = self.repeats(n)
+        if not len(pos):  # every n-gram occurs once: the first one wins the tie
+            return self.chars(0, n)
+        _, first, counts = np.unique(num, return_index=True, return_counts=True)  # pos ascends: first = earliest
+        best = counts.max()
+        return self.chars(int(pos[first[counts == best]].min()), n) * int(best)
 
     def dup_chars(self, n: int) -> int:
-        """Characters in repeated n-grams, skipping past a repeat so overlaps count once."""
-        grams = self.grams(n)
-        seen: set[tuple] = set()
-        chars, i = 0, 0
-        while i < len(grams):
-            g = grams[i]
+        """Characters in repeated n-grams, scanning left to right and skipping past a repeat
+        so overlaps count once; n-grams that occur once are never a repeat, so only the
+        positions of those that occur more often are visited."""
+        if self.n_words < n:
+            return 0
+        pos, num = self.repeats(n)
+        seen: set[int] = set()
+        chars, resume_at = 0, 0
+        for p, g in zip(pos.tolist(), num.tolist()):
+            if p < resume_at:
+                continue
             if g in seen:
-                chars += self.chars(i, n)
-                i += n
+                chars += self.chars(p, n)
+                resume_at = p + n
             else:
                 seen.add(g)
-                i += 1
         return chars
 
 

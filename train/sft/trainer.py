@@ -30,7 +30,7 @@ from train import checkpoint as ckpt
 from train.checkpoint import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_OPTIM_FILE, LABELS_FILE
 from train.config import ConfigError
 from train.data import GlobalBatchSlicer
-from train.full_state import load_init_weights, read_adapter_state
+from train.full_state import FullState, load_weights, read_adapter_state, read_init_weights
 from train.metrics import plot_runs
 from train.sft.batches import RowStream, load_sft_data, make_collate, validation_batches
 from train.sft.chat import JINJA_TEMPLATE, TEMPLATE_FILE, control_ids, encode_prompt
@@ -102,7 +102,10 @@ class SFTTrainer(Trainer):
             model = TransformerClassifier(mc, len(self.sft_data.labels), weights)
         else:
             model = Transformer(mc)
-        load_init_weights(model, str(cfg.init_from))
+        # Read (and, for a DeepSpeed checkpoint, converted) once on rank 0, streamed to the others.
+        b, path = self.backend, str(cfg.init_from)
+        base = b.on_main(f"reading init_from={path}", lambda: FullState(model=read_init_weights(path, mc)))
+        load_weights(model, b.full_state_from_main(base).model, path)
         if self.lora:
             lo = cfg.lora
             add_lora(model, lo.name, lo.rank, lo.alpha, lo.dropout, list(lo.targets))
