@@ -26,7 +26,8 @@ class ExtractConfig:
 @dataclass
 class URLFilterConfig:
     enabled: bool = False
-    use_shipped_lists: bool = True  # data_pipeline/assets/blocklist_{domains,url_words}.txt
+    use_shipped_lists: bool = True  # data_pipeline/assets/blocklist_<category>_{domains,url_words}.txt
+    categories: list[str] = field(default_factory=lambda: ["adult", "gambling"])  # shipped lists to use
     domains_file: str | None = None  # extra domains, one per line
     words_file: str | None = None  # extra URL words, one per line
 

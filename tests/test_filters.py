@@ -298,18 +298,33 @@ def test_langid_model_is_the_offline_ftz_file():
 
 def test_url_filter_blocks_domains_subdomains_and_url_words():
     f = URLFilter()
-    assert reason(f, "x", "https://www.pornhub.com/view") == "url_blocked_domain"
-    assert reason(f, "x", "https://pornhub.com/") == "url_blocked_domain"
-    assert reason(f, "x", "https://free-porn-tube1.example.xxx/a.html") == "url_blocked_word"
+    assert reason(f, "x", "https://www.pornhub.com/view") == "url_adult_domain"
+    assert reason(f, "x", "https://pornhub.com/") == "url_adult_domain"
+    assert reason(f, "x", "https://free-porn-tube1.example.xxx/a.html") == "url_adult_word"
     assert reason(f, "x", "https://www.essex.ac.uk/sussex/middlesex") is None  # token, not substring
     assert reason(f, "x", "https://notpornhub.com.example.org/") is None
+
+
+def test_url_filter_drops_gambling_hosts_and_keeps_look_alikes():
+    f = URLFilter()
+    assert reason(f, "x", "https://sports.bet365.com/en/football") == "url_gambling_domain"
+    assert reason(f, "x", "https://www.pokerstars.com/") == "url_gambling_domain"
+    assert reason(f, "x", "https://best-online-casino-bonus.example/") == "url_gambling_word"
+    assert reason(f, "x", "https://example.org/sports-betting/odds") == "url_gambling_word"
+    # Python's __slots__, an alphabet page, a pokerface blog: not gambling tokens.
+    assert reason(f, "x", "https://docs.python.org/3/reference/datamodel/slots.html") is None
+    assert reason(f, "x", "https://example.org/alphabet/bet-a") is None
+    assert reason(f, "x", "https://pokerface.example.org/") is None
+    only_adult = URLFilter(categories=["adult"])
+    assert reason(only_adult, "x", "https://www.pokerstars.com/") is None
+    assert reason(only_adult, "x", "https://pornhub.com/") == "url_adult_domain"
 
 
 def test_url_filter_reads_a_user_file(tmp_path):
     p = tmp_path / "domains.txt"
     p.write_text("# my list\nbad.example.org\n")
     f = URLFilter(use_shipped_lists=False, domains_file=str(p))
-    assert reason(f, "x", "https://a.bad.example.org/") == "url_blocked_domain"
+    assert reason(f, "x", "https://a.bad.example.org/") == "url_blocked_domain"  # a user's list: "blocked"
     assert reason(f, "x", "https://www.pornhub.com/") is None  # shipped list switched off
 
 

@@ -211,6 +211,10 @@ def validate(cfg: Any) -> None:
     _check(d.num_workers == 0 or d.sources[0].format != "tokens", "data.num_workers",
            "tokenized shards need no background workers (a window is a slice of a memory-mapped file); set 0")
     _check(d.prefetch > 0, "data.prefetch", f"must be positive, got {d.prefetch}")
+    from data_pipeline.filters.safety import URL_CATEGORIES
+
+    bad = [c for c in d.url_filter.categories if c not in URL_CATEGORIES]
+    _check(not bad, "data.url_filter.categories", f"unknown {bad} (shipped: {' | '.join(URL_CATEGORIES)})")
     _check(t.nan_policy in ("raise", "rollback"), "train.nan_policy",
            f"unknown policy {t.nan_policy!r} (raise | rollback)")
     _check(t.max_rollbacks >= 0, "train.max_rollbacks", f"must be >= 0, got {t.max_rollbacks}")

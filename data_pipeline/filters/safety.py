@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from data_pipeline.document import Document
@@ -35,18 +36,32 @@ def _lists(shipped: str, user_file: str | None, use_shipped: bool) -> set[str]:
     return items
 
 
+URL_CATEGORIES = ("adult", "gambling")  # shipped as blocklist_<category>_{domains,url_words}.txt
+
+
 class URLFilter(Filter):
     """Drops documents whose domain (or a parent domain) is blocklisted, or whose URL host
     or path contains a blocklisted word as a token. Token matching (not substring) keeps
-    e.g. ``essex.ac.uk`` while dropping ``free-sex-videos.example``."""
+    e.g. ``essex.ac.uk`` while dropping ``free-sex-videos.example``. The reason names the
+    list's category (``url_adult_domain``, ``url_gambling_word``; a user's own files:
+    ``url_blocked_...``), so the data report says what kind of page went."""
 
     name = "url_filter"
 
     def __init__(self, use_shipped_lists: bool = True, domains_file: str | None = None,
-                 words_file: str | None = None):
+                 words_file: str | None = None, categories: Sequence[str] = URL_CATEGORIES):
         super().__init__()
-        self.domains = _lists("blocklist_domains.txt", domains_file, use_shipped_lists)
-        self.words = _lists("blocklist_url_words.txt", words_file, use_shipped_lists)
+        unknown = [c for c in categories if c not in URL_CATEGORIES]
+        if unknown:
+            raise ValueError(f"config error: data.url_filter.categories: unknown {unknown}; shipped: "
+                             f"{list(URL_CATEGORIES)}")
+        self.lists = [(c, read_list(os.path.join(ASSETS, f"blocklist_{c}_domains.txt")),
+                       read_list(os.path.join(ASSETS, f"blocklist_{c}_url_words.txt")))
+                      for c in (categories if use_shipped_lists else ())]
+        user_domains = read_list(os.path.expanduser(domains_file)) if domains_file else set()
+        user_words = read_list(os.path.expanduser(words_file)) if words_file else set()
+        if user_domains or user_words:
+            self.lists.append(("blocked", user_domains, user_words))
 
     def reject(self, doc: Document) -> str | None:
         if not doc.url:
@@ -57,12 +72,14 @@ class URLFilter(Filter):
             return "url_malformed"
         host = (parts.hostname or "").rstrip(".")
         labels = host.split(".")
-        for i in range(len(labels) - 1):
-            if ".".join(labels[i:]) in self.domains:
-                return "url_blocked_domain"
+        suffixes = {".".join(labels[i:]) for i in range(len(labels) - 1)}
         tokens = set(re.split(r"[^a-z]+", host + " " + parts.path))
-        if tokens & self.words:
-            return "url_blocked_word"
+        for category, domains, _ in self.lists:
+            if suffixes & domains:
+                return f"url_{category}_domain"
+        for category, _, words in self.lists:
+            if tokens & words:
+                return f"url_{category}_word"
         return None
 
 
