@@ -67,9 +67,16 @@ class PipelineStep:
     stateful = False
     journal: list | None = None
     mirror_id: int | None = None
+    audit = None  # a data_pipeline.audit.Audit: every drop is written there with its reason
 
     def __init__(self):
         self.stats = StepStats()
+        self.decision: tuple[float, float] | None = None  # (statistic, threshold) of the last drop
+
+    def decided(self, reason: str, stat: float, limit: float) -> str:
+        """Return ``reason``, remembering the statistic and the threshold it crossed (audit)."""
+        self.decision = (stat, limit)
+        return reason
 
     def _record(self, method: str, *args) -> None:
         if self.journal is not None:
@@ -90,6 +97,7 @@ class PipelineStep:
         size = doc_bytes(doc)
         s.seen += 1
         s.bytes_seen += size
+        self.decision = None
         out = self.process(doc)
         lang = doc.metadata.get("language", "und")
         if isinstance(out, Document):
@@ -105,6 +113,10 @@ class PipelineStep:
         examples = s.examples_by_reason[reason]
         if len(examples) < self.max_examples_per_reason:
             examples.append({"id": doc.id, "url": doc.url, "text": (doc.text or "")[:500]})
+        if self.audit is not None:
+            stat, limit = self.decision or (None, None)
+            self.audit.dropped(self.name, reason, url=doc.url, doc_id=doc.id, file=doc.metadata.get("file", ""),
+                               offset=doc.metadata.get("offset"), stat=stat, limit=limit, text=doc.text)
         return None
 
     def new_epoch(self) -> None:

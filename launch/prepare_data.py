@@ -66,14 +66,34 @@ def output_name(index: int, src, path: str, fmt: str) -> str:
     return f"{src.name}-{index:05d}-{base}.{EXTENSIONS[fmt]}"
 
 
-def process_file(cfg, src, path: str, out_path: str, fmt: str, tokenizer=None) -> dict:
-    """Run reader + steps over one input file, write the survivors atomically, return stats."""
+def process_file(cfg, src, path: str, out_path: str, fmt: str, tokenizer=None, audit: str = "") -> dict:
+    """Run reader + steps over one input file, write the survivors atomically, return stats.
+    ``audit`` ("drops" or "text"): also write every drop's decision (and with "text" the
+    removed text) to ``<output>.audit.jsonl.gz`` (data_pipeline/audit.py)."""
+    from data_pipeline.audit import AUDIT_SUFFIX, Audit
     from data_pipeline.pipeline import build_reader, build_steps
 
     reader = build_reader(src)
     reader.files = [path]
     reader.set_shard(0, 1)
     steps = build_steps(cfg) if src.steps else []
+    log = Audit(out_path + AUDIT_SUFFIX, with_text=audit == "text") if audit else None
+    for part in (reader, *steps):
+        part.audit = log
+    try:
+        stats = _write_survivors(reader, steps, out_path, fmt, tokenizer)
+    except BaseException:
+        if log:
+            log.abandon()
+        raise
+    if log:
+        log.close()
+        stats["audit"] = {"path": log.path, "lines": log.lines}
+    return stats
+
+
+def _write_survivors(reader, steps, out_path: str, fmt: str, tokenizer) -> dict:
+    path = reader.files[0]
     docs = iter(reader)
     for step in steps:
         docs = step(docs)
@@ -153,6 +173,10 @@ def main(argv=None) -> int:
     ap.add_argument("--input", nargs="*", default=None, help="input files/globs (replace data.sources paths)")
     ap.add_argument("--input-format", default=None, help="format of --input (warc | wet | jsonl | parquet)")
     ap.add_argument("--summarize", action="store_true", help="only merge finished tasks' stats into a report")
+    ap.add_argument("--audit", choices=["drops", "text"], default=None,
+                    help="write each drop's decision (URL, file, offset, step, reason, statistic) beside each "
+                         "output as <output>.audit.jsonl.gz; 'text' adds the removed text. "
+                         "launch/why_dropped.py reads them")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the data config, e.g. data.langid.min_score=0.5")
     a = ap.parse_args(argv)
     os.makedirs(a.output_dir, exist_ok=True)
@@ -183,7 +207,7 @@ def main(argv=None) -> int:
         if os.path.exists(out_path + ".done"):
             skipped += 1
             continue
-        stats = process_file(cfg, src, path, out_path, a.format, tokenizer)
+        stats = process_file(cfg, src, path, out_path, a.format, tokenizer, a.audit or "")
         write_done(out_path, stats)
         done += 1
         tokens = f", {stats['tokens']:,} tokens" if "tokens" in stats else ""

@@ -70,5 +70,5 @@ class LanguageFilter(Filter):
         if self.languages and lang not in self.languages:
             return f"lang_{lang}"
         if score < self.min_score:
-            return "lang_low_score"
+            return self.decided("lang_low_score", score, self.min_score)
         return None

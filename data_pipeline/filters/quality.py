@@ -55,36 +55,37 @@ class GopherQualityFilter(Filter):
         words = content_words(tokens)
         n = len(words)
         if n == 0 or (self.min_doc_words is not None and n < self.min_doc_words):
-            return "gopher_short_doc"
+            return self.decided("gopher_short_doc", n, self.min_doc_words or 1)
         if self.max_doc_words is not None and n > self.max_doc_words:
-            return "gopher_long_doc"
+            return self.decided("gopher_long_doc", n, self.max_doc_words)
         avg = sum(len(w) for w in words) / n
         if self.min_avg_word_length is not None and avg < self.min_avg_word_length:
-            return "gopher_below_avg_word_length"
+            return self.decided("gopher_below_avg_word_length", avg, self.min_avg_word_length)
         if self.max_avg_word_length is not None and avg > self.max_avg_word_length:
-            return "gopher_above_avg_word_length"
+            return self.decided("gopher_above_avg_word_length", avg, self.max_avg_word_length)
         if self.max_symbol_word_ratio is not None:
             if text.count("#") / n > self.max_symbol_word_ratio:
-                return "gopher_too_many_hashes"
-            if (text.count("...") + text.count("…")) / n > self.max_symbol_word_ratio:
-                return "gopher_too_many_ellipsis"
+                return self.decided("gopher_too_many_hashes", text.count("#") / n, self.max_symbol_word_ratio)
+            ellipses = (text.count("...") + text.count("…")) / n
+            if ellipses > self.max_symbol_word_ratio:
+                return self.decided("gopher_too_many_ellipsis", ellipses, self.max_symbol_word_ratio)
         lines = text.splitlines() or [""]
         if self.max_bullet_lines_ratio is not None:
             bullets = sum(ln.lstrip().startswith("•") for ln in lines)
             if bullets / len(lines) > self.max_bullet_lines_ratio:
-                return "gopher_too_many_bullets"
+                return self.decided("gopher_too_many_bullets", bullets / len(lines), self.max_bullet_lines_ratio)
         if self.max_ellipsis_lines_ratio is not None:
             ell = sum(ln.rstrip().endswith(("...", "…")) for ln in lines)
             if ell / len(lines) > self.max_ellipsis_lines_ratio:
-                return "gopher_too_many_end_ellipsis"
+                return self.decided("gopher_too_many_end_ellipsis", ell / len(lines), self.max_ellipsis_lines_ratio)
         if self.min_alpha_words_ratio is not None:
             alpha = sum(any(c.isalpha() for c in w) for w in words)
             if alpha / n < self.min_alpha_words_ratio:
-                return "gopher_below_alpha_threshold"
+                return self.decided("gopher_below_alpha_threshold", alpha / n, self.min_alpha_words_ratio)
         if self.min_stop_words is not None:
             stops = sum(w.lower() in self.stop_words for w in words)
             if stops < self.min_stop_words:
-                return "gopher_enough_stop_words"
+                return self.decided("gopher_enough_stop_words", stops, self.min_stop_words)
         return None
 
 
@@ -184,25 +185,25 @@ class GopherRepetitionFilter(Filter):
         paras = re.split(r"\n{2,}", text.strip())
         n_dup, c_dup = find_duplicates(paras)
         if self.dup_para_frac is not None and n_dup / len(paras) > self.dup_para_frac:
-            return "dup_para_frac"
+            return self.decided("dup_para_frac", n_dup / len(paras), self.dup_para_frac)
         if self.dup_para_char_frac is not None and c_dup / size > self.dup_para_char_frac:
-            return "dup_para_char_frac"
+            return self.decided("dup_para_char_frac", c_dup / size, self.dup_para_char_frac)
         # Blank lines are left out: resiliparse separates blocks with an empty line, which
         # would otherwise make every page "repeat" ~40% of its lines (datatrove's reference
         # extractor, trafilatura, emits no blank lines, so its counts match this).
         lines = [ln for ln in text.splitlines() if ln.strip()] or [""]
         n_dup, c_dup = find_duplicates(lines)
         if self.dup_line_frac is not None and n_dup / len(lines) > self.dup_line_frac:
-            return "dup_line_frac"
+            return self.decided("dup_line_frac", n_dup / len(lines), self.dup_line_frac)
         if self.dup_line_char_frac is not None and c_dup / size > self.dup_line_char_frac:
-            return "dup_line_char_frac"
+            return self.decided("dup_line_char_frac", c_dup / size, self.dup_line_char_frac)
         ngrams = _NGrams(words_of(text))
         for n, frac in enumerate(self.top_ngram_fracs, start=2):
             if frac is not None and ngrams.top_chars(n) / size > frac:
-                return f"top_{n}_gram"
+                return self.decided(f"top_{n}_gram", ngrams.top_chars(n) / size, frac)
         for n, frac in enumerate(self.dup_ngram_fracs, start=5):
             if frac is not None and ngrams.dup_chars(n) / size > frac:
-                return f"duplicated_{n}_n_grams"
+                return self.decided(f"duplicated_{n}_n_grams", ngrams.dup_chars(n) / size, frac)
         return None
 
 
@@ -292,14 +293,14 @@ class FineWebQualityFilter(Filter):
         lines = text.split("\n")
         ratio = sum(ln.endswith(END_PUNCTUATION) for ln in lines) / len(lines)
         if ratio <= self.line_punct_thr and not (ratio == 0 and self.line_punct_exclude_zero):
-            return "fineweb_line_punct_ratio"
+            return self.decided("fineweb_line_punct_ratio", ratio, self.line_punct_thr)
         ratio = sum(len(ln) <= self.short_line_length for ln in lines) / len(lines)
         if ratio >= self.short_line_thr:
-            return "fineweb_short_line_ratio"
+            return self.decided("fineweb_short_line_ratio", ratio, self.short_line_thr)
         _, dup_chars = find_duplicates([ln for ln in lines if ln.strip()])
         if dup_chars / chars >= self.char_duplicates_ratio:
-            return "fineweb_char_dup_ratio"
+            return self.decided("fineweb_char_dup_ratio", dup_chars / chars, self.char_duplicates_ratio)
         words = words_of(text)
         if text.count("\n") / max(1, len(words)) > self.new_line_ratio:
-            return "fineweb_list_ratio"
+            return self.decided("fineweb_list_ratio", text.count("\n") / max(1, len(words)), self.new_line_ratio)
         return None

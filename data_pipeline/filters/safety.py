@@ -101,7 +101,7 @@ class BadWordsFilter(Filter):
             return None
         bad = sum(w in self.words for w in words)
         if bad and bad / len(words) > self.max_ratio:
-            return "bad_words"
+            return self.decided("bad_words", bad / len(words), self.max_ratio)
         return None
 
 

@@ -50,11 +50,30 @@ def expand_paths(paths) -> list[str]:
     return files
 
 
+class Skip(str):
+    """A reason a reader skipped a record, with where the record starts (and its URL when
+    known), for the audit; a plain string reason means "after the previous record"."""
+
+    def __new__(cls, reason: str, offset: int, url: str = ""):
+        self = super().__new__(cls, reason)
+        self.offset, self.url = offset, url
+        return self
+
+
+def _offset(position):
+    """The reader's position of a record as JSON: an int (WARC byte offset, JSONL line), else
+    its text; None (the start of the file) is 0."""
+    if position is None:
+        return 0
+    return position if isinstance(position, int) else str(position)
+
+
 class Reader:
     """Base reader. Subclasses implement ``_records(path, start)`` yielding
     ``(position_after_record, Document | skip_reason)`` for one file from ``start``."""
 
     name = "reader"
+    audit = None  # a data_pipeline.audit.Audit: records skipped here are written there
 
     def __init__(self, paths, source: str = "web", shard: int = 0, num_shards: int = 1):
         self.files = expand_paths(paths)
@@ -84,7 +103,7 @@ class Reader:
         while self.file_idx < len(files):
             path = self.files[files[self.file_idx]]
             for pos, item in self._records(path, self.position):
-                self.position = pos
+                start, self.position = self.position, pos
                 mine = self.by_file or self.record_idx % self.num_shards == self.shard
                 self.record_idx += 1
                 if not mine:
@@ -95,10 +114,17 @@ class Reader:
                     self.stats.kept += 1
                     self.stats.bytes_kept += size
                     self.stats.bytes_seen += size
+                    if self.audit is not None:  # where the record came from, for the audit lines
+                        item.metadata.setdefault("file", path)
+                        item.metadata.setdefault("offset", _offset(start))
                     yield item
                 else:
+                    reason = str(item)
                     self.stats.removed += 1
-                    self.stats.removed_by_reason[item] += 1
+                    self.stats.removed_by_reason[reason] += 1
+                    if self.audit is not None:
+                        where = item.offset if isinstance(item, Skip) else _offset(start)
+                        self.audit.dropped(self.name, reason, file=path, offset=where, url=getattr(item, "url", ""))
             self.file_idx += 1
             self.position = None
 

@@ -17,7 +17,7 @@ from warcio.exceptions import ArchiveLoadFailed
 from warcio.statusandheaders import StatusAndHeadersParserException
 
 from data_pipeline.document import Document
-from data_pipeline.readers.base import Reader, open_binary
+from data_pipeline.readers.base import Reader, Skip, open_binary
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 GZIP_MAGIC = b"\x1f\x8b\x08"
@@ -66,6 +66,10 @@ class WarcReader(Reader):
                         next_off = base + offset + length
                         if item is not None and getattr(rec.raw_stream, "limit", 0) > 0:
                             item = "truncated"  # the stream ended before Content-Length bytes
+                        if isinstance(item, str):
+                            item = Skip(item, base + offset, rec.rec_headers.get_header("WARC-Target-URI") or "")
+                        elif item is not None:
+                            item.metadata["offset"] = base + offset  # where the record starts in the file
                         if item is not None:  # warcinfo/request/metadata records are not documents
                             yield next_off, item
                     f.seek(0, 2)

@@ -1,0 +1,61 @@
+"""Why each document was dropped: one JSON line per decision, written by ``prepare_data``.
+
+A line holds the URL, the record id, the input file and the reader's position of the
+record in it (the byte offset of a WARC record, the line of a JSONL file), the step and its
+reason, and, where the filter measured something, the statistic that decided and the
+threshold it crossed (``stat`` / ``limit``). Reader drops (records that are not pages,
+payloads too large, unreadable JSON) are included, so every input record is accounted for:
+a record is either in the output or in the audit. With ``data.audit_text=true`` a line also
+carries the removed text (as datatrove writes the removed documents of each filter).
+
+``python launch/why_dropped.py <output dir> <url>`` answers "why was this URL dropped?".
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterator
+
+AUDIT_SUFFIX = ".audit.jsonl.gz"  # beside each output file of prepare_data
+
+
+class Audit:
+    """Decisions of one input file's run, written to ``path`` atomically by ``close``."""
+
+    def __init__(self, path: str, with_text: bool = False):
+        self.path, self.with_text = path, with_text
+        self.tmp = f"{path}.tmp{os.getpid()}"
+        self._f = gzip.open(self.tmp, "wt", encoding="utf-8", compresslevel=5)
+        self.lines = 0
+
+    def dropped(self, step: str, reason: str, *, url: str = "", doc_id: str = "", file: str = "",
+                offset=None, stat: float | None = None, limit: float | None = None, text: str | None = None) -> None:
+        row = {"url": url, "id": doc_id, "file": file, "offset": offset, "step": step, "reason": reason}
+        if stat is not None:
+            row["stat"], row["limit"] = round(float(stat), 6), limit
+        if self.with_text and text:
+            row["text"] = text
+        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.lines += 1
+
+    def close(self) -> None:
+        self._f.close()
+        os.replace(self.tmp, self.path)
+
+    def abandon(self) -> None:
+        self._f.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def read_audits(paths: list[str]) -> Iterator[dict]:
+    for path in paths:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)
+
+
+def audit_files(directory: str) -> list[str]:
+    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(AUDIT_SUFFIX))
