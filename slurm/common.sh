@@ -6,6 +6,8 @@
 #       job, wait for it, and on USR1 ask it to checkpoint and stop, then requeue the job.
 #   kiln_prepare_data [prepare_data.py ARGS...]
 #       (batch shell) one task of a data-preparation array job.
+#   kiln_dedup_global [dedup_global.py ARGS...]
+#       (batch shell) one task of one stage of the cross-task dedup job.
 #   kiln_task ENTRY [ARGS...]
 #       (every srun task) start this node's training processes, or be one of them.
 #
@@ -190,4 +192,11 @@ kiln_prepare_data() {
   kiln_log "job ${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-}} array task ${SLURM_ARRAY_TASK_ID:-none}" \
     "of ${SLURM_ARRAY_TASK_COUNT:-1} restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s)"
   exec "$KILN_PYTHON" "$KILN_ROOT/launch/prepare_data.py" "$@"
+}
+
+kiln_dedup_global() {
+  kiln_env
+  kiln_log "job ${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-}} array task ${SLURM_ARRAY_TASK_ID:-none}" \
+    "of ${SLURM_ARRAY_TASK_COUNT:-1} restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s)"
+  exec "$KILN_PYTHON" "$KILN_ROOT/launch/dedup_global.py" "$@"
 }

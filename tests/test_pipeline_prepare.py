@@ -170,3 +170,50 @@ def test_audit_accounts_for_every_record_and_why_dropped_answers_by_url(tmp_path
     assert f"{adult}: dropped by url_filter: url_adult_word" in said.stdout and f"{kept_url}: kept" in said.stdout
     unseen = why("https://never.example/")
     assert unseen.returncode == 1 and "not seen by any audited task" in unseen.stdout
+
+
+def test_global_dedup_across_tasks_keeps_exactly_the_earliest_copy(tmp_path):
+    """Copies planted across three prepare_data tasks' files (each task dedups only its own
+    file): the staged job, run as 2-task arrays, removes every copy but the earliest, exact
+    and near (one changed word), and nothing else."""
+    import subprocess
+    import sys
+
+    base = [f"Story {k}: " + " ".join(f"w{k}x{i}" for i in range(60)) + ". " + GOOD for k in range(6)]
+    near = base[2].replace("w2x30", "changed")  # one word of ~130: Jaccard of 5-gram shingles ~0.93
+    files = {  # file -> texts; dups of story 0 (exact) in files 1 and 2, of story 2 (near) in file 2
+        0: [base[0], base[1], base[2]],
+        1: [base[3], base[0], base[4]],
+        2: [near, base[5], base[0]],
+    }
+    paths = []
+    for f, texts in files.items():
+        p = tmp_path / "in" / f"part{f}.jsonl"
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("".join(json.dumps({"id": f"f{f}-{i}", "text": t, "url": f"https://e.example/{f}/{i}"}) + "\n"
+                             for i, t in enumerate(texts)))
+        paths.append(str(p))
+    out = tmp_path / "prepared"
+    for task in range(3):  # three array tasks: no task sees another's file
+        assert run(out, paths, "--shard-index", str(task), "--num-shards", "3") == 0
+    prepared = sum(json.load(open(d))["docs"] for d in glob.glob(str(out / "*.done")))
+    assert prepared == 9  # the copies are all still there
+
+    def dedup(*args):
+        p = subprocess.run([sys.executable, "launch/dedup_global.py", "--input-dir", str(out), "--work-dir",
+                            str(tmp_path / "work"), "--output-dir", str(tmp_path / "dedup"), *args],
+                           cwd=REPO, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stdout
+
+    for stage in ("signatures", "buckets", "clusters", "filter"):
+        for task in range(2):
+            said = dedup("--stage", stage, "--task", str(task), "--tasks", "2")
+    kept = JsonlReader(sorted(glob.glob(str(tmp_path / "dedup" / "*.jsonl.gz"))))
+    urls = sorted(d.url for d in kept)
+    assert urls == sorted(["https://e.example/0/0", "https://e.example/0/1", "https://e.example/0/2",
+                           "https://e.example/1/0", "https://e.example/1/2", "https://e.example/2/1"])
+    assert "stage filter done" in said
+    # A rerun finds every stage done and changes nothing.
+    dedup("--stage", "all")
+    assert sorted(d.url for d in JsonlReader(sorted(glob.glob(str(tmp_path / "dedup" / "*.jsonl.gz"))))) == urls

@@ -288,6 +288,31 @@ def test_prepare_data_array_job_writes_every_shard_and_a_rerun_skips_them(slurm,
     assert slurm.wait(report)[0]["JobState"] == "COMPLETED", slurm.logs()
     assert os.listdir(out / "report")
 
+    # Cross-task dedup, each stage an array job chained by dependencies: a fourth output that
+    # copies the first one's documents goes entirely, the originals stay.
+    import shutil
+
+    shutil.copyfile(outputs[0], out / "web-00003-copy.jsonl.gz")
+    common = ["--input-dir", str(out), "--work-dir", str(tmp_path / "work")]
+    jobs = []
+    for stage, array in (("signatures", "--array=0-1"), ("buckets", "--array=0-1"), ("clusters", None),
+                         ("filter", "--array=0-1")):
+        flags = ([array] if array else []) + ([f"--dependency=afterok:{jobs[-1]}"] if jobs else [])
+        extra = ["--output-dir", str(tmp_path / "dedup")] if stage == "filter" else []
+        jobs.append(slurm.sbatch("dedup_global.sbatch", ["--stage", stage, *common, *extra], flags))
+    for job in jobs:
+        assert all(t["JobState"] == "COMPLETED" for t in slurm.wait(job)), slurm.logs()
+    with open(tmp_path / "dedup" / "web-00003-copy.jsonl.gz.done") as f:
+        copy_stats = json.load(f)
+    with open(outputs[0] + ".done") as f:
+        first_docs = json.load(f)["docs"]
+    assert copy_stats["docs"] == 0 and copy_stats["removed_as_duplicates"] == first_docs > 0
+    texts = []
+    for path in sorted(glob.glob(str(tmp_path / "dedup" / "*.jsonl.gz"))):
+        with gzip.open(path, "rt") as f:
+            texts += [json.loads(line)["text"] for line in f]
+    assert len(texts) == len(set(texts)) and len(texts) >= first_docs  # one copy of each, the originals kept
+
 
 SCRIPTS = sorted(glob.glob(os.path.join(SLURM_DIR, "*.sbatch")) + glob.glob(os.path.join(SLURM_DIR, "*.sh"))
                  + glob.glob(os.path.join(SLURM_DIR, "local", "*.sh"))
