@@ -21,6 +21,9 @@ class ExtractConfig:
     main_content: bool = True  # resiliparse main-content heuristics (drop nav/footers)
     max_replacement_ratio: float = 0.01  # drop decodes with >1% U+FFFD
     min_chars: int = 1
+    # Mark <pre> lines (text sources: ``` fences) as code: the quality filters then judge the
+    # prose only and C4's line rules keep code lines in the text (data_pipeline/text.py).
+    mark_code: bool = False
 
 
 @dataclass

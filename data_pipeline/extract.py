@@ -6,9 +6,11 @@ import re
 
 from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+from resiliparse.parse.html import HTMLTree
 
 from data_pipeline.document import Document
 from data_pipeline.step import PipelineStep
+from data_pipeline.text import CODE_LINES, fenced_code_lines
 
 _CHARSET = re.compile(r"charset=([\w\-:.]+)", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # Unicode category Cc minus \t \n \r
@@ -26,8 +28,11 @@ class HtmlExtractor(PipelineStep):
     name = "html_extract"
 
     def __init__(self, main_content: bool = True, max_replacement_ratio: float = 0.01,
-                 max_control_ratio: float = 0.01, min_chars: int = 1):
+                 max_control_ratio: float = 0.01, min_chars: int = 1, mark_code: bool = False):
         super().__init__()
+        # Mark the lines of <pre> blocks (text documents: ``` fences) as code, so the quality
+        # heuristics judge the prose and the code stays in the text (data_pipeline.text.prose_of).
+        self.mark_code = mark_code
         self.main_content = main_content
         self.max_replacement_ratio = max_replacement_ratio
         self.max_control_ratio = max_control_ratio
@@ -38,6 +43,8 @@ class HtmlExtractor(PipelineStep):
             if _CONTROL.search(doc.text) and len(_CONTROL.findall(doc.text)) > self.max_control_ratio * len(doc.text):
                 return "binary"
             doc.text = doc.text.replace("\x00", "")
+            if self.mark_code:
+                self._mark(doc, fenced_code_lines(doc.text))
             return doc if doc.text.strip() else "no_text"
         raw = doc.raw
         head = raw[:4096]
@@ -58,7 +65,17 @@ class HtmlExtractor(PipelineStep):
             return "binary"
         doc.text = text
         doc.raw = None
+        if self.mark_code:
+            tree = HTMLTree.parse(html)
+            pre = tree.body.query_selector_all("pre") if tree.body is not None else []
+            self._mark(doc, {ln.strip() for block in pre for ln in block.text.split("\n") if ln.strip()})
         return doc
+
+    @staticmethod
+    def _mark(doc: Document, lines: set[str]) -> None:
+        present = {ln.strip() for ln in doc.text.split("\n")} & lines
+        if present:
+            doc.metadata[CODE_LINES] = frozenset(present)
 
 
 def decode_html(raw: bytes, content_type: str) -> str | None:

@@ -38,3 +38,36 @@ def find_duplicates(items: list[str]) -> tuple[int, int]:
         else:
             seen.add(x)
     return dup_n, dup_chars
+
+
+CODE_LINES = "code_lines"  # metadata: the stripped lines of a document that are code (extract.mark_code)
+
+
+def code_lines(doc) -> frozenset:
+    return doc.metadata.get(CODE_LINES) or frozenset()
+
+
+def prose_of(doc) -> str:
+    """The text the quality heuristics judge: the document without its code lines, when
+    the extractor marked them (``data.extract.mark_code``); else the whole text. Code stays
+    in ``doc.text``, the training text: only the prose statistics ignore it."""
+    code = code_lines(doc)
+    if not code:
+        return doc.text
+    return "\n".join(ln for ln in doc.text.split("\n") if ln.strip() not in code)
+
+
+_FENCE = re.compile(r"^\s*(```|~~~)")
+
+
+def fenced_code_lines(text: str) -> set[str]:
+    """Lines inside ``` / ~~~ fences (fences included) of a text document (Markdown-style)."""
+    out, inside = set(), False
+    for line in text.split("\n"):
+        fence = bool(_FENCE.match(line))
+        if inside or fence:
+            if line.strip():
+                out.add(line.strip())
+        if fence:
+            inside = not inside
+    return out

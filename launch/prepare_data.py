@@ -93,6 +93,8 @@ def process_file(cfg, src, path: str, out_path: str, fmt: str, tokenizer=None, a
 
 
 def _write_survivors(reader, steps, out_path: str, fmt: str, tokenizer) -> dict:
+    from data_pipeline.text import CODE_LINES
+
     path = reader.files[0]
     docs = iter(reader)
     for step in steps:
@@ -106,7 +108,7 @@ def _write_survivors(reader, steps, out_path: str, fmt: str, tokenizer) -> dict:
                 "steps": [[s.name, s.stats.as_dict(), dict(s.stats.examples_by_reason)] for s in [reader, *steps]]}
     tmp = out_path + f".tmp{os.getpid()}"
     rows = ({"id": d.id, "text": d.text, "url": d.url, "source": d.source,
-             "metadata": {k: v for k, v in d.metadata.items() if k != "token_ids"}} for d in docs)
+             "metadata": {k: v for k, v in d.metadata.items() if k not in ("token_ids", CODE_LINES)}} for d in docs)
     if fmt == "jsonl":
         with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=5) as f:
             for row in rows:

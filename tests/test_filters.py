@@ -414,3 +414,65 @@ def test_repetition_statistics_equal_the_reference_implementation_on_the_sample(
             assert got == ref.dup_chars(n), (n, text[:80])
             nonzero += got > 0
     assert nonzero > 100  # the repeated-n-gram path was exercised, not only the "no repeats" exit
+
+
+# ---------------------------------------------------------------- code-aware statistics
+
+CODE_PAGE = """<html><body><main><h1>The json module</h1>
+<p>This module encodes and decodes JSON, the lightweight data interchange format that many web
+services speak. It offers an interface that users of the standard marshal and pickle modules
+will recognise.</p>
+<p>Encoding basic Python object hierarchies is shown below. The first call turns a list into a
+string, and the second prints a quoted string with its escapes.</p>
+<pre>&gt;&gt;&gt; import json
+&gt;&gt;&gt; json.dumps(['foo', {'bar': ('baz', None, 1.0, 2)}])
+'["foo", {"bar": ["baz", null, 1.0, 2]}]'
+&gt;&gt;&gt; def encode(obj):
+...     if isinstance(obj, complex):
+...         return [obj.real, obj.imag]
+&gt;&gt;&gt; print(json.dumps({"c": 0, "b": 0}, sort_keys=True))
+{"b": 0, "c": 0}</pre>
+<p>Decoding is the reverse operation, and the decoder accepts any valid document. It returns the
+Python objects that correspond to the values, with numbers parsed as integers or floats.</p>
+<p>The encoder can be extended with a function that converts other objects. This is how the
+module supports types it does not know, such as complex numbers in the example above.</p>
+</main></body></html>"""
+
+
+def extracted(mark_code: bool) -> Document:
+    from data_pipeline.extract import HtmlExtractor
+
+    d = Document(id="j", url="https://docs.example/json.html", raw=CODE_PAGE.encode(),
+                 metadata={"content_type": "text/html; charset=utf-8"})
+    return HtmlExtractor(mark_code=mark_code).process(d)
+
+
+def test_marked_code_lines_are_judged_as_code_and_kept_in_the_text_with_their_indentation():
+    from data_pipeline.text import CODE_LINES, prose_of
+
+    plain, marked = extracted(False), extracted(True)
+    assert plain.text == marked.text and CODE_LINES not in plain.metadata
+    assert ">>> import json" in marked.metadata[CODE_LINES]
+    assert ">>> import json" not in prose_of(marked) and "lightweight data interchange" in prose_of(marked)
+    c4 = C4QualityFilter(filter_curly_bracket=True)
+    # Unmarked, the code's braces condemn the page; marked, C4's rules apply to the prose only
+    # and the code lines stay, indented, while prose lines without punctuation still go.
+    assert c4.process(extracted(False)) == "c4_curly_bracket"
+    kept = c4.process(extracted(True))
+    assert isinstance(kept, Document)
+    assert "...         return [obj.real, obj.imag]" in kept.text and "The json module" not in kept.text
+    # The prose statistics: FineWeb's terminal-punctuation share is 5/18 lines over the whole
+    # text and 4/10 over the prose (blank lines count in both), so a 0.3 cut tells them apart.
+    fineweb = FineWebQualityFilter(line_punct_thr=0.3)
+    assert fineweb.process(extracted(False)) == "fineweb_line_punct_ratio"
+    assert isinstance(fineweb.process(extracted(True)), Document)
+
+
+def test_fenced_code_in_text_documents_is_marked():
+    from data_pipeline.extract import HtmlExtractor
+    from data_pipeline.text import CODE_LINES, prose_of
+
+    text = "Install it first.\n```bash\npip install kiln\n```\nThen run the tests, which take minutes."
+    d = HtmlExtractor(mark_code=True).process(Document(id="t", text=text))
+    assert d.metadata[CODE_LINES] == {"```bash", "pip install kiln", "```"}
+    assert prose_of(d) == "Install it first.\nThen run the tests, which take minutes."

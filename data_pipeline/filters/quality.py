@@ -21,7 +21,7 @@ import numpy as np
 
 from data_pipeline.document import Document
 from data_pipeline.step import Filter, PipelineStep
-from data_pipeline.text import END_PUNCTUATION, content_words, find_duplicates, words_of
+from data_pipeline.text import END_PUNCTUATION, code_lines, content_words, find_duplicates, prose_of, words_of
 
 # Gopher's stop words (Rae et al. 2021, A.1.1): a document needs at least two of them.
 GOPHER_STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
@@ -50,7 +50,7 @@ class GopherQualityFilter(Filter):
         self.stop_words = set(stop_words)
 
     def reject(self, doc: Document) -> str | None:
-        text = doc.text
+        text = prose_of(doc)
         tokens = words_of(text)
         words = content_words(tokens)
         n = len(words)
@@ -178,7 +178,7 @@ class GopherRepetitionFilter(Filter):
         self.dup_ngram_fracs = list(dup_ngram_fracs)
 
     def reject(self, doc: Document) -> str | None:
-        text = doc.text
+        text = prose_of(doc)
         if not text.strip():
             return "empty"
         size = len(text)
@@ -241,8 +241,12 @@ class C4QualityFilter(PipelineStep):
 
     def process(self, doc: Document):
         kept, sentences = [], 0
-        for line in doc.text.splitlines():
-            line = line.strip()
+        code = code_lines(doc)
+        for raw in doc.text.splitlines():
+            line = raw.strip()
+            if line in code:  # marked code stays as it is, indentation included; the rules are for prose
+                kept.append(raw.rstrip())
+                continue
             words = line.split()
             if self.max_word_length >= 0 and any(len(w) > self.max_word_length for w in words):
                 continue
@@ -286,7 +290,7 @@ class FineWebQualityFilter(Filter):
         self.char_duplicates_ratio, self.new_line_ratio = char_duplicates_ratio, new_line_ratio
 
     def reject(self, doc: Document) -> str | None:
-        text = doc.text
+        text = prose_of(doc)
         chars = len(text.replace("\n", ""))
         if chars == 0:
             return "empty"

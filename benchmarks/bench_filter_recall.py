@@ -1,0 +1,82 @@
+"""What the quality filters keep and drop on the labelled sample, per configuration (prints
+numbers; not a test). The sample's labels (data_pipeline/assets/sample_labels.jsonl) name
+228 good English documentation pages and the junk planted among them.
+
+    python benchmarks/bench_filter_recall.py
+
+Rows: the embedded default (conf/data/sample.yaml, three thresholds relaxed for code-heavy
+pages); the published thresholds of every step (the dataclass defaults); and both again
+with ``data.extract.mark_code=true``, where Gopher, C4 and FineWeb judge the prose and the
+code of <pre> blocks stays in the text.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+JUNK = {"spam", "adult_url", "symbols", "short", "binary", "charset", "pathological", "boilerplate"}
+
+
+def data_cfg(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from train.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
+        return compose(config_name="pretrain", overrides=overrides).data
+
+
+PUBLISHED = ["data.gopher_repetition.dup_ngram_fracs=[0.15,0.14,0.13,0.12,0.11,0.10]",
+             "data.c4_quality.filter_curly_bracket=true", "data.fineweb_quality.char_duplicates_ratio=0.01"]
+CONFIGS = {
+    "sample.yaml (relaxed)": [],
+    "published thresholds": PUBLISHED,
+    "sample.yaml + mark_code": ["data.extract.mark_code=true"],
+    "published + mark_code": PUBLISHED + ["data.extract.mark_code=true"],
+}
+
+
+def outcome(overrides):
+    from data_pipeline.pipeline import documents
+
+    stream = documents(data_cfg(overrides))
+    fate = {}
+    for step in stream.steps:
+        inner = step.run_one
+
+        def run_one(doc, inner=inner, name=step.name):
+            out = inner(doc)
+            if out is None:
+                fate[doc.id] = name
+            return out
+        step.run_one = run_one
+    kept_text = {doc.id: doc.text for doc in stream}
+    return fate, kept_text
+
+
+def main() -> None:
+    with open(os.path.join(REPO, "data_pipeline", "assets", "sample_labels.jsonl")) as f:
+        labels = [json.loads(line) for line in f]
+    good = [lab for lab in labels if lab["kind"] == "good" and lab["lang"] == "en"]
+    junk = [lab for lab in labels if lab["kind"] in JUNK]
+    print(f"{'configuration':<26} {'good English kept':>18} {'junk kept':>10} {'kept text with code lines':>26}  "
+          "good pages dropped by (top 4)")
+    for name, overrides in CONFIGS.items():
+        fate, kept = outcome(overrides)
+        kept_good = [lab for lab in good if lab["record_id"] in kept]
+        kept_junk = [lab for lab in junk if lab["record_id"] in kept]
+        with_code = sum(">>> " in kept[lab["record_id"]] for lab in kept_good)
+        lost = collections.Counter(fate.get(lab["record_id"], "?") for lab in good if lab["record_id"] not in kept)
+        top = ", ".join(f"{k} {v}" for k, v in lost.most_common(4))
+        print(f"{name:<26} {len(kept_good):>8} of {len(good):<8} {len(kept_junk):>5} of {len(junk):<3} "
+              f"{with_code:>14} pages      {top}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
