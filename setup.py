@@ -36,7 +36,8 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.5"],
+        "dev": ["pytest>=8", "ruff>=0.5", "moto[server]>=5"],  # moto: a local S3 server for the reader tests
+        "s3": ["s3fs>=2023.6"],  # s3:// inputs (gs://: gcsfs, the same way)
         "hf": ["transformers>=4.44", "peft>=0.12"],
         "tensorboard": ["tensorboard>=2.15"],
         "eval": ["lm_eval>=0.4.2"],  # lm-evaluation-harness on exported models (README)

@@ -22,13 +22,19 @@ from data_pipeline.step import StepStats
 
 
 def expand_paths(paths) -> list[str]:
-    """Globs and fsspec URLs to a sorted, de-duplicated list of files; error if none."""
+    """Globs, fsspec URLs and manifests (``*.paths[.gz]``, e.g. Common Crawl's
+    ``warc.paths.gz``: data_pipeline/readers/remote.py) to a de-duplicated list of files,
+    sorted per pattern (a manifest keeps its order); error if none."""
+    from data_pipeline.readers.remote import is_manifest, manifest_entries
+
     if isinstance(paths, str):
         paths = [paths]
     out: list[str] = []
     for p in paths:
         p = os.path.expanduser(str(p))
-        if "://" in p:
+        if is_manifest(p):
+            out.extend(manifest_entries(p))
+        elif "://" in p:
             _fs, _, found = fsspec.get_fs_token_paths(p)
             proto = p.split("://", 1)[0]
             out.extend(sorted(f if "://" in f else f"{proto}://{f}" for f in found))
@@ -146,4 +152,7 @@ class Reader:
 
 
 def open_binary(path: str):
-    return fsspec.open(path, "rb").open()
+    """Local files directly; remote objects with retries that resume (readers/remote.py)."""
+    from data_pipeline.readers.remote import open_binary as open_any
+
+    return open_any(path)
