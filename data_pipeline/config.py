@@ -106,6 +106,14 @@ class BadWordsConfig:
 
 
 @dataclass
+class QualityModelConfig:
+    # A learned keep/remove classifier (launch/train_quality_model.py writes the model).
+    enabled: bool = False
+    model_path: str | None = None
+    threshold: float = 0.5  # keep when P(keep) >= threshold
+
+
+@dataclass
 class ExactDedupConfig:
     enabled: bool = False
     mode: str = "streaming"  # streaming (bounded, FIFO eviction) | global (unbounded)
@@ -171,6 +179,7 @@ class DataConfig:
     c4_quality: C4QualityConfig = field(default_factory=C4QualityConfig)
     fineweb_quality: FineWebQualityConfig = field(default_factory=FineWebQualityConfig)
     bad_words: BadWordsConfig = field(default_factory=BadWordsConfig)
+    quality_model: QualityModelConfig = field(default_factory=QualityModelConfig)
     exact_dedup: ExactDedupConfig = field(default_factory=ExactDedupConfig)
     minhash_dedup: MinHashDedupConfig = field(default_factory=MinHashDedupConfig)
     pii: PIIConfig = field(default_factory=PIIConfig)

@@ -23,6 +23,7 @@ from data_pipeline.filters import (
     GopherRepetitionFilter,
     LanguageFilter,
     PIIScrubber,
+    QualityModelFilter,
     URLFilter,
 )
 from data_pipeline.loader import StreamingLoader
@@ -77,6 +78,7 @@ STEP_ORDER = (
     ("c4_quality", C4QualityFilter),
     ("fineweb_quality", FineWebQualityFilter),
     ("bad_words", BadWordsFilter),
+    ("quality_model", QualityModelFilter),
     ("exact_dedup", ExactDedup),
     ("minhash_dedup", MinHashDedup),
     ("pii", PIIScrubber),

@@ -213,6 +213,10 @@ def validate(cfg: Any) -> None:
     _check(d.prefetch > 0, "data.prefetch", f"must be positive, got {d.prefetch}")
     from data_pipeline.filters.safety import URL_CATEGORIES
 
+    qm = d.quality_model
+    _check(not qm.enabled or (qm.model_path and os.path.isfile(str(qm.model_path))), "data.quality_model.model_path",
+           f"the quality_model step needs a model file (launch/train_quality_model.py), got {qm.model_path!r}")
+    _check(0.0 <= qm.threshold <= 1.0, "data.quality_model.threshold", f"must be in [0, 1], got {qm.threshold}")
     bad = [c for c in d.url_filter.categories if c not in URL_CATEGORIES]
     _check(not bad, "data.url_filter.categories", f"unknown {bad} (shipped: {' | '.join(URL_CATEGORIES)})")
     _check(t.nan_policy in ("raise", "rollback"), "train.nan_policy",

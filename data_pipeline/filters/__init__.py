@@ -7,7 +7,8 @@ from data_pipeline.filters.quality import (
     GopherQualityFilter,
     GopherRepetitionFilter,
 )
+from data_pipeline.filters.quality_model import QualityModelFilter
 from data_pipeline.filters.safety import BadWordsFilter, PIIScrubber, URLFilter
 
 __all__ = ["BadWordsFilter", "C4QualityFilter", "FineWebQualityFilter", "GopherQualityFilter",
-           "GopherRepetitionFilter", "LanguageFilter", "PIIScrubber", "URLFilter"]
+           "GopherRepetitionFilter", "LanguageFilter", "PIIScrubber", "QualityModelFilter", "URLFilter"]
