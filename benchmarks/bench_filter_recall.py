@@ -43,21 +43,13 @@ CONFIGS = {
 
 
 def outcome(overrides):
+    from data_pipeline.audit import RemovedBy
     from data_pipeline.pipeline import documents
 
     stream = documents(data_cfg(overrides))
-    fate = {}
-    for step in stream.steps:
-        inner = step.run_one
-
-        def run_one(doc, inner=inner, name=step.name):
-            out = inner(doc)
-            if out is None:
-                fate[doc.id] = name
-            return out
-        step.run_one = run_one
+    removed = RemovedBy().watch(stream)
     kept_text = {doc.id: doc.text for doc in stream}
-    return fate, kept_text
+    return removed.step, kept_text
 
 
 def main() -> None:

@@ -50,6 +50,23 @@ class Audit:
             os.remove(self.tmp)
 
 
+class RemovedBy:
+    """An audit kept in memory: record id -> the step that dropped it (benchmarks, asset
+    builders). ``watch(stream)`` attaches it to a DocumentStream's reader and steps."""
+
+    def __init__(self):
+        self.step: dict[str, str] = {}
+
+    def watch(self, stream) -> RemovedBy:
+        for part in (stream.reader, *stream.steps):
+            part.audit = self
+        return self
+
+    def dropped(self, step: str, reason: str, *, doc_id: str = "", **_) -> None:
+        if doc_id:
+            self.step[doc_id] = step
+
+
 def read_audits(paths: list[str]) -> Iterator[dict]:
     for path in paths:
         with gzip.open(path, "rt", encoding="utf-8") as f:

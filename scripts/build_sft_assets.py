@@ -117,6 +117,7 @@ def build_classification() -> list[dict]:
     """Every record's extracted text, labelled by the embedded pipeline's keep/remove decision."""
     from hydra import compose, initialize_config_dir
 
+    from data_pipeline.audit import RemovedBy
     from data_pipeline.extract import HtmlExtractor
     from data_pipeline.pipeline import build_reader, documents
     from train.config import register_configs
@@ -125,17 +126,7 @@ def build_classification() -> list[dict]:
     with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
         cfg = compose(config_name="pretrain").data
     stream = documents(cfg)
-    removed_by = {}
-    for step in stream.steps:
-        inner = step.run_one
-
-        def run_one(doc, _inner=inner, _name=step.name):
-            out = _inner(doc)
-            if out is None:
-                removed_by[doc.id] = _name
-            return out
-
-        step.run_one = run_one
+    removed_by = RemovedBy().watch(stream).step
     kept = {doc.id for doc in stream}
     with open(os.path.join(ASSETS, "sample_labels.jsonl"), encoding="utf-8") as f:
         kinds = {r["record_id"]: r["kind"] for r in map(json.loads, f)}
