@@ -8,6 +8,7 @@ That matches NLTK on ordinary prose to within a few percent and never needs a do
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 
@@ -17,9 +18,16 @@ PUNCTUATION = set(string.punctuation)
 END_PUNCTUATION = (".", "?", "!", '"', "'")
 
 
-def words_of(text: str) -> list[str]:
-    """Word and punctuation tokens, NLTK-like."""
-    return _WORD_RE.findall(text)
+@functools.lru_cache(maxsize=4)
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(_WORD_RE.findall(text))
+
+
+def words_of(text: str) -> tuple[str, ...]:
+    """Word and punctuation tokens, NLTK-like. Several filters ask for the words of the same
+    text in a row (Gopher repetition, Gopher quality, FineWeb): the last few are cached (a
+    str caches its own hash, so a hit costs a dict lookup)."""
+    return _words(text)
 
 
 def content_words(tokens: list[str]) -> list[str]:
