@@ -18,6 +18,10 @@ also from the Debian Reference pages (GPL-2+) and the public-domain junk records
   (conf/data/sample.yaml, every step), with the step that removed it and the labels-file
   ``kind`` (``sample_labels.jsonl``) as metadata. The text is the URL line plus the start
   of the extracted text: the URL filter decides on the URL alone.
+- ``python_prefs.jsonl`` (prompt / chosen / rejected): every question of ``python_qa.jsonl``
+  with its own answer as ``chosen`` and, as ``rejected``, the same answer with its words
+  shuffled (seeded): the same vocabulary, so only fluency and sense separate them. The
+  embedded default for ``launch/dpo.py``.
 - ``lm_eval/python_docs.jsonl`` (text / source): the module descriptions of
   ``python_qa.jsonl`` (the answers to "What is the `json` module for?"), short prose
   documents that fit in one window of the tiny model, for the harness task beside it.
@@ -149,6 +153,27 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def build_preferences(qa: list[dict], seed: int = 7) -> list[dict]:
+    """Each question's own answer is ``chosen``; ``rejected`` is that answer with its words in a
+    seeded random order: the same words, so only fluency and sense tell them apart (another
+    question's answer as ``rejected`` would make every answer both preferred and dispreferred,
+    which a small model cannot separate from the question)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for q in qa:
+        words = q["output"].split()
+        shuffled = words[:]
+        while len(words) > 1 and shuffled == words:
+            rng.shuffle(shuffled)
+        if shuffled == words:
+            continue
+        rows.append({"prompt": q["instruction"], "chosen": q["output"], "rejected": " ".join(shuffled),
+                     "source": q.get("source", "")})
+    return rows
+
+
 def build_lm_eval_docs(qa: list[dict]) -> list[dict]:
     return [{"text": r["output"], "source": r["source"]} for r in qa
             if r["instruction"].startswith("What is the `") and r["instruction"].endswith("` module for?")]
@@ -157,6 +182,7 @@ def build_lm_eval_docs(qa: list[dict]) -> list[dict]:
 def main() -> None:
     qa = build_qa()
     write_jsonl(os.path.join(OUT_DIR, "python_qa.jsonl"), qa)
+    write_jsonl(os.path.join(OUT_DIR, "python_prefs.jsonl"), build_preferences(qa))
     docs = build_lm_eval_docs(qa)
     write_jsonl(os.path.join(ASSETS, "lm_eval", "python_docs.jsonl"), docs)
     print(f"lm_eval/python_docs.jsonl: {len(docs)} documents")

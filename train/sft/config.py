@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 
 from train.config import ConfigError, PretrainConfig, _check
 
-TASKS = ("instruction", "classification", "continued_pretraining")
+TASKS = ("instruction", "classification", "continued_pretraining", "preference")
 FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "classification")
 MASKS = ("assistant", "last_assistant", "all_turns", "all")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -60,9 +60,22 @@ class SFTEvalConfig:
 
 
 @dataclass
+class DPOConfig:
+    """task=preference (launch/dpo.py): records {prompt, chosen, rejected} from sft.paths."""
+
+    loss: str = "dpo"  # dpo | cdpo (conservative: label_smoothing) | ipo
+    beta: float = 0.1  # strength of the pull towards the reference (larger: stay closer)
+    label_smoothing: float = 0.0  # cdpo: the assumed share of flipped preference labels, in [0, 0.5)
+    # The reference log-probs are those of the starting weights, computed once before training
+    # by every rank with the model as set up (sharded or not): no second model is ever held.
+    # With LoRA the reference is the base: the adapters start at zero.
+
+
+@dataclass
 class SFTConfig(PretrainConfig):
-    task: str = "instruction"  # instruction | classification | continued_pretraining
+    task: str = "instruction"  # instruction | classification | continued_pretraining | preference
     sft: SFTDataConfig = field(default_factory=SFTDataConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)
 
@@ -89,6 +102,14 @@ def validate_sft(cfg: Any) -> None:
         _check(len(s.paths) > 0, "sft.paths", "no fine-tuning data file given")
         for i, p in enumerate(list(s.paths) + list(s.val_paths)):
             _check(os.path.exists(str(p)), f"sft.paths[{i}]", f"not found: {p!r}")
+    if cfg.task == "preference":
+        from train.sft.preference import LOSSES
+
+        d = cfg.dpo
+        _check(d.loss in LOSSES, "dpo.loss", f"unknown loss {d.loss!r} ({' | '.join(LOSSES)})")
+        _check(d.beta > 0, "dpo.beta", f"must be positive, got {d.beta}")
+        _check(0.0 <= d.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {d.label_smoothing}")
+        _check(d.label_smoothing == 0.0 or d.loss == "cdpo", "dpo.label_smoothing", "only dpo.loss=cdpo uses it")
     _check(s.source in ("auto", "jsonl", "parquet", "hf"), "sft.source",
            f"unknown source {s.source!r} (auto | jsonl | parquet | hf)")
     _check(s.format in FORMATS, "sft.format", f"unknown format {s.format!r} ({' | '.join(FORMATS)})")

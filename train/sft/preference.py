@@ -19,12 +19,15 @@ reward exceeds the rejected one, the margin their mean difference.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.llama import Transformer
 from train.sft.chat import ROLE_TOKEN, control_ids, encode_chat
 
 LOSSES = ("dpo", "cdpo", "ipo")
@@ -35,6 +38,7 @@ class PreferencePair:
     prompt: list[int]  # ids up to and including the assistant role token
     chosen: list[int]  # reply ids: content and end-of-turn
     rejected: list[int]
+    ref: tuple[float, float] = (0.0, 0.0)  # the reference's log-probs of chosen, rejected
 
 
 def prompt_messages(prompt) -> list[dict]:
@@ -104,18 +108,23 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
         raise ValueError(f"unknown preference loss {kind!r} ({' | '.join(LOSSES)})")
     if beta <= 0:
         raise ValueError(f"beta must be positive, got {beta}")
-    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    if kind == "ipo":
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
-    else:
-        eps = label_smoothing if kind == "cdpo" else 0.0
-        losses = -(1.0 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    loss = preference_loss_only(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, kind, label_smoothing)
     chosen_reward = beta * (policy_chosen - ref_chosen).detach()
     rejected_reward = beta * (policy_rejected - ref_rejected).detach()
     metrics = {"reward_accuracy": float((chosen_reward > rejected_reward).float().mean()),
                "reward_margin": float((chosen_reward - rejected_reward).mean()),
                "chosen_reward": float(chosen_reward.mean()), "rejected_reward": float(rejected_reward.mean())}
-    return losses.mean(), metrics
+    return loss, metrics
+
+
+def preference_loss_only(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, kind: str = "dpo",
+                         label_smoothing: float = 0.0) -> torch.Tensor:
+    """The mean loss alone, as a device tensor (no host reads: the training step uses it)."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if kind == "ipo":
+        return ((h - 1.0 / (2.0 * beta)) ** 2).mean()
+    eps = label_smoothing if kind == "cdpo" else 0.0
+    return (-(1.0 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)).mean()
 
 
 @torch.no_grad()
@@ -139,3 +148,143 @@ def reference_logprobs(model: torch.nn.Module, batch: dict, adapter: str | None 
             set_active_adapter(model, adapter)
         model.train(was_training)
     return sequence_logprobs(logits, batch["target"])
+
+
+# ---- data -------------------------------------------------------------------------------
+
+def _reply(value, where: str, key: str) -> str:
+    """A reply given as text, or as chat messages whose last turn is the assistant's."""
+    from train.sft.records import BadRecord
+
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+        return str(value[-1].get("content", ""))
+    raise BadRecord(where, f"{key!r} must be a non-empty string or messages ending with an assistant turn")
+
+
+def to_preference(rec, where: str) -> tuple[object, str, str]:
+    """(prompt text or messages, chosen, rejected) of a raw record: {prompt, chosen, rejected},
+    the prompt a string or chat messages ending with a user turn; or TRL's conversational
+    form, where chosen / rejected are whole conversations and the prompt is their shared start."""
+    from train.sft.chat import CONTROL_STRINGS
+    from train.sft.records import BadRecord
+
+    if not isinstance(rec, dict) or "chosen" not in rec or "rejected" not in rec:
+        raise BadRecord(where, "a preference record needs 'chosen' and 'rejected'")
+    prompt = rec.get("prompt")
+    if prompt is None and isinstance(rec["chosen"], list):
+        prompt = rec["chosen"][:-1]
+    if isinstance(prompt, list):
+        if not prompt or not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                                 for m in prompt) or prompt[-1].get("role") != "user":
+            raise BadRecord(where, "'prompt' messages must have roles system/user/assistant and end with a user turn")
+    elif not (isinstance(prompt, str) and prompt.strip()):
+        raise BadRecord(where, "'prompt' must be a non-empty string or chat messages")
+    chosen, rejected = _reply(rec["chosen"], where, "chosen"), _reply(rec["rejected"], where, "rejected")
+    texts = [prompt] if isinstance(prompt, str) else [m.get("content", "") for m in prompt]
+    if any(c in t for t in [*texts, chosen, rejected] for c in CONTROL_STRINGS):
+        raise BadRecord(where, "text contains a reserved chat control token")
+    if chosen == rejected:
+        raise BadRecord(where, "'chosen' and 'rejected' are the same reply")
+    return prompt, chosen, rejected
+
+
+@dataclass
+class PreferenceData:
+    train: list[PreferencePair]
+    val: list[PreferencePair]
+    counts: Counter
+    skipped: object  # train.sft.records.SkipCounter
+
+
+def load_preference_data(cfg, tok) -> PreferenceData:
+    """Read, check, split (stable hash of the record) and encode the preference files."""
+    from data_pipeline.stream import split_of
+    from train.sft.records import BadRecord, SkipCounter, raw_records
+
+    s, seq_len = cfg.sft, int(cfg.data.seq_len)
+    skipped = SkipCounter(bool(s.skip_bad_records))
+    counts: Counter = Counter()
+    train, val = [], []
+    for path in list(s.paths):
+        for where, rec in raw_records(str(path), s.source, s.hf_split):
+            counts["records"] += 1
+            try:
+                if isinstance(rec, BadRecord):
+                    raise rec
+                prompt, chosen, rejected = to_preference(rec, where)
+            except BadRecord as e:
+                skipped.handle(e)
+                continue
+            pair = encode_pair(tok, prompt, chosen, rejected, seq_len, counts)
+            if pair is None:
+                continue
+            key = json.dumps([prompt, chosen, rejected], sort_keys=True)
+            (val if split_of(key, float(s.val_fraction)) == "val" else train).append(pair)
+    counts.update(train_pairs=len(train), val_pairs=len(val), skipped_bad=skipped.total)
+    if not train:
+        raise ValueError(f"sft.paths: no usable preference pair in {list(s.paths)} ({dict(counts)})")
+    return PreferenceData(train, val, counts, skipped)
+
+
+class PairStream:
+    """Endless pairs, reshuffled every epoch (seeded); resumable by (epoch, index)."""
+
+    def __init__(self, pairs: list[PreferencePair], seed: int):
+        self.pairs, self.seed = pairs, seed
+        self.epoch, self.index = 0, 0
+
+    def _order(self):
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.pairs))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> PreferencePair:
+        if self.index >= len(self.pairs):
+            self.epoch, self.index = self.epoch + 1, 0
+        pair = self.pairs[int(self._order()[self.index])]
+        self.index += 1
+        return pair
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def collate_with_reference(pairs: list[PreferencePair], pad_id: int) -> dict:
+    """``collate_pairs`` plus each row's reference log-prob and the loop's counts: one loss
+    unit per pair (the loss is a mean over pairs), tokens for throughput."""
+    batch = collate_pairs(pairs, pad_id)
+    refs = [p.ref[0] for p in pairs] + [p.ref[1] for p in pairs]
+    batch["model_kwargs"] = {"ref_logps": torch.tensor(refs, dtype=torch.float64)}
+    batch["loss_tokens"] = len(pairs)
+    batch["tokens"] = sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) - 2 for p in pairs)
+    return batch
+
+
+# ---- the trained model ------------------------------------------------------------------
+
+class PreferencePolicy(Transformer):
+    """The language model trained on preference pairs. A subclass, like the classifier, so
+    every backend shards it as the LM and checkpoints keep the LM's names. Called with
+    ``ref_logps`` (rows: chosen then rejected) it returns (sequence log-probs, loss);
+    without, it is the plain LM (generation, the reference pass)."""
+
+    def __init__(self, cfg, beta: float = 0.1, kind: str = "dpo", label_smoothing: float = 0.0, **kw):
+        super().__init__(cfg, **kw)
+        self.beta, self.kind, self.label_smoothing = beta, kind, label_smoothing
+
+    def forward(self, tokens, targets=None, ref_logps=None, **kw):
+        if ref_logps is None:
+            return super().forward(tokens, targets, **kw)
+        logits, _ = super().forward(tokens, **kw)
+        logps = sequence_logprobs(logits, targets)
+        half = len(tokens) // 2
+        ref = ref_logps.to(logps.dtype)
+        loss = preference_loss_only(logps[:half], logps[half:], ref[:half], ref[half:], self.beta, self.kind,
+                                    self.label_smoothing)
+        return logps.detach(), loss

@@ -91,17 +91,24 @@ class SFTTrainer(Trainer):
                               f"{mc.vocab_size} embedding rows")
         for f in fields(ModelConfig):
             cfg.model[f.name] = getattr(mc, f.name)
-        if self.task != "continued_pretraining":
-            self.sft_data = load_sft_data(cfg, self.tokenizer, self.classification)
+        self.load_task_data()
         return mc
+
+    def load_task_data(self) -> None:
+        """The fine-tuning records, read once the tokenizer and sequence length are known."""
+        if self.task != "continued_pretraining":
+            self.sft_data = load_sft_data(self.cfg, self.tokenizer, self.classification)
+
+    def new_model(self, mc: ModelConfig) -> torch.nn.Module:
+        """The network being fine-tuned, before its weights are loaded."""
+        if self.classification:
+            weights = list(self.cfg.sft.class_weights) or None
+            return TransformerClassifier(mc, len(self.sft_data.labels), weights)
+        return Transformer(mc)
 
     def build_model(self) -> torch.nn.Module:
         cfg, mc = self.cfg, self.model_cfg
-        if self.classification:
-            weights = list(cfg.sft.class_weights) or None
-            model = TransformerClassifier(mc, len(self.sft_data.labels), weights)
-        else:
-            model = Transformer(mc)
+        model = self.new_model(mc)
         # Read (and, for a DeepSpeed checkpoint, converted) once on rank 0, streamed to the others.
         b, path = self.backend, str(cfg.init_from)
         base = b.on_main(f"reading init_from={path}", lambda: FullState(model=read_init_weights(path, mc)))

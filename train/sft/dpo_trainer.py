@@ -1,0 +1,108 @@
+"""Preference optimisation (DPO / conservative DPO / IPO) through the one training loop.
+
+``DPOTrainer`` is the SFT trainer with other data and another model class: pairs instead
+of conversations (train/sft/preference.py), ``PreferencePolicy`` instead of the LM. The
+reference log-probs are those of the starting weights: before training (and before a
+resume loads trained weights) every rank runs the model as set up -- single, DDP, FSDP or
+ZeRO-3, LoRA or not -- over every pair once, in the same order, so sharded backends run
+the same collectives on every rank and no second model is ever held. With LoRA the
+starting adapters are zero, so the reference is the base model. A resumed run recomputes
+them from the same starting weights and continues exactly.
+
+The loop weights each micro-batch's mean loss by its number of pairs, so the step's loss
+is the mean over the global batch's pairs whatever the micro-batch, accumulation or world
+size. Validation reports the loss and the implicit-reward accuracy and margin of the
+held-out pairs (at step 0 they are those of the reference: accuracy 0, margin 0).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from train.data import GlobalBatchSlicer, shard_validation
+from train.sft.preference import (
+    PairStream,
+    PreferencePolicy,
+    collate_pairs,
+    collate_with_reference,
+    load_preference_data,
+    sequence_logprobs,
+)
+from train.sft.trainer import SFTTrainer
+
+
+class DPOTrainer(SFTTrainer):
+    def __init__(self, cfg):
+        self.pref = None
+        self._pref_metrics: dict = {}
+        self.eval_history: list[dict] = []  # {step, reward_accuracy, reward_margin} per validation
+        super().__init__(cfg)
+
+    def load_task_data(self) -> None:
+        self.pref = load_preference_data(self.cfg, self.tokenizer)
+
+    def new_model(self, mc) -> torch.nn.Module:
+        d = self.cfg.dpo
+        return PreferencePolicy(mc, beta=float(d.beta), kind=str(d.loss), label_smoothing=float(d.label_smoothing))
+
+    @torch.no_grad()
+    def reference_pass(self, pairs) -> None:
+        """Log-probs of every pair under the starting weights, into ``pair.ref`` (all ranks,
+        same order and batch sizes: sharded backends gather parameters inside each forward)."""
+        model, micro, pad = self.backend.model, int(self.cfg.train.micro_batch_size), max(self.tokenizer.pad_id, 0)
+        model.eval()
+        for lo in range(0, len(pairs), micro):
+            chunk = pairs[lo:lo + micro]
+            batch = collate_pairs(chunk, pad)
+            x, y, _ = self.model_inputs(batch)
+            with self.autocast():
+                logits, _ = model(x)
+            logps = sequence_logprobs(logits, y).double().cpu().tolist()
+            for i, p in enumerate(chunk):
+                p.ref = (logps[i], logps[len(chunk) + i])
+        model.train()
+
+    def build_data(self):
+        cfg, b, t = self.cfg, self.backend, self.cfg.train
+        self.reference_pass(self.pref.train + self.pref.val)
+        pad = max(self.tokenizer.pad_id, 0)
+
+        def collate(pairs):
+            return collate_with_reference(pairs, pad)
+
+        train = GlobalBatchSlicer(PairStream(self.pref.train, int(cfg.sft.seed)), t.micro_batch_size,
+                                  t.grad_accum_steps, b.rank, b.data_parallel_size, collate_fn=collate)
+        val = shard_validation(self.pref.val[: int(t.eval_sequences)], t.micro_batch_size, b.rank,
+                               b.data_parallel_size, collate)
+        return train, val
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        if not self.val_batches:
+            return None
+        model = self.backend.model
+        model.eval()
+        beta = float(self.cfg.dpo.beta)
+        sums = torch.zeros(4, dtype=torch.float64)  # loss * pairs, pairs, correct, margin sum
+        for batch in self.val_batches:
+            x, y, extra = self.model_inputs(batch)
+            with self.autocast():
+                logps, loss = model(x, y, **extra)
+            n = self.loss_tokens(batch)
+            if not n:  # a padding batch (train/data.py: shard_validation)
+                continue
+            ref = extra["ref_logps"].to(logps.dtype)
+            chosen = beta * (logps[:n] - ref[:n])
+            rejected = beta * (logps[n:] - ref[n:])
+            sums += torch.tensor([float(loss) * n, n, float((chosen > rejected).sum()),
+                                  float((chosen - rejected).sum())], dtype=torch.float64)
+        model.train()
+        loss_sum, count, correct, margin = self.backend.all_reduce_sum(sums.tolist())
+        self._pref_metrics = {"reward_accuracy": correct / count, "reward_margin": margin / count}
+        self.eval_history.append({"step": self.state.step, **self._pref_metrics})
+        return loss_sum / count
+
+    def extra_eval_metrics(self) -> dict:
+        return dict(self._pref_metrics)
