@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 
 from train.config import ConfigError, PretrainConfig, _check
 
-TASKS = ("instruction", "classification", "continued_pretraining", "preference")
+TASKS = ("instruction", "classification", "continued_pretraining", "preference", "reward")
 FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "classification")
 MASKS = ("assistant", "last_assistant", "all_turns", "all")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -69,6 +69,7 @@ class DPOConfig:
     # The reference log-probs are those of the starting weights, computed once before training
     # by every rank with the model as set up (sharded or not): no second model is ever held.
     # With LoRA the reference is the base: the adapters start at zero.
+    margin: float = 0.0  # task=reward: Bradley-Terry with a margin, -log sigmoid(r_chosen - r_rejected - margin)
 
 
 @dataclass

@@ -25,7 +25,9 @@ from train.data import GlobalBatchSlicer, shard_validation
 from train.sft.preference import (
     PairStream,
     PreferencePolicy,
+    RewardModel,
     collate_pairs,
+    collate_reward,
     collate_with_reference,
     load_preference_data,
     sequence_logprobs,
@@ -106,3 +108,48 @@ class DPOTrainer(SFTTrainer):
 
     def extra_eval_metrics(self) -> dict:
         return dict(self._pref_metrics)
+
+
+class RewardTrainer(DPOTrainer):
+    """A Bradley-Terry reward model on the same pairs (``task=reward``, launch/reward.py): the
+    SFT checkpoint with a scalar head on the last real token; validation reports pairwise
+    accuracy (r_chosen > r_rejected) and the mean margin. The checkpoint is a kiln
+    checkpoint whose weights are the LM's plus ``value.weight``."""
+
+    def new_model(self, mc) -> torch.nn.Module:
+        return RewardModel(mc, margin=float(self.cfg.dpo.margin))
+
+    def build_data(self):
+        cfg, b, t = self.cfg, self.backend, self.cfg.train
+        pad = max(self.tokenizer.pad_id, 0)
+
+        def collate(pairs):
+            return collate_reward(pairs, pad)
+
+        train = GlobalBatchSlicer(PairStream(self.pref.train, int(cfg.sft.seed)), t.micro_batch_size,
+                                  t.grad_accum_steps, b.rank, b.data_parallel_size, collate_fn=collate)
+        val = shard_validation(self.pref.val[: int(t.eval_sequences)], t.micro_batch_size, b.rank,
+                               b.data_parallel_size, collate)
+        return train, val
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        if not self.val_batches:
+            return None
+        model = self.backend.model
+        model.eval()
+        sums = torch.zeros(4, dtype=torch.float64)  # loss * pairs, pairs, correct, margin sum
+        for batch in self.val_batches:
+            x, y, extra = self.model_inputs(batch)
+            with self.autocast():
+                rewards, loss = model(x, y, **extra)
+            n = self.loss_tokens(batch)
+            if not n:
+                continue
+            diff = rewards[:n] - rewards[n:]
+            sums += torch.tensor([float(loss) * n, n, float((diff > 0).sum()), float(diff.sum())], dtype=torch.float64)
+        model.train()
+        loss_sum, count, correct, margin = self.backend.all_reduce_sum(sums.tolist())
+        self._pref_metrics = {"reward_accuracy": correct / count, "reward_margin": margin / count}
+        self.eval_history.append({"step": self.state.step, **self._pref_metrics})
+        return loss_sum / count

@@ -288,3 +288,51 @@ class PreferencePolicy(Transformer):
         loss = preference_loss_only(logps[:half], logps[half:], ref[:half], ref[half:], self.beta, self.kind,
                                     self.label_smoothing)
         return logps.detach(), loss
+
+
+class RewardModel(Transformer):
+    """A scalar reward on the last real token of prompt + reply (Bradley-Terry reward model).
+
+    A Transformer subclass, like the classifier: backends shard it as the LM and an SFT
+    checkpoint loads by the same names, ``value.weight`` being the one new parameter. The
+    LM output layer is unused (frozen unless tied). Called with rows chosen-then-rejected and
+    ``last_index``, it returns (rewards, loss) with loss -log sigmoid(r_c - r_r - margin)."""
+
+    def __init__(self, cfg, margin: float = 0.0, **kw):
+        super().__init__(cfg, **kw)
+        self.margin = margin
+        self.value = torch.nn.Linear(cfg.d_model, 1, bias=False)
+        torch.nn.init.normal_(self.value.weight, mean=0.0, std=cfg.init_std)
+        if not cfg.tie_embeddings:
+            self.output.weight.requires_grad = False
+
+    @staticmethod
+    def extra_parameter_names() -> set[str]:
+        return {"value.weight"}
+
+    def forward(self, tokens, targets=None, last_index=None, pairs: bool = True, **kw):
+        if kw.get("kv_caches") is not None or (targets is None and last_index is None):
+            return super().forward(tokens, targets, **kw)  # the plain LM (generation)
+        h = super().forward(tokens, return_hidden=True, **kw)
+        B, T = tokens.shape
+        if last_index is None:
+            last_index = torch.full((B,), T - 1, device=tokens.device)
+        rewards = self.value(h[torch.arange(B, device=tokens.device), last_index]).squeeze(-1).float()
+        if not pairs:
+            return rewards, None
+        half = B // 2
+        loss = -F.logsigmoid(rewards[:half] - rewards[half:] - self.margin).mean()
+        return rewards.detach(), loss
+
+
+def collate_reward(pairs: list[PreferencePair], pad_id: int) -> dict:
+    """Prompt + reply rows (chosen first, then rejected), right-padded, each with the index of
+    its last real token; one loss unit per pair."""
+    rows = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+    T = max(len(r) for r in rows)
+    inp = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        inp[i, :len(r)] = torch.tensor(r)
+    last = torch.tensor([len(r) - 1 for r in rows])
+    return {"input": inp, "target": torch.zeros(len(rows), dtype=torch.long), "loss_tokens": len(pairs),
+            "tokens": sum(len(r) for r in rows), "model_kwargs": {"last_index": last}}
