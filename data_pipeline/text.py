@@ -70,12 +70,14 @@ _FENCE = re.compile(r"^\s*(```|~~~)")
 
 def fenced_code_lines(text: str) -> set[str]:
     """Lines inside ``` / ~~~ fences (fences included) of a text document (Markdown-style)."""
-    out, inside = set(), False
+    out, block = set(), None  # block: the lines of an open fence; an unclosed one is not code
     for line in text.split("\n"):
         fence = bool(_FENCE.match(line))
-        if inside or fence:
-            if line.strip():
-                out.add(line.strip())
-        if fence:
-            inside = not inside
+        if block is not None:
+            block.append(line)
+            if fence:
+                out.update(ln.strip() for ln in block if ln.strip())
+                block = None
+        elif fence:
+            block = [line]
     return out

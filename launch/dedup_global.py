@@ -86,6 +86,29 @@ def stage_signatures(files, work, task, tasks, data_cfg) -> None:
         _save_atomic(out, exact=exact_a, bands=bands_a, no_sig=no_sig)
 
 
+def check_inputs(work: str, files: list[str], data_cfg) -> None:
+    """The work directory belongs to one input set and one MinHash setting: the first stage
+    to run records them, every later run must see the same (a changed input set would
+    silently reuse stale signatures and removal lists)."""
+    m = data_cfg.minhash_dedup
+    mine = {"files": [os.path.basename(f) for f in files],
+            "minhash": [int(m.ngram), int(m.num_bands), int(m.rows_per_band), int(m.seed)]}
+    path = os.path.join(work, "inputs.json")
+    os.makedirs(work, exist_ok=True)
+    if not os.path.exists(path):
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(mine, f)
+        os.replace(tmp, path)
+        return
+    with open(path) as f:
+        theirs = json.load(f)
+    if theirs != mine:
+        raise SystemExit(f"dedup_global: {work} was made for other inputs or MinHash settings ({len(theirs['files'])} "
+                         f"files, minhash {theirs['minhash']}; now {len(files)} files, minhash {mine['minhash']}): "
+                         "use a new --work-dir")
+
+
 def _global_ids(file_index: int, n: int) -> np.ndarray:
     return (np.int64(file_index) << np.int64(32)) | np.arange(n, dtype=np.int64)
 
@@ -192,7 +215,11 @@ def main(argv=None) -> int:
     from prepare_data import load_data_cfg
 
     cfg = load_data_cfg(list(a.overrides))
+    if cfg.minhash_dedup.threshold > 0:
+        ap.error("data.minhash_dedup.threshold > 0 is not supported here: the staged job trusts band collisions "
+                 "(FineWeb's setting, threshold 0)")
     files = input_files(a.input_dir)
+    check_inputs(a.work_dir, files, cfg)
     stages = STAGES if a.stage == "all" else (a.stage,)
     tasks = [(t, a.tasks) for t in range(a.tasks)] if a.stage == "all" else [(a.task, a.tasks)]
     for stage in stages:

@@ -190,7 +190,7 @@ class Transformer(nn.Module):
         # One draw from the global RNG, first (building layers on a real device draws too, on
         # the meta device not), so torch.manual_seed(s) fixes the initial weights however
         # they are materialised.
-        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu"))  # see reset_parameters
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -210,11 +210,12 @@ class Transformer(nn.Module):
             self.reset_parameters()
 
     def reset_buffers(self):
-        """(Re)compute the rotary tables, e.g. after ``to_empty`` from the meta device."""
+        """(Re)compute the rotary tables in fp32, replacing the buffers: after ``to_empty`` from
+        the meta device, or after a context that made them in another dtype (DeepSpeed's
+        zero.Init casts new float tensors to bf16, where positions past 256 collide)."""
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
-        with torch.no_grad():
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+        device = self.rope_cos.device if not self.rope_cos.is_meta else torch.device("cpu")
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def init_std(self, name: str) -> Optional[float]:
         """The normal std parameter ``name`` starts from; None: it starts at ones (norm gains)."""
@@ -306,7 +307,9 @@ def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
     def same_document_causal(b, h, q, kv):
         return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
 
-    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
+    # Compiled on a GPU: uncompiled, create_block_mask materialises the whole (B, T, T) mask first.
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device,
+                             _compile=doc_ids.device.type == "cuda")
 
 
 _compiled_flex = None
@@ -319,7 +322,7 @@ def _flex(q, k, v, block_mask: BlockMask, gqa: bool) -> torch.Tensor:
     if q.device.type != "cuda":
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention)  # dynamic shapes: SFT batches vary in length
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 

@@ -476,3 +476,5 @@ def test_fenced_code_in_text_documents_is_marked():
     d = HtmlExtractor(mark_code=True).process(Document(id="t", text=text))
     assert d.metadata[CODE_LINES] == {"```bash", "pip install kiln", "```"}
     assert prose_of(d) == "Install it first.\nThen run the tests, which take minutes."
+    unclosed = HtmlExtractor(mark_code=True).process(Document(id="u", text="Intro.\n```\nnot closed, so prose"))
+    assert CODE_LINES not in unclosed.metadata  # an unclosed fence does not hide the rest from the filters

@@ -170,3 +170,15 @@ def test_loss_of_a_batch_without_targets_is_zero_not_nan():
     x = torch.randint(0, 101, (2, 8))
     _, loss = m(x, torch.full_like(x, -100))
     assert float(loss) == 0.0
+
+
+def test_rotary_tables_are_rebuilt_in_fp32_whatever_dtype_they_were_made_in():
+    """DeepSpeed's zero.Init makes new float tensors in bf16; bf16 positions collide past 256."""
+    from model.llama import rope_tables
+
+    m = Transformer(small(max_seq_len=4096))
+    m.rope_cos, m.rope_sin = m.rope_cos.bfloat16(), m.rope_sin.bfloat16()
+    m.reset_buffers()
+    cos, sin = rope_tables(m.cfg.head_dim, 4096, m.cfg.rope_theta)
+    assert m.rope_cos.dtype == torch.float32 and torch.equal(m.rope_cos, cos) and torch.equal(m.rope_sin, sin)
+    assert "rope_cos" in dict(m.named_buffers())  # still a (non-persistent) buffer

@@ -217,3 +217,9 @@ def test_global_dedup_across_tasks_keeps_exactly_the_earliest_copy(tmp_path):
     # A rerun finds every stage done and changes nothing.
     dedup("--stage", "all")
     assert sorted(d.url for d in JsonlReader(sorted(glob.glob(str(tmp_path / "dedup" / "*.jsonl.gz"))))) == urls
+    # The work directory belongs to these inputs: another input set is refused, not mixed in.
+    (out / "web-00099-extra.jsonl.gz").write_bytes((out / os.path.basename(sorted(glob.glob(str(out / "*.jsonl.gz")))[0])).read_bytes())
+    p = subprocess.run([sys.executable, "launch/dedup_global.py", "--input-dir", str(out), "--work-dir",
+                        str(tmp_path / "work"), "--output-dir", str(tmp_path / "dedup")], cwd=REPO, capture_output=True,
+                       text=True)
+    assert p.returncode != 0 and "made for other inputs" in p.stderr

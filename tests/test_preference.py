@@ -79,9 +79,12 @@ def test_pairs_share_the_prompt_ids_and_are_cut_alike(tokenizer):
         t = batch["target"][row]
         assert t[t != -100].tolist() == reply  # targets: the reply, end-of-turn included, nothing else
     long = " ".join(["word"] * 200)
-    cut = encode_pair(tokenizer, "Say many words.", long, long + " more", 40, counts)
+    cut = encode_pair(tokenizer, "Say many words.", long, "Others: " + long, 40, counts)
     assert counts["truncated_pairs"] == 1 and len(cut.prompt) + len(cut.chosen) - 1 <= 40
     assert len(cut.chosen) == len(cut.rejected)
+    # Replies that differ only past the cut would be the same pair: dropped, and counted.
+    assert encode_pair(tokenizer, "Say many words.", long, long + " more", 40, counts) is None
+    assert counts["dropped_same_after_truncation"] == 1
     assert encode_pair(tokenizer, long, "a", "b", 40, counts) is None and counts["dropped_prompt_too_long"] == 1
 
 

@@ -149,3 +149,12 @@ def test_state_from_another_shard_is_refused(tmp_path):
     state = JsonlReader(path, shard=0, num_shards=2).state_dict()
     with pytest.raises(ValueError, match="shard"):
         JsonlReader(path, shard=1, num_shards=2).load_state_dict(state)
+
+
+def test_a_skip_reason_pickles_with_its_offset_and_url():
+    import pickle
+
+    from data_pipeline.readers.base import Skip
+
+    s = pickle.loads(pickle.dumps(Skip("too_large", 123, "https://e.example/")))
+    assert s == "too_large" and s.offset == 123 and s.url == "https://e.example/"

@@ -138,3 +138,21 @@ def test_prepare_data_reads_the_crawl_from_s3_by_its_manifest(s3, tmp_path):
     counts = {name: sorted(json.load(open(p))["docs"] for p in (tmp_path / name).glob("*.done"))
               for name in ("remote", "local")}
     assert counts["remote"] == counts["local"] and sum(counts["local"]) > 50
+
+
+def test_what_is_retried_and_what_is_not():
+    """The exceptions fsspec lets through from aiohttp (https://) and botocore (s3://)."""
+    import aiohttp
+    import botocore.exceptions as bx
+
+    from data_pipeline.readers.remote import transient
+
+    def http(status):
+        return aiohttp.ClientResponseError(None, (), status=status)
+
+    assert transient(http(503)) and transient(http(429)) and not transient(http(404)) and not transient(http(403))
+    assert transient(aiohttp.ServerDisconnectedError()) and transient(aiohttp.ClientPayloadError("cut"))
+    assert transient(bx.EndpointConnectionError(endpoint_url="http://x")) and transient(bx.ReadTimeoutError(endpoint_url="x"))
+    assert not transient(bx.ClientError({"Error": {"Code": "AccessDenied"}}, "GetObject"))
+    assert transient(bx.ClientError({"Error": {"Code": "SlowDown"}}, "GetObject"))
+    assert transient(ConnectionResetError()) and not transient(FileNotFoundError()) and not transient(ValueError())

@@ -216,18 +216,23 @@ def load_init_weights(model: torch.nn.Module, path: str) -> None:
 def read_init_weights(path: str, model_cfg) -> dict[str, torch.Tensor]:
     """The full weights ``init_from=path`` names, checked against a Transformer of
     ``model_cfg`` (names and shapes; a mismatch is a ConfigError naming init_from)."""
+    state, source = _read_init(path, model_cfg)
+    load_weights(shape_model(model_cfg), state, source, assign=True)
+    return state
+
+
+def shape_model(model_cfg):
+    """A Transformer on the meta device, for parameter names and shapes only. It leaves the
+    global RNG untouched (a model draws its init seed from it): reading a checkpoint on rank 0
+    alone must not put rank 0's random stream ahead of the others'."""
     from model.llama import Transformer
 
-    state, source = _read_init(path, model_cfg)
-    with torch.device("meta"):
-        shape_model = Transformer(model_cfg, init_weights=False)
-    load_weights(shape_model, state, source, assign=True)
-    return state
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return Transformer(model_cfg, init_weights=False)
 
 
 def _read_init(path: str, model_cfg) -> tuple[dict, str]:
     from model import hf_interop
-    from model.llama import Transformer
     from train.checkpoint import resolve
     from train.config import ConfigError
 
@@ -238,9 +243,8 @@ def _read_init(path: str, model_cfg) -> tuple[dict, str]:
         step_dir = resolve(path)
     except FileNotFoundError as e:
         raise ConfigError("init_from", str(e)) from None
-    with torch.device("meta"):  # only names and shapes: read_full_state must not ask for head/adapter tensors
-        shape_model = Transformer(model_cfg, init_weights=False)
-    return read_full_state(step_dir, shape_model, with_optimizer=False).model, step_dir
+    # Only names and shapes: read_full_state must not ask for head/adapter tensors.
+    return read_full_state(step_dir, shape_model(model_cfg), with_optimizer=False).model, step_dir
 
 
 def load_weights(model: torch.nn.Module, state: dict, source: str, assign: bool = False) -> None:

@@ -89,7 +89,8 @@ def init_zero3_partitions(model: torch.nn.Module) -> None:
     parameter's flat elements are cut into equal partitions, rank r holding the r-th."""
     import torch.distributed as dist
 
-    rank = dist.get_rank()
     for name, p in model.named_parameters():
         part = p.ds_tensor
+        rank = dist.get_rank(group=getattr(p, "ds_process_group", None))  # the rank within its partition group
         fill_slice(model, name, tuple(p.ds_shape), part.view(-1), rank * part.numel())
+    model.reset_buffers()  # zero.Init made the rotary tables in its dtype (bf16 with bf16 training)

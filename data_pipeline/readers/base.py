@@ -65,6 +65,9 @@ class Skip(str):
         self.offset, self.url = offset, url
         return self
 
+    def __reduce__(self):
+        return (Skip, (str(self), self.offset, self.url))
+
 
 def _offset(position):
     """The reader's position of a record as JSON: an int (WARC byte offset, JSONL line), else

@@ -11,7 +11,7 @@ read from far away survive:
   ``s3://commoncrawl/crawl-data/.../warc.paths.gz`` both work as given), the manifest's
   directory for a local file.
 - **Retries that resume.** A remote file is read through ``RetryingFile``: a failed read
-  (connection reset, timeout, a 5xx turned into an OSError) closes the connection, waits
+  (connection reset, timeout, throttling, a 5xx: ``transient``) closes the connection, waits
   (0.5 s, doubling), reopens the object and seeks back to the byte it had reached, so a
   multi-GB WARC is not read again from the start and no record is lost or repeated. After
   ``retries`` failures in a row the error names the file and the byte offset.
@@ -30,6 +30,28 @@ import fsspec
 MANIFEST_SUFFIXES = (".paths", ".paths.gz")
 # Not worth retrying: the object is not there or not ours to read.
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def transient(e: BaseException) -> bool:
+    """Whether a failed read may succeed if tried again: connection resets, timeouts, cut-off
+    bodies, throttling (429) and server errors (5xx) -- as OSErrors, or as the aiohttp
+    (https://) and botocore (s3://) exceptions fsspec lets through; not a missing object or
+    a refused permission."""
+    if isinstance(e, PERMANENT):
+        return False
+    status = getattr(e, "status", None)  # aiohttp.ClientResponseError
+    response = getattr(e, "response", None)
+    if isinstance(response, dict) and "Error" in response:  # botocore.exceptions.ClientError
+        if response["Error"].get("Code") in ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
+                                             "Throttling", "ThrottlingException"):
+            return True
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 400
+    if status is not None:
+        return status == 429 or status >= 500
+    if isinstance(e, (OSError, TimeoutError, ConnectionError)):
+        return True
+    kinds = {c.__module__.split(".")[0] for c in type(e).__mro__}
+    return bool(kinds & {"aiohttp", "botocore", "urllib3", "requests"})
 
 
 def is_remote(path: str) -> bool:
@@ -87,9 +109,9 @@ class RetryingFile(io.RawIOBase):
                 if self._f is None:
                     self._open()
                 return fn(self._f)
-            except PERMANENT:
-                raise
-            except (OSError, TimeoutError, ConnectionError, RuntimeError) as e:
+            except Exception as e:
+                if not transient(e):
+                    raise
                 self._drop()
                 if attempt == self.retries:
                     raise OSError(f"{self.path}: {what} at byte {self.pos} failed {self.retries + 1} times: "

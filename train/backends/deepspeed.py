@@ -170,10 +170,12 @@ class DeepSpeedBackend(Backend):
         stage = int(self.cfg.backend.zero_stage)
         main = st if self.is_main else None
         names, _ = named_params(self.raw_model)
-        flat = None
-        if main:
+        def flatten() -> dict:
             flat = {("model", n): main.model[n] for n in names if n in main.model}
             flat.update({(k, n): main.moments[n][k] for n in names if n in main.moments for k in MOMENTS})
+            return flat
+
+        flat = self.on_main("preparing the state to import", flatten)
         step, has_moments = self.broadcast_object((main.step, bool(main.moments)) if main else None)
         if has_moments and stage > 0:
             self._materialize_optimizer_state()
@@ -248,7 +250,8 @@ class DeepSpeedBackend(Backend):
         params = dict(self.raw_model.named_parameters())
         model, moments, step = {}, {}, 0
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        stepped = any(inner.state.values())  # before the first step AdamW has no moments to gather
+        # Before the first step AdamW has no moments to gather; gathering is collective, so all agree.
+        stepped = any(self.all_gather_object(any(inner.state.values())))
         for n in names:
             p = params[n]
             if stage == 0:

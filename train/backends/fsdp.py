@@ -113,10 +113,13 @@ class FSDPBackend(Backend):
             # Full zeros gathered on rank 0 only (cpu_offload), the frame rank 0's moments fill.
             full = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True))
-            if main:
+
+            def fill() -> None:
                 for name, m in main.moments.items():
                     full["state"][name] = {"step": torch.tensor(float(main.step)),
                                            **{k: m[k].to(torch.float32) for k in MOMENTS}}
+
+            self.on_main("preparing the optimizer state to import", fill)
             set_optimizer_state_dict(self.model, self.optimizer, full if main else {}, options=StateDictOptions(
                 full_state_dict=True, broadcast_from_rank0=True))
 

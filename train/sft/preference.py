@@ -64,6 +64,9 @@ def encode_pair(tok, prompt, chosen: str, rejected: str, seq_len: int, counts: C
     if any(len(r) > room for r in replies):
         counts["truncated_pairs"] += 1
         replies = [r[:room] for r in replies]
+        if replies[0] == replies[1]:  # the difference was cut off: nothing left to prefer
+            counts["dropped_same_after_truncation"] += 1
+            return None
     assert ids[-1] == control_ids(tok)[ROLE_TOKEN["assistant"]]
     return PreferencePair(ids, *replies)
 
@@ -133,20 +136,22 @@ def reference_logprobs(model: torch.nn.Module, batch: dict, adapter: str | None 
     """Sequence log-probs of the frozen reference for a collated batch: an explicit
     ``reference`` model, or -- for a LoRA policy -- the same model with its adapters off,
     so no second copy of the weights is held (``adapter`` is switched back on after)."""
-    from model.lora import set_active_adapter
+    from model.lora import lora_modules, set_active_adapter
 
-    was_training = model.training
-    model.eval()
+    net = reference if reference is not None else model
+    was_training = net.training
+    active = [m.active for m in lora_modules(net)] if reference is None else []
+    net.eval()
     try:
-        if reference is not None:
-            logits, _ = reference(batch["input"])
-        else:
+        if reference is None:
             set_active_adapter(model, None)
-            logits, _ = model(batch["input"])
+        logits, _ = net(batch["input"])
     finally:
+        for m, name in zip(lora_modules(net) if reference is None else [], active):
+            m.active = name  # each adapter back as it was (``adapter``, if given, becomes active)
         if reference is None and adapter is not None:
             set_active_adapter(model, adapter)
-        model.train(was_training)
+        net.train(was_training)
     return sequence_logprobs(logits, batch["target"])
 
 
@@ -234,9 +239,12 @@ class PairStream:
     def __init__(self, pairs: list[PreferencePair], seed: int):
         self.pairs, self.seed = pairs, seed
         self.epoch, self.index = 0, 0
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation)
 
-    def _order(self):
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.pairs))
+    def _permutation(self) -> np.ndarray:
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(len(self.pairs)))
+        return self._order[1]
 
     def __iter__(self):
         return self
@@ -244,7 +252,7 @@ class PairStream:
     def __next__(self) -> PreferencePair:
         if self.index >= len(self.pairs):
             self.epoch, self.index = self.epoch + 1, 0
-        pair = self.pairs[int(self._order()[self.index])]
+        pair = self.pairs[int(self._permutation()[self.index])]
         self.index += 1
         return pair
 
