@@ -96,8 +96,10 @@ def validate_sft(cfg: Any) -> None:
         raise ConfigError("init_from", "fine-tuning needs a checkpoint: init_from=<kiln run, checkpoints root or "
                           "step dir> or init_from=hf:<dir>")
     if not init.startswith("hf:") and not os.path.isdir(init):
+        how = ("`python launch/sft.py` (writes runs/sft)" if cfg.task in ("preference", "reward")
+               else "`python launch/pretrain.py` (writes runs/default)")
         raise ConfigError("init_from", f"checkpoint directory not found: {init!r}. Make the default one with "
-                          "`python launch/pretrain.py` (writes runs/default), or pass init_from=<your run dir>")
+                          f"{how}, or pass init_from=<your run dir>")
     s, lo = cfg.sft, cfg.lora
     if cfg.task != "continued_pretraining":
         _check(len(s.paths) > 0, "sft.paths", "no fine-tuning data file given")
@@ -111,6 +113,8 @@ def validate_sft(cfg: Any) -> None:
         _check(d.beta > 0, "dpo.beta", f"must be positive, got {d.beta}")
         _check(0.0 <= d.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {d.label_smoothing}")
         _check(d.label_smoothing == 0.0 or d.loss == "cdpo", "dpo.label_smoothing", "only dpo.loss=cdpo uses it")
+    if cfg.task == "reward":
+        _check(cfg.dpo.margin >= 0, "dpo.margin", f"must be >= 0, got {cfg.dpo.margin}")
     _check(s.source in ("auto", "jsonl", "parquet", "hf"), "sft.source",
            f"unknown source {s.source!r} (auto | jsonl | parquet | hf)")
     _check(s.format in FORMATS, "sft.format", f"unknown format {s.format!r} ({' | '.join(FORMATS)})")

@@ -209,6 +209,8 @@ def load_preference_data(cfg, tok) -> PreferenceData:
     from train.sft.records import BadRecord, SkipCounter, raw_records
 
     s, seq_len = cfg.sft, int(cfg.data.seq_len)
+    if cfg.task == "reward":  # a reward row is the whole prompt + reply, not inputs shifted by one
+        seq_len -= 1
     skipped = SkipCounter(bool(s.skip_bad_records))
     counts: Counter = Counter()
     train, val = [], []
