@@ -34,6 +34,10 @@ SMALL = {
                     "data.seq_len": "64", "train.sample_tokens": "8"},
     "sft.py": {"train.max_steps": "4", "train.eval_every": "2", "checkpoint.every": "2",
                "train.eval_sequences": "8", "train.log_every": "1", "eval.max_new_tokens": "8"},
+    "dpo.py": {"train.max_steps": "4", "train.eval_every": "2", "checkpoint.every": "2",
+               "train.eval_sequences": "8", "train.log_every": "1", "eval.max_new_tokens": "8"},
+    "reward.py": {"train.max_steps": "4", "train.eval_every": "2", "checkpoint.every": "2",
+                  "train.eval_sequences": "8", "train.log_every": "1"},
 }
 
 # The README names a user's own files; these stand in for them.
