@@ -134,3 +134,12 @@ def test_reward_model_learns_to_rank_the_held_out_pairs(tmp_path, base, pairs):
     assert ev[12]["reward_margin"] > ev[0]["reward_margin"]
     with safe_open(str(run_dir / "checkpoints" / "step_00000012" / "model.safetensors"), "pt") as f:
         assert "value.weight" in f.keys()  # a kiln checkpoint: the LM's weights plus the reward head
+    # The scoring command reads the checkpoint as training left it and ranks the pairs the same way.
+    scored = subprocess.run([sys.executable, "launch/score_rewards.py", str(run_dir), pairs], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    summary = json.loads(scored.stdout.strip().splitlines()[-1])
+    assert summary["pairs"] == 48 and summary["accuracy"] >= 0.8 and summary["mean_margin"] > 0
+    not_reward = subprocess.run([sys.executable, "launch/score_rewards.py", base, pairs], cwd=REPO,
+                                capture_output=True, text=True, timeout=300)
+    assert not_reward.returncode == 2 and "no reward head" in not_reward.stderr
