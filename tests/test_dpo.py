@@ -90,10 +90,12 @@ def test_zero3_on_two_processes_matches_one_process(tmp_path, base, pairs, refer
 
 
 def test_a_stopped_run_resumes_exactly(tmp_path, base, pairs, reference):
-    run_dir = tmp_path / "resume"
-    dpo(run_dir, base, pairs, "train.micro_batch_size=4", "train.stop_at_step=2")
-    out = dpo(run_dir, base, pairs, "train.micro_batch_size=4")
-    assert "resumed from" in out
+    """The resumed half reads the reference log-probs the first half stored (dpo.reference_cache)."""
+    run_dir, cache = tmp_path / "resume", tmp_path / "ref.json"
+    dpo(run_dir, base, pairs, "train.micro_batch_size=4", "train.stop_at_step=2", f"dpo.reference_cache={cache}")
+    assert json.load(open(cache))["fingerprint"]
+    out = dpo(run_dir, base, pairs, "train.micro_batch_size=4", f"dpo.reference_cache={cache}")
+    assert "resumed from" in out and "reference log-probs read from" in out
     got, want = metrics(run_dir, "train"), metrics(reference[0], "train")
     assert [got[s]["loss"] for s in (3, 4)] == [want[s]["loss"] for s in (3, 4)]
 

@@ -70,6 +70,10 @@ class DPOConfig:
     # by every rank with the model as set up (sharded or not): no second model is ever held.
     # With LoRA the reference is the base: the adapters start at zero.
     margin: float = 0.0  # task=reward: Bradley-Terry with a margin, -log sigmoid(r_chosen - r_rejected - margin)
+    # A file for the reference log-probs: read when it matches (same starting checkpoint, pairs
+    # and sequence length), else computed and written, so later runs on the same data skip the
+    # reference pass. null: computed in memory at every start.
+    reference_cache: Optional[str] = None
 
 
 @dataclass

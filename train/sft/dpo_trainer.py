@@ -17,6 +17,8 @@ held-out pairs (at step 0 they are those of the reference: accuracy 0, margin 0)
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Optional
 
 import torch
@@ -66,9 +68,44 @@ class DPOTrainer(SFTTrainer):
                 p.ref = (logps[i], logps[len(chunk) + i])
         model.train()
 
+    def reference_fingerprint(self, pairs) -> str:
+        """What the reference log-probs depend on: the starting weights and the encoded pairs."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        h.update(str(self.init_dir or self.cfg.init_from).encode())
+        for p in pairs:
+            h.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode())
+        return h.hexdigest()
+
+    def reference_logps(self, pairs) -> None:
+        """``reference_pass``, or its result read from ``dpo.reference_cache`` when that file
+        was written for the same starting checkpoint and pairs (then rank 0 writes it)."""
+        path = self.cfg.dpo.reference_cache
+        key = self.reference_fingerprint(pairs) if path else None
+        cached = None
+        if path and os.path.isfile(str(path)):
+            with open(str(path)) as f:
+                stored = json.load(f)
+            if stored.get("fingerprint") == key and len(stored.get("ref", [])) == len(pairs):
+                cached = stored["ref"]
+        if self.backend.agree(f"whether dpo.reference_cache={path} holds these pairs' log-probs", cached is not None):
+            for p, ref in zip(pairs, cached):
+                p.ref = (float(ref[0]), float(ref[1]))
+            if self.backend.is_main:
+                print(f"[kiln] reference log-probs read from {path}", flush=True)
+            return
+        self.reference_pass(pairs)
+        if path and self.backend.is_main:
+            os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump({"fingerprint": key, "ref": [list(p.ref) for p in pairs]}, f)
+            os.replace(tmp, str(path))
+
     def build_data(self):
         cfg, b, t = self.cfg, self.backend, self.cfg.train
-        self.reference_pass(self.pref.train + self.pref.val)
+        self.reference_logps(self.pref.train + self.pref.val)
         pad = max(self.tokenizer.pad_id, 0)
 
         def collate(pairs):
