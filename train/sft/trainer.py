@@ -219,7 +219,7 @@ class SFTTrainer(Trainer):
 
     def fit(self) -> dict:
         cfg, b = self.cfg, self.backend
-        prompts = list(cfg.eval.prompts) if self.task == "instruction" else []
+        prompts = list(cfg.eval.prompts) if self.task in ("instruction", "preference") else []
         base_file = os.path.join(self.run_dir, "generations_base.json")
         # Decided on rank 0 and broadcast: generation is collective when weights are sharded.
         fresh = str(cfg.resume) == "none" or _no_checkpoint(self.ckpt_root)
