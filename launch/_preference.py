@@ -1,11 +1,7 @@
 """What launch/dpo.py and launch/reward.py share: validate, build the trainer for the task,
 train, and report the held-out reward accuracy and margin."""
 
-import json
-import os
 import time
-
-import _bootstrap
 
 from train.config import ConfigError, exit_config_error, validate
 from train.sft.config import validate_sft
@@ -28,32 +24,15 @@ def run(cfg, task: str, entry: str) -> None:
         trainer = (DPOTrainer if task == "preference" else RewardTrainer)(cfg)
     except (ConfigError, BadRecord) as e:
         exit_config_error(cfg, e)
-    b = trainer.backend
-    if b.is_main:
-        d = trainer.pref
-        print(f"[kiln] preference data: {json.dumps(dict(d.counts))}", flush=True)
-        if d.skipped and d.skipped.total:
-            print(f"[kiln] skipped bad records: {dict(d.skipped.reasons)} (first: {d.skipped.examples})", flush=True)
-    trainer.stop_on_signals()  # SIGUSR1/SIGTERM (Slurm time limit, preemption): checkpoint and exit
-    result = trainer.fit()
-    if b.is_main:
-        run_dir = os.path.abspath(cfg.run_dir)
-        vals = result["val_losses"]
-        if vals:
-            first, last = min(vals), max(vals)
-            print(f"[kiln] validation loss {vals[first]:.3f} (step {first}) -> {vals[last]:.3f} (step {last})")
-        evals = [r for r in trainer.eval_history if "reward_accuracy" in r]
-        if evals:
-            first, last = evals[0], evals[-1]
-            print(f"[kiln] held-out reward accuracy {first['reward_accuracy']:.3f} -> {last['reward_accuracy']:.3f}, "
-                  f"margin {first['reward_margin']:.3f} -> {last['reward_margin']:.3f} "
-                  f"(steps {first['step']} -> {last['step']})")
-        if result.get("generations"):
-            print(result["generations"])
-        print(f"[kiln] done in {time.time() - t0:.0f}s. Run directory: {run_dir}")
-        print(f"         checkpoints: {trainer.ckpt_root}")
-        if result.get("generations_path"):
-            print(f"         generations: {os.path.abspath(result['generations_path'])}")
-        if result.get("plot"):
-            print(f"         loss plot:   {os.path.abspath(result['plot'])}")
-    _bootstrap.leave(b)
+    from _finetune import train_and_report
+
+    def rewards(_result) -> list[str]:
+        evals = trainer.eval_history
+        if not evals:
+            return []
+        first, last = evals[0], evals[-1]
+        return [f"[kiln] held-out reward accuracy {first['reward_accuracy']:.3f} -> {last['reward_accuracy']:.3f}, "
+                f"margin {first['reward_margin']:.3f} -> {last['reward_margin']:.3f} "
+                f"(steps {first['step']} -> {last['step']})"]
+
+    train_and_report(trainer, trainer.pref, "preference data", t0, rewards)

@@ -11,8 +11,6 @@ Examples:
 
 import _bootstrap  # noqa: F401  (sys.path + launcher arguments)
 
-import json
-import os
 import time
 
 import hydra
@@ -40,34 +38,14 @@ def main(cfg: DictConfig) -> None:
         trainer = SFTTrainer(cfg)
     except (ConfigError, BadRecord) as e:
         exit_config_error(cfg, e)
-    b = trainer.backend
-    if b.is_main and trainer.sft_data is not None:
-        d = trainer.sft_data
-        print(f"[kiln] sft data: {json.dumps(dict(d.counts))}", flush=True)
-        if d.skipped and d.skipped.total:
-            print(f"[kiln] skipped bad records: {dict(d.skipped.reasons)} (first: {d.skipped.examples})", flush=True)
-    trainer.stop_on_signals()  # SIGUSR1/SIGTERM (Slurm time limit, preemption): checkpoint and exit
-    result = trainer.fit()
-    if b.is_main:
-        run_dir = os.path.abspath(cfg.run_dir)
-        vals = result["val_losses"]
-        if vals:
-            first, last = min(vals), max(vals)
-            print(f"[kiln] validation loss {vals[first]:.3f} (step {first}) -> {vals[last]:.3f} (step {last})")
-        if result.get("classification"):
-            c = result["classification"]
-            print(f"[kiln] held-out classification ({c['n']} examples): accuracy={c['accuracy']:.3f} "
-                  f"macro_f1={c['macro_f1']:.3f}")
-        if result.get("generations"):
-            print(result["generations"])
-        print(f"[kiln] done in {time.time() - t0:.0f}s. Run directory: {run_dir}")
-        print(f"         checkpoints: {trainer.ckpt_root}")
-        if result.get("generations_path"):
-            print(f"         generations: {os.path.abspath(result['generations_path'])}")
-        if result.get("plot"):
-            print(f"         loss plot:   {os.path.abspath(result['plot'])}")
-    _bootstrap.leave(b)
+    from _finetune import train_and_report
 
+    def classification(result) -> list[str]:
+        c = result.get("classification")
+        return [f"[kiln] held-out classification ({c['n']} examples): accuracy={c['accuracy']:.3f} "
+                f"macro_f1={c['macro_f1']:.3f}"] if c else []
+
+    train_and_report(trainer, trainer.sft_data, "sft data", t0, classification)
 
 if __name__ == "__main__":
     _bootstrap.check_overrides("sft")

@@ -103,18 +103,26 @@ class DPOTrainer(SFTTrainer):
                 json.dump({"fingerprint": key, "ref": [list(p.ref) for p in pairs]}, f)
             os.replace(tmp, str(path))
 
+    def prepare_pairs(self) -> None:
+        """Before the batches exist: the reference log-probs (DPO)."""
+        self.reference_logps(self.pref.train + self.pref.val)
+
+    def collate(self, pairs) -> dict:
+        return collate_with_reference(pairs, max(self.tokenizer.pad_id, 0))
+
+    def pair_scores(self, out: torch.Tensor, extra: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) scores of a validation batch's model output: the implicit
+        rewards beta * (log pi - log ref) for DPO."""
+        beta, ref = float(self.cfg.dpo.beta), extra["ref_logps"].to(out.dtype)
+        return beta * (out[:n] - ref[:n]), beta * (out[n:] - ref[n:])
+
     def build_data(self):
         cfg, b, t = self.cfg, self.backend, self.cfg.train
-        self.reference_logps(self.pref.train + self.pref.val)
-        pad = max(self.tokenizer.pad_id, 0)
-
-        def collate(pairs):
-            return collate_with_reference(pairs, pad)
-
+        self.prepare_pairs()
         train = GlobalBatchSlicer(PairStream(self.pref.train, int(cfg.sft.seed)), t.micro_batch_size,
-                                  t.grad_accum_steps, b.rank, b.data_parallel_size, collate_fn=collate)
+                                  t.grad_accum_steps, b.rank, b.data_parallel_size, collate_fn=self.collate)
         val = shard_validation(self.pref.val[: int(t.eval_sequences)], t.micro_batch_size, b.rank,
-                               b.data_parallel_size, collate)
+                               b.data_parallel_size, self.collate)
         return train, val
 
     @torch.no_grad()
@@ -123,18 +131,15 @@ class DPOTrainer(SFTTrainer):
             return None
         model = self.backend.model
         model.eval()
-        beta = float(self.cfg.dpo.beta)
         sums = torch.zeros(4, dtype=torch.float64)  # loss * pairs, pairs, correct, margin sum
         for batch in self.val_batches:
             x, y, extra = self.model_inputs(batch)
             with self.autocast():
-                logps, loss = model(x, y, **extra)
+                out, loss = model(x, y, **extra)
             n = self.loss_tokens(batch)
             if not n:  # a padding batch (train/data.py: shard_validation)
                 continue
-            ref = extra["ref_logps"].to(logps.dtype)
-            chosen = beta * (logps[:n] - ref[:n])
-            rejected = beta * (logps[n:] - ref[n:])
+            chosen, rejected = self.pair_scores(out, extra, n)
             sums += torch.tensor([float(loss) * n, n, float((chosen > rejected).sum()),
                                   float((chosen - rejected).sum())], dtype=torch.float64)
         model.train()
@@ -156,37 +161,11 @@ class RewardTrainer(DPOTrainer):
     def new_model(self, mc) -> torch.nn.Module:
         return RewardModel(mc, margin=float(self.cfg.dpo.margin))
 
-    def build_data(self):
-        cfg, b, t = self.cfg, self.backend, self.cfg.train
-        pad = max(self.tokenizer.pad_id, 0)
+    def prepare_pairs(self) -> None:
+        """A reward model needs no reference."""
 
-        def collate(pairs):
-            return collate_reward(pairs, pad)
+    def collate(self, pairs) -> dict:
+        return collate_reward(pairs, max(self.tokenizer.pad_id, 0))
 
-        train = GlobalBatchSlicer(PairStream(self.pref.train, int(cfg.sft.seed)), t.micro_batch_size,
-                                  t.grad_accum_steps, b.rank, b.data_parallel_size, collate_fn=collate)
-        val = shard_validation(self.pref.val[: int(t.eval_sequences)], t.micro_batch_size, b.rank,
-                               b.data_parallel_size, collate)
-        return train, val
-
-    @torch.no_grad()
-    def evaluate(self) -> Optional[float]:
-        if not self.val_batches:
-            return None
-        model = self.backend.model
-        model.eval()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss * pairs, pairs, correct, margin sum
-        for batch in self.val_batches:
-            x, y, extra = self.model_inputs(batch)
-            with self.autocast():
-                rewards, loss = model(x, y, **extra)
-            n = self.loss_tokens(batch)
-            if not n:
-                continue
-            diff = rewards[:n] - rewards[n:]
-            sums += torch.tensor([float(loss) * n, n, float((diff > 0).sum()), float(diff.sum())], dtype=torch.float64)
-        model.train()
-        loss_sum, count, correct, margin = self.backend.all_reduce_sum(sums.tolist())
-        self._pref_metrics = {"reward_accuracy": correct / count, "reward_margin": margin / count}
-        self.eval_history.append({"step": self.state.step, **self._pref_metrics})
-        return loss_sum / count
+    def pair_scores(self, out: torch.Tensor, extra: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return out[:n], out[n:]  # the rewards themselves
