@@ -32,7 +32,7 @@ from train.sft.preference import (
     collate_reward,
     collate_with_reference,
     load_preference_data,
-    sequence_logprobs,
+    reference_logprobs,
 )
 from train.sft.trainer import SFTTrainer
 
@@ -53,20 +53,17 @@ class DPOTrainer(SFTTrainer):
 
     @torch.no_grad()
     def reference_pass(self, pairs) -> None:
-        """Log-probs of every pair under the starting weights, into ``pair.ref`` (all ranks,
-        same order and batch sizes: sharded backends gather parameters inside each forward)."""
+        """Log-probs of every pair under the starting weights with any LoRA adapters off (the
+        base), into ``pair.ref`` (all ranks, same order and batch sizes: sharded backends
+        gather parameters inside each forward)."""
         model, micro, pad = self.backend.model, int(self.cfg.train.micro_batch_size), max(self.tokenizer.pad_id, 0)
-        model.eval()
         for lo in range(0, len(pairs), micro):
             chunk = pairs[lo:lo + micro]
-            batch = collate_pairs(chunk, pad)
-            x, y, _ = self.model_inputs(batch)
+            x, y, _ = self.model_inputs(collate_pairs(chunk, pad))
             with self.autocast():
-                logits, _ = model(x)
-            logps = sequence_logprobs(logits, y).double().cpu().tolist()
+                logps = reference_logprobs(model, {"input": x, "target": y}).double().cpu().tolist()
             for i, p in enumerate(chunk):
                 p.ref = (logps[i], logps[len(chunk) + i])
-        model.train()
 
     def reference_fingerprint(self, pairs) -> str:
         """What the reference log-probs depend on: the starting weights and the encoded pairs."""
