@@ -1,15 +1,15 @@
 """Throughput of the data path on the bundled sample (prints numbers; not a test).
 
-1. WARC -> filtered text with the default chain (conf/data/sample.yaml): docs/s and MB/s
-   of HTML payload, per core (one process = one core), with the time of every step.
+1. WARC -> filtered text with the default chain (conf/data/sample.yaml, or ``--data
+   fineweb`` for the FineWeb preset): docs/s and MB/s of HTML payload, per core (one
+   process = one core), with the time of every step.
 2. Tokenize + pack: tokens/s per core for PackedStream over the surviving documents.
-3. If datatrove is installed: its Gopher repetition + Gopher quality + C4 + FineWeb
-   filters with default thresholds on the same extracted English texts, against kiln's
-   same four filters, and the speed ratio. NLTK's punkt data cannot be downloaded here, so
-   datatrove is given kiln's regex word/sentence tokenizer (the tokenizer is not what is
-   compared).
+3. The FineWeb recipe's four text filters (Gopher repetition, Gopher quality, C4 without
+   the terminal-punctuation rule, FineWeb) on the same extracted English texts: kiln's with
+   each word tokenizer (``data.words``), and, if installed, datatrove's (with its own
+   English tokenizer, spaCy), with the pages each keeps and the speed.
 
-    python benchmarks/bench_pipeline.py [--repeat 1]
+    python benchmarks/bench_pipeline.py [--data fineweb]
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import re
 import sys
 import tempfile
 import time
@@ -26,14 +25,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def sample_cfg():
+def sample_cfg(*overrides):
     from hydra import compose, initialize_config_dir
 
     from train.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
-        return compose(config_name="pretrain").data
+        return compose(config_name="pretrain", overrides=list(overrides)).data
 
 
 def bench_filter_chain(cfg):
@@ -105,85 +104,56 @@ def english_texts(cfg):
     return out
 
 
-def bench_vs_datatrove(docs):
-    from data_pipeline.filters import (
-        C4QualityFilter,
-        FineWebQualityFilter,
-        GopherQualityFilter,
-        GopherRepetitionFilter,
-    )
-
-    ours = [GopherRepetitionFilter(), GopherQualityFilter(), C4QualityFilter(), FineWebQualityFilter()]
-    t0 = time.perf_counter()
-    kept_ours = 0
+def _run_chain(steps, docs) -> tuple[float, int]:
+    t0, kept = time.perf_counter(), 0
     for d in docs:
         d = copy.copy(d)
-        for f in ours:
+        for f in steps:
             d = f.run_one(d)
             if d is None:
                 break
         else:
-            kept_ours += 1
-    t_ours = time.perf_counter() - t0
-    print(f"[kiln filters]      {len(docs)} docs in {t_ours:.3f} s ({len(docs) / t_ours:.0f} docs/s), kept {kept_ours}")
+            kept += 1
+    return time.perf_counter() - t0, kept
+
+
+def bench_recipe_filters(docs):
+    from data_pipeline.pipeline import build_steps
+
+    recipe = ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")
+    for words in ("kiln", "spacy"):
+        steps = [s for s in build_steps(sample_cfg("data=fineweb", f"data.words={words}")) if s.name in recipe]
+        sec, kept = _run_chain(steps, docs)
+        print(f"[kiln, words={words:<5}] {len(docs)} docs in {sec:.3f} s ({len(docs) / sec:.0f} docs/s), kept {kept}")
     try:
         from datatrove.data import Document as DTDoc
         from datatrove.pipeline.filters import (
-            C4QualityFilter as DC4,
+            C4QualityFilter,
+            FineWebQualityFilter,
+            GopherQualityFilter,
+            GopherRepetitionFilter,
         )
-        from datatrove.pipeline.filters import (
-            FineWebQualityFilter as DFW,
-        )
-        from datatrove.pipeline.filters import (
-            GopherQualityFilter as DGQ,
-        )
-        from datatrove.pipeline.filters import (
-            GopherRepetitionFilter as DGR,
-        )
-        from datatrove.utils.word_tokenizers import WordTokenizer
     except ImportError as exc:
         print(f"[datatrove] not installed ({exc}); pip install datatrove to compare")
         return
-    from data_pipeline.text import words_of
-
-    class RegexTokenizer(WordTokenizer):
-        def word_tokenize(self, text):
-            return words_of(text)
-
-        def sent_tokenize(self, text):
-            return [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
-
-        def span_tokenize(self, text):
-            return [(m.start(), m.end()) for m in re.finditer(r"\S[^.!?]*[.!?]?", text)]
-
-        def __hash__(self):
-            return 1
-
-    tok = RegexTokenizer("en")
-    theirs = [DGR(language=tok), DGQ(language=tok), DC4(language=tok), DFW(language=tok)]
-    t0 = time.perf_counter()
-    kept_theirs = 0
+    theirs = [GopherRepetitionFilter(), GopherQualityFilter(), C4QualityFilter(filter_no_terminal_punct=False),
+              FineWebQualityFilter()]
+    t0, kept = time.perf_counter(), 0
     for d in docs:
         doc = DTDoc(text=d.text, id=d.id)
-        ok = True
-        for f in theirs:
-            res = f.filter(doc)
-            if res is False or (isinstance(res, tuple) and not res[0]):
-                ok = False
-                break
-        kept_theirs += ok
-    t_dt = time.perf_counter() - t0
-    print(f"[datatrove filters] {len(docs)} docs in {t_dt:.3f} s ({len(docs) / t_dt:.0f} docs/s), kept {kept_theirs}")
-    print(f"[ratio] kiln is {t_dt / t_ours:.2f}x datatrove's speed on the same four filters and texts")
+        kept += all(f.filter(doc) is True for f in theirs)
+    sec = time.perf_counter() - t0
+    print(f"[datatrove]            {len(docs)} docs in {sec:.3f} s ({len(docs) / sec:.0f} docs/s), kept {kept}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.parse_args(argv)
-    cfg = sample_cfg()
+    ap.add_argument("--data", default=None, help="a data preset (conf/data/<name>.yaml), e.g. fineweb")
+    args = ap.parse_args(argv)
+    cfg = sample_cfg(*([f"data={args.data}"] if args.data else []))
     kept = bench_filter_chain(cfg)
     bench_packing(kept)
-    bench_vs_datatrove(english_texts(cfg))
+    bench_recipe_filters(english_texts(cfg))
 
 
 if __name__ == "__main__":

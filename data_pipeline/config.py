@@ -64,10 +64,10 @@ class GopherQualityConfig:
     min_avg_word_length: float | None = 3
     max_avg_word_length: float | None = 10
     max_symbol_word_ratio: float | None = 0.1  # '#' and '...' per word
-    max_bullet_lines_ratio: float | None = 0.9
+    max_bullet_lines_ratio: float | None = 0.9  # lines starting with '•' or '-'
     max_ellipsis_lines_ratio: float | None = 0.3
-    min_alpha_words_ratio: float | None = 0.8  # share of words with an alphabetic character
-    min_stop_words: int | None = 2
+    min_alpha_words_ratio: float | None = 0.8  # share of tokens (punctuation included) with a letter
+    min_stop_words: int | None = 2  # distinct stop words, case as written
 
 
 @dataclass
@@ -89,11 +89,11 @@ class C4QualityConfig:
 class FineWebQualityConfig:
     # Penedo et al. 2024, section 3.3 (datatrove FineWebQualityFilter defaults).
     enabled: bool = False
-    line_punct_thr: float = 0.12  # drop if <= 12% of lines end in punctuation
+    line_punct_thr: float = 0.12  # drop if < 12% of non-blank lines end in a sentence terminator
     line_punct_exclude_zero: bool = False
-    short_line_thr: float = 0.67  # drop if >= 67% of lines are short
+    short_line_thr: float = 0.67  # drop if > 67% of non-blank lines are short
     short_line_length: int = 30
-    char_duplicates_ratio: float = 0.01  # drop if >= 1% of characters are in repeated lines
+    char_duplicates_ratio: float = 0.01  # drop if > 1% of characters are in repeated lines
     new_line_ratio: float = 0.3  # "list ratio": newlines per word
 
 
@@ -171,6 +171,9 @@ class DataConfig:
     # DataLoader workers, each a sub-shard.
     num_workers: int = 0
     prefetch: int = 8  # windows each shards-mode worker may hold ready ahead of the trainer
+    # How the quality filters split text into words and sentences (data_pipeline/text.py):
+    # kiln (fast, no dependency) | spacy (the FineWeb recipe's tokenizer; pip install 'kiln[fineweb]').
+    words: str = "kiln"
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     url_filter: URLFilterConfig = field(default_factory=URLFilterConfig)
     langid: LangIdConfig = field(default_factory=LangIdConfig)

@@ -85,13 +85,20 @@ STEP_ORDER = (
 )
 
 
+# Steps that count words or sentences: they all use the one tokenizer ``data.words`` names.
+COUNTS_WORDS = (GopherRepetitionFilter, GopherQualityFilter, C4QualityFilter, FineWebQualityFilter)
+
+
 def build_steps(cfg: DataConfig) -> list[PipelineStep]:
     """The processing steps in their fixed order; disabled ones are left out."""
     steps: list[PipelineStep] = []
     for key, cls in STEP_ORDER:
         block = getattr(cfg, key, None)
         if block is not None and block.enabled:
-            steps.append(cls(**_kwargs(block)))
+            kwargs = _kwargs(block)
+            if cls in COUNTS_WORDS:
+                kwargs["words"] = getattr(cfg, "words", "kiln")
+            steps.append(cls(**kwargs))
     return steps
 
 

@@ -17,6 +17,12 @@ def test_default_config_composes_and_validates():
     assert os.path.exists(cfg.data.sources[0].paths[0])
 
 
+def test_fineweb_preset_composes_and_validates():
+    cfg = compose(["data=fineweb"])
+    validate(cfg)
+    assert (cfg.data.name, cfg.data.words) == ("fineweb", "spacy")
+
+
 def test_readme_override_example_composes():
     cfg = compose(["model=125m", "optim.lr=3e-4", "train.max_steps=100"])
     validate(cfg)
@@ -46,6 +52,7 @@ def test_misspelt_key_or_wrong_type_fails_naming_the_key(override, key):
     (["tokenizer.path=/no/such.model"], "tokenizer.path"),
     (["train.data_sharding=sequences", "data.num_workers=2"], "data.num_workers"),
     (["train.data_sharding=random"], "train.data_sharding"),
+    (["data.words=nltk"], "data.words"),
 ])
 def test_invalid_value_fails_validation_naming_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:

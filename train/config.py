@@ -7,6 +7,7 @@ the relations between values (n_heads divides d_model, ...) before any heavy wor
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -212,6 +213,11 @@ def validate(cfg: Any) -> None:
            "tokenized shards need no background workers (a window is a slice of a memory-mapped file); set 0")
     _check(d.prefetch > 0, "data.prefetch", f"must be positive, got {d.prefetch}")
     from data_pipeline.filters.safety import URL_CATEGORIES
+    from data_pipeline.text import WORD_TOKENIZERS
+
+    _check(d.words in WORD_TOKENIZERS, "data.words", f"unknown tokenizer {d.words!r} ({' | '.join(WORD_TOKENIZERS)})")
+    _check(d.words != "spacy" or importlib.util.find_spec("spacy") is not None, "data.words",
+           "spacy needs the spaCy package: pip install 'kiln[fineweb]'")
 
     qm = d.quality_model
     _check(not qm.enabled or (qm.model_path and os.path.isfile(str(qm.model_path))), "data.quality_model.model_path",

@@ -7,8 +7,12 @@ Defaults are the published values; each constant cites where it comes from:
     and cookie/terms-of-use line rules), as in datatrove's ``C4QualityFilter``.
   * FineWeb: Penedo et al. 2024, section 3.3 ("FineWeb custom filters"), as in datatrove's
     ``FineWebQualityFilter``.
-Words are counted with ``data_pipeline.text.words_of`` (an NLTK-like tokenizer), so values
-right at a threshold may differ from datatrove's by a word.
+Each statistic is computed as datatrove computes it (which lines, which denominators, strict
+or inclusive comparisons), so with the recipe's word tokenizer (``data.words=spacy``,
+``conf/data/fineweb.yaml``) a page is kept or dropped as in the recipe
+(tests/test_fineweb_conformance.py compares with decisions recorded from datatrove). With the
+default ``kiln`` tokenizer, values right at a threshold may differ by a word. One addition:
+with ``data.extract.mark_code`` the rules judge the prose of a page, not its code lines.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ import numpy as np
 
 from data_pipeline.document import Document
 from data_pipeline.step import Filter, PipelineStep
-from data_pipeline.text import END_PUNCTUATION, code_lines, content_words, find_duplicates, prose_of, words_of
+from data_pipeline.text import (
+    END_PUNCTUATION,
+    PUNCTUATION,
+    TERMINAL_PUNCTUATION,
+    code_lines,
+    find_duplicates,
+    prose_of,
+    word_tokenizer,
+)
 
 # Gopher's stop words (Rae et al. 2021, A.1.1): a document needs at least two of them.
 GOPHER_STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
@@ -38,8 +50,10 @@ class GopherQualityFilter(Filter):
                  min_avg_word_length: float | None = 3, max_avg_word_length: float | None = 10,
                  max_symbol_word_ratio: float | None = 0.1, max_bullet_lines_ratio: float | None = 0.9,
                  max_ellipsis_lines_ratio: float | None = 0.3, min_alpha_words_ratio: float | None = 0.8,
-                 min_stop_words: int | None = 2, stop_words: Sequence[str] = GOPHER_STOP_WORDS):
+                 min_stop_words: int | None = 2, stop_words: Sequence[str] = GOPHER_STOP_WORDS,
+                 words: str = "kiln"):
         super().__init__()
+        self.words = words
         self.min_doc_words, self.max_doc_words = min_doc_words, max_doc_words
         self.min_avg_word_length, self.max_avg_word_length = min_avg_word_length, max_avg_word_length
         self.max_symbol_word_ratio = max_symbol_word_ratio
@@ -51,8 +65,10 @@ class GopherQualityFilter(Filter):
 
     def reject(self, doc: Document) -> str | None:
         text = prose_of(doc)
-        tokens = words_of(text)
-        words = content_words(tokens)
+        tokens = word_tokenizer(self.words).words(text)
+        # Words: tokens with a character that is not punctuation. The length rules count
+        # words; the symbol, alphabetic and stop-word rules count every token (as the recipe).
+        words = [w for w in tokens if not PUNCTUATION.issuperset(w)]
         n = len(words)
         if n == 0 or (self.min_doc_words is not None and n < self.min_doc_words):
             return self.decided("gopher_short_doc", n, self.min_doc_words or 1)
@@ -63,15 +79,16 @@ class GopherQualityFilter(Filter):
             return self.decided("gopher_below_avg_word_length", avg, self.min_avg_word_length)
         if self.max_avg_word_length is not None and avg > self.max_avg_word_length:
             return self.decided("gopher_above_avg_word_length", avg, self.max_avg_word_length)
+        n_tokens = len(tokens)
         if self.max_symbol_word_ratio is not None:
-            if text.count("#") / n > self.max_symbol_word_ratio:
-                return self.decided("gopher_too_many_hashes", text.count("#") / n, self.max_symbol_word_ratio)
-            ellipses = (text.count("...") + text.count("…")) / n
+            if text.count("#") / n_tokens > self.max_symbol_word_ratio:
+                return self.decided("gopher_too_many_hashes", text.count("#") / n_tokens, self.max_symbol_word_ratio)
+            ellipses = (text.count("...") + text.count("…")) / n_tokens
             if ellipses > self.max_symbol_word_ratio:
                 return self.decided("gopher_too_many_ellipsis", ellipses, self.max_symbol_word_ratio)
         lines = text.splitlines() or [""]
         if self.max_bullet_lines_ratio is not None:
-            bullets = sum(ln.lstrip().startswith("•") for ln in lines)
+            bullets = sum(ln.lstrip().startswith(("•", "-")) for ln in lines)
             if bullets / len(lines) > self.max_bullet_lines_ratio:
                 return self.decided("gopher_too_many_bullets", bullets / len(lines), self.max_bullet_lines_ratio)
         if self.max_ellipsis_lines_ratio is not None:
@@ -79,11 +96,11 @@ class GopherQualityFilter(Filter):
             if ell / len(lines) > self.max_ellipsis_lines_ratio:
                 return self.decided("gopher_too_many_end_ellipsis", ell / len(lines), self.max_ellipsis_lines_ratio)
         if self.min_alpha_words_ratio is not None:
-            alpha = sum(any(c.isalpha() for c in w) for w in words)
-            if alpha / n < self.min_alpha_words_ratio:
-                return self.decided("gopher_below_alpha_threshold", alpha / n, self.min_alpha_words_ratio)
+            alpha = sum(any(c.isalpha() for c in w) for w in tokens) / n_tokens
+            if alpha < self.min_alpha_words_ratio:
+                return self.decided("gopher_below_alpha_threshold", alpha, self.min_alpha_words_ratio)
         if self.min_stop_words is not None:
-            stops = sum(w.lower() in self.stop_words for w in words)
+            stops = len(self.stop_words.intersection(tokens))  # distinct stop words, as written
             if stops < self.min_stop_words:
                 return self.decided("gopher_enough_stop_words", stops, self.min_stop_words)
         return None
@@ -125,8 +142,9 @@ class _NGrams:
                 self._repeats[n] = (pos[again], num[again])
         return self._repeats[n]
 
-    def chars(self, start: int, n: int) -> int:
-        return int(self.prefix[start + n] - self.prefix[start]) + n - 1
+    def chars(self, start: int, n: int, sep: int = 1) -> int:
+        """Characters of the n-gram at ``start``, its words joined by ``sep`` characters."""
+        return int(self.prefix[start + n] - self.prefix[start]) + sep * (n - 1)
 
     def top_chars(self, n: int) -> int:
         """Characters covered by the most frequent n-gram, counted at every occurrence (ties:
@@ -141,9 +159,10 @@ class _NGrams:
         return self.chars(int(pos[first[counts == best]].min()), n) * int(best)
 
     def dup_chars(self, n: int) -> int:
-        """Characters in repeated n-grams, scanning left to right and skipping past a repeat
-        so overlaps count once; n-grams that occur once are never a repeat, so only the
-        positions of those that occur more often are visited."""
+        """Characters in repeated n-grams (the words' characters, no separators: Gopher as the
+        recipe counts it), scanning left to right and skipping past a repeat so overlaps
+        count once; n-grams that occur once are never a repeat, so only the positions of
+        those that occur more often are visited."""
         if self.n_words < n:
             return 0
         pos, num = self.repeats(n)
@@ -153,7 +172,7 @@ class _NGrams:
             if p < resume_at:
                 continue
             if g in seen:
-                chars += self.chars(p, n)
+                chars += self.chars(p, n, sep=0)
                 resume_at = p + n
             else:
                 seen.add(g)
@@ -170,8 +189,10 @@ class GopherRepetitionFilter(Filter):
     def __init__(self, dup_line_frac: float | None = 0.3, dup_para_frac: float | None = 0.3,
                  dup_line_char_frac: float | None = 0.2, dup_para_char_frac: float | None = 0.2,
                  top_ngram_fracs: Sequence[float] = (0.20, 0.18, 0.16),  # n = 2, 3, 4
-                 dup_ngram_fracs: Sequence[float] = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)):  # n = 5..10
+                 dup_ngram_fracs: Sequence[float] = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10),  # n = 5..10
+                 words: str = "kiln"):
         super().__init__()
+        self.words = words
         self.dup_line_frac, self.dup_para_frac = dup_line_frac, dup_para_frac
         self.dup_line_char_frac, self.dup_para_char_frac = dup_line_char_frac, dup_para_char_frac
         self.top_ngram_fracs = list(top_ngram_fracs)
@@ -179,7 +200,7 @@ class GopherRepetitionFilter(Filter):
 
     def reject(self, doc: Document) -> str | None:
         text = prose_of(doc)
-        if not text.strip():
+        if not text:
             return "empty"
         size = len(text)
         paras = re.split(r"\n{2,}", text.strip())
@@ -188,16 +209,15 @@ class GopherRepetitionFilter(Filter):
             return self.decided("dup_para_frac", n_dup / len(paras), self.dup_para_frac)
         if self.dup_para_char_frac is not None and c_dup / size > self.dup_para_char_frac:
             return self.decided("dup_para_char_frac", c_dup / size, self.dup_para_char_frac)
-        # Blank lines are left out: resiliparse separates blocks with an empty line, which
-        # would otherwise make every page "repeat" ~40% of its lines (datatrove's reference
-        # extractor, trafilatura, emits no blank lines, so its counts match this).
-        lines = [ln for ln in text.splitlines() if ln.strip()] or [""]
+        # Runs of newlines split lines, so the empty lines that separate blocks are not lines
+        # that "repeat" (the recipe's splitting).
+        lines = re.split(r"\n+", text)
         n_dup, c_dup = find_duplicates(lines)
         if self.dup_line_frac is not None and n_dup / len(lines) > self.dup_line_frac:
             return self.decided("dup_line_frac", n_dup / len(lines), self.dup_line_frac)
         if self.dup_line_char_frac is not None and c_dup / size > self.dup_line_char_frac:
             return self.decided("dup_line_char_frac", c_dup / size, self.dup_line_char_frac)
-        ngrams = _NGrams(words_of(text))
+        ngrams = _NGrams(word_tokenizer(self.words).words(text))
         for n, frac in enumerate(self.top_ngram_fracs, start=2):
             if frac is not None and ngrams.top_chars(n) / size > frac:
                 return self.decided(f"top_{n}_gram", ngrams.top_chars(n) / size, frac)
@@ -211,12 +231,6 @@ class GopherRepetitionFilter(Filter):
 C4_POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses cookies",
                         "use of cookies", "use cookies")
 _CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
-_SENTENCE_END = re.compile(r"[.!?]+(?:['\")\]]*)(?=\s|$)")
-
-
-def count_sentences(line: str) -> int:
-    """Sentence count of a line that already ends in terminal punctuation (at least 1)."""
-    return max(1, len(_SENTENCE_END.findall(line)))
 
 
 class C4QualityFilter(PipelineStep):
@@ -230,8 +244,9 @@ class C4QualityFilter(PipelineStep):
     def __init__(self, filter_no_terminal_punct: bool = True, min_words_per_line: int = 3,
                  max_word_length: int = 1000, min_num_sentences: int = 5, filter_lorem_ipsum: bool = True,
                  filter_javascript: bool = True, filter_curly_bracket: bool = True,
-                 filter_policy: bool = True, remove_citations: bool = True):
+                 filter_policy: bool = True, remove_citations: bool = True, words: str = "kiln"):
         super().__init__()
+        self.words = words
         self.filter_no_terminal_punct = filter_no_terminal_punct
         self.min_words_per_line, self.max_word_length = min_words_per_line, max_word_length
         self.min_num_sentences = min_num_sentences
@@ -242,6 +257,7 @@ class C4QualityFilter(PipelineStep):
     def process(self, doc: Document):
         kept, sentences = [], 0
         code = code_lines(doc)
+        tokenizer = word_tokenizer(self.words)
         for raw in doc.text.splitlines():
             line = raw.strip()
             if line in code:  # marked code stays as it is, indentation included; the rules are for prose
@@ -265,7 +281,7 @@ class C4QualityFilter(PipelineStep):
                 return "c4_curly_bracket"
             if self.filter_policy and any(p in low for p in C4_POLICY_SUBSTRINGS):
                 continue
-            sentences += count_sentences(line)
+            sentences += tokenizer.sentences(line)
             kept.append(line)
         if sentences < self.min_num_sentences:
             return "c4_too_few_sentences"
@@ -277,34 +293,34 @@ class FineWebQualityFilter(Filter):
     """FineWeb's extra rules (Penedo et al. 2024, 3.3), chosen because they removed content
     that hurt downstream scores after the Gopher/C4 rules: pages where few lines end in
     punctuation, that are mostly short lines, that repeat lines, or that are lists
-    (many newlines per word)."""
+    (many newlines per word). Blank lines are not lines here."""
 
     name = "fineweb_quality"
 
     def __init__(self, line_punct_thr: float = 0.12, line_punct_exclude_zero: bool = False,
                  short_line_thr: float = 0.67, short_line_length: int = 30,
-                 char_duplicates_ratio: float = 0.01, new_line_ratio: float = 0.3):
+                 char_duplicates_ratio: float = 0.01, new_line_ratio: float = 0.3, words: str = "kiln"):
         super().__init__()
         self.line_punct_thr, self.line_punct_exclude_zero = line_punct_thr, line_punct_exclude_zero
         self.short_line_thr, self.short_line_length = short_line_thr, short_line_length
         self.char_duplicates_ratio, self.new_line_ratio = char_duplicates_ratio, new_line_ratio
+        self.words = words
 
     def reject(self, doc: Document) -> str | None:
         text = prose_of(doc)
-        chars = len(text.replace("\n", ""))
-        if chars == 0:
+        lines = [ln for ln in text.split("\n") if ln.strip()]
+        if not lines:
             return "empty"
-        lines = text.split("\n")
-        ratio = sum(ln.endswith(END_PUNCTUATION) for ln in lines) / len(lines)
-        if ratio <= self.line_punct_thr and not (ratio == 0 and self.line_punct_exclude_zero):
+        ratio = sum(ln.endswith(TERMINAL_PUNCTUATION) for ln in lines) / len(lines)
+        if ratio < self.line_punct_thr and not (ratio == 0 and self.line_punct_exclude_zero):
             return self.decided("fineweb_line_punct_ratio", ratio, self.line_punct_thr)
         ratio = sum(len(ln) <= self.short_line_length for ln in lines) / len(lines)
-        if ratio >= self.short_line_thr:
+        if ratio > self.short_line_thr:
             return self.decided("fineweb_short_line_ratio", ratio, self.short_line_thr)
-        _, dup_chars = find_duplicates([ln for ln in lines if ln.strip()])
-        if dup_chars / chars >= self.char_duplicates_ratio:
-            return self.decided("fineweb_char_dup_ratio", dup_chars / chars, self.char_duplicates_ratio)
-        words = words_of(text)
-        if text.count("\n") / max(1, len(words)) > self.new_line_ratio:
-            return self.decided("fineweb_list_ratio", text.count("\n") / max(1, len(words)), self.new_line_ratio)
+        ratio = find_duplicates(lines)[1] / len(text.replace("\n", ""))
+        if ratio > self.char_duplicates_ratio:
+            return self.decided("fineweb_char_dup_ratio", ratio, self.char_duplicates_ratio)
+        ratio = text.count("\n") / max(1, len(word_tokenizer(self.words).words(text)))
+        if ratio > self.new_line_ratio:
+            return self.decided("fineweb_list_ratio", ratio, self.new_line_ratio)
         return None
