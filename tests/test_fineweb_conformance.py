@@ -157,3 +157,21 @@ def test_recipe_tokenizer_bounds_its_memory_and_splits_the_same_after_a_rebuild(
         assert len(small._nlp.vocab.strings) <= 2_000 + len(set(words)) + 2_000  # one page's worth at most
         assert hashlib.sha1("\x00".join(words).encode()).hexdigest() == decisions[t["id"]]["words_sha1"]
     assert small.builds > 5
+
+
+def test_fineweb_preset_run_keeps_exactly_the_recipe_pages_that_are_english_and_unique(recorded):
+    """The whole preset chain over the sample WARC: what it keeps is what datatrove's text
+    filters keep, less what the URL filter, language ID and MinHash take (steps the recorded
+    decisions do not cover)."""
+    from data_pipeline.audit import RemovedBy
+    from data_pipeline.pipeline import documents
+
+    _, decisions = recorded
+    stream = documents(data_cfg())
+    removed = RemovedBy().watch(stream)
+    kept = {doc.id for doc in stream}
+    recipe_keeps = {i for i, d in decisions.items() if d["decision"] == "keep"}
+    assert kept and kept <= recipe_keeps
+    assert {removed.step[i] for i in recipe_keeps - kept} <= {"url_filter", "langid", "minhash_dedup"}
+    assert all(removed.step[i] in TEXT_STEPS for i in decisions if i not in recipe_keeps and i in removed.step
+               and removed.step[i] not in ("url_filter", "langid"))
