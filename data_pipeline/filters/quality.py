@@ -17,6 +17,7 @@ with ``data.extract.mark_code`` the rules judge the prose of a page, not its cod
 
 from __future__ import annotations
 
+import collections
 import itertools
 import re
 from collections.abc import Sequence
@@ -68,13 +69,15 @@ class GopherQualityFilter(Filter):
         tokens = word_tokenizer(self.words).words(text)
         # Words: tokens with a character that is not punctuation. The length rules count
         # words; the symbol, alphabetic and stop-word rules count every token (as the recipe).
-        words = [w for w in tokens if not PUNCTUATION.issuperset(w)]
-        n = len(words)
+        # Each distinct token is looked at once (a page repeats most of its tokens).
+        counts = collections.Counter(tokens)
+        words = {w: c for w, c in counts.items() if not PUNCTUATION.issuperset(w)}
+        n = sum(words.values())
         if n == 0 or (self.min_doc_words is not None and n < self.min_doc_words):
             return self.decided("gopher_short_doc", n, self.min_doc_words or 1)
         if self.max_doc_words is not None and n > self.max_doc_words:
             return self.decided("gopher_long_doc", n, self.max_doc_words)
-        avg = sum(len(w) for w in words) / n
+        avg = sum(len(w) * c for w, c in words.items()) / n
         if self.min_avg_word_length is not None and avg < self.min_avg_word_length:
             return self.decided("gopher_below_avg_word_length", avg, self.min_avg_word_length)
         if self.max_avg_word_length is not None and avg > self.max_avg_word_length:
@@ -96,11 +99,11 @@ class GopherQualityFilter(Filter):
             if ell / len(lines) > self.max_ellipsis_lines_ratio:
                 return self.decided("gopher_too_many_end_ellipsis", ell / len(lines), self.max_ellipsis_lines_ratio)
         if self.min_alpha_words_ratio is not None:
-            alpha = sum(any(c.isalpha() for c in w) for w in tokens) / n_tokens
+            alpha = sum(c for w, c in counts.items() if w.isalpha() or any(ch.isalpha() for ch in w)) / n_tokens
             if alpha < self.min_alpha_words_ratio:
                 return self.decided("gopher_below_alpha_threshold", alpha, self.min_alpha_words_ratio)
         if self.min_stop_words is not None:
-            stops = len(self.stop_words.intersection(tokens))  # distinct stop words, as written
+            stops = len(self.stop_words.intersection(counts))  # distinct stop words, as written
             if stops < self.min_stop_words:
                 return self.decided("gopher_enough_stop_words", stops, self.min_stop_words)
         return None
