@@ -41,6 +41,6 @@ setup(
         "hf": ["transformers>=4.44", "peft>=0.12"],
         "tensorboard": ["tensorboard>=2.15"],
         "eval": ["lm_eval>=0.4.2"],  # lm-evaluation-harness on exported models (README)
-        "fineweb": ["spacy>=3.7"],  # data.words=spacy: the FineWeb recipe's word tokenizer (conf/data/fineweb.yaml)
+        "fineweb": ["spacy>=3.8,<4"],  # data.words=spacy: the FineWeb recipe's word tokenizer (conf/data/fineweb.yaml)
     },
 )

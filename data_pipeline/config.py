@@ -57,7 +57,8 @@ class GopherRepetitionConfig:
 
 @dataclass
 class GopherQualityConfig:
-    # Rae et al. 2021, appendix A.1.1 (datatrove GopherQualityFilter defaults).
+    # Rae et al. 2021, appendix A.1.1 (datatrove GopherQualityFilter defaults). In this block and
+    # gopher_repetition, null turns a rule off; 0 is a threshold like any other.
     enabled: bool = False
     min_doc_words: int | None = 50
     max_doc_words: int | None = 100_000

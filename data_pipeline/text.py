@@ -13,6 +13,7 @@ Two word tokenizers (``data.words``):
 from __future__ import annotations
 
 import functools
+import importlib.util
 import re
 import string
 
@@ -97,6 +98,8 @@ class SpacyWords:
     name = "spacy"
 
     def __init__(self, max_strings: int = 1_000_000):
+        if importlib.util.find_spec("spacy") is None:
+            raise ImportError("data.words=spacy needs the spaCy package: pip install 'kiln[fineweb]'")
         self.max_strings = max_strings
         self._nlp = None
         self.builds = 0
@@ -116,7 +119,8 @@ class SpacyWords:
         return tuple(t for t in (tok.text.strip() for tok in self._pipeline().tokenizer(text)) if t)
 
     def sentences(self, line: str) -> int:
-        return sum(1 for _ in self._pipeline()(line).sents)
+        """Sentences in a line; a line with none (blank) is one, as the recipe counts it."""
+        return max(1, sum(1 for _ in self._pipeline()(line).sents))
 
 
 WORD_TOKENIZERS = {"kiln": KilnWords, "spacy": SpacyWords}
@@ -127,13 +131,8 @@ def word_tokenizer(name: str):
     """The tokenizer named by ``data.words``, one per process (filters keep the name, so they
     pickle to worker processes without a spaCy object)."""
     if name not in WORD_TOKENIZERS:
-        raise ValueError(f"unknown word tokenizer {name!r} ({' | '.join(WORD_TOKENIZERS)})")
+        raise ValueError(f"data.words: unknown word tokenizer {name!r} ({' | '.join(WORD_TOKENIZERS)})")
     return WORD_TOKENIZERS[name]()
-
-
-def content_words(tokens: list[str]) -> list[str]:
-    """Tokens that are not a single punctuation character (Gopher's word count)."""
-    return [w for w in tokens if w not in PUNCTUATION]
 
 
 def find_duplicates(items: list[str]) -> tuple[int, int]:

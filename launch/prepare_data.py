@@ -38,13 +38,21 @@ if REPO not in sys.path:
 
 
 def load_data_cfg(overrides: list[str]):
+    """The ``data`` block, checked: a bad value ends the process naming its key (exit 2),
+    before any file is read."""
     from hydra import compose, initialize_config_dir
 
-    from train.config import register_configs
+    from train.config import ConfigError, register_configs, validate_data
 
     register_configs()
     with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
-        return compose(config_name="pretrain", overrides=overrides).data
+        cfg = compose(config_name="pretrain", overrides=overrides).data
+    try:
+        validate_data(cfg)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(2)
+    return cfg
 
 
 def task_files(cfg, shard_index: int, num_shards: int) -> list[tuple[int, object, str]]:
@@ -188,6 +196,7 @@ def main(argv=None) -> int:
         return 0
     if not 0 <= a.shard_index < a.num_shards:
         ap.error(f"--shard-index {a.shard_index} out of range for --num-shards {a.num_shards}")
+    cfg = load_data_cfg(list(a.overrides))
     tokenizer = None
     if a.format == "tokens":
         if not a.tokenizer or not os.path.isfile(a.tokenizer):
@@ -197,7 +206,6 @@ def main(argv=None) -> int:
 
         tokenizer = Tokenizer(a.tokenizer)
         install_tokenizer(a.tokenizer, a.output_dir)
-    cfg = load_data_cfg(list(a.overrides))
     if a.input:  # one source named like the config's first, reading the given files
         cfg.sources = cfg.sources[:1]
         cfg.sources[0].paths = list(a.input)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from data_pipeline.document import Document
@@ -415,6 +416,29 @@ def test_repetition_statistics_equal_the_reference_implementation_on_the_sample(
             assert got == ref.dup_chars(n), (n, text[:80])
             nonzero += got > 0
     assert nonzero > 100  # the repeated-n-gram path was exercised, not only the "no repeats" exit
+
+
+def test_repeated_ngrams_are_compared_as_joined_characters_as_in_the_recipe(monkeypatch):
+    """The recipe joins an n-gram's words with nothing before comparing, so "ab c d e f"
+    repeats "a bc d e f". Word lists from a tiny alphabet make such repeats common; a hash
+    that collides on everything forces the string fallback, which must agree too."""
+    import random
+
+    from data_pipeline.filters.quality import _NGrams
+
+    words = ["ab", "c", "d", "e", "f"] + [f"w{i}" for i in range(10)] + ["a", "bc", "d", "e", "f"]
+    assert _NGrams(words).dup_chars(5) == _StringNGrams(words).dup_chars(5) == len("abcdef")  # the second, "a bc d e f"
+    rng = random.Random(0)
+    cases = [[rng.choice(["a", "b", "ab", "ba", "aa", "c", "bc"]) for _ in range(rng.randint(0, 60))]
+             for _ in range(500)]
+    for words in cases:
+        fast, ref = _NGrams(words), _StringNGrams(words)
+        assert [fast.dup_chars(n) for n in range(5, 11)] == [ref.dup_chars(n) for n in range(5, 11)], words
+    monkeypatch.setattr(_NGrams, "_substring_hashes", lambda self, n: np.zeros(max(self.n_words - n + 1, 0), np.uint64))
+    for words in cases[:100]:
+        fast, ref = _NGrams(words), _StringNGrams(words)
+        fast._joined = "".join(words)
+        assert [fast.dup_chars(n) for n in range(5, 11)] == [ref.dup_chars(n) for n in range(5, 11)], words
 
 
 # ---------------------------------------------------------------- code-aware statistics

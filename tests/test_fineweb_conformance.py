@@ -2,7 +2,8 @@
 
 The reference is recorded once from datatrove (scripts/record_fineweb_decisions.py) on the
 text of every page of the embedded sample (326 pages: English and six other languages of
-documentation, and the planted junk); this test needs neither datatrove nor the internet.
+documentation, and the planted junk) and 25 crafted texts that trigger the rules and corner
+cases the sample does not; this test needs neither datatrove nor the internet.
 """
 
 from __future__ import annotations
@@ -33,8 +34,16 @@ def _jsonl_gz(name: str) -> list[dict]:
 def recorded():
     texts = _jsonl_gz("texts.jsonl.gz")
     decisions = {d["id"]: d for d in _jsonl_gz("datatrove_decisions.jsonl.gz")}
-    assert len(texts) == len(decisions) == 326
+    assert len(texts) == len(decisions) == 351
     return texts, decisions
+
+
+def recorded_with() -> str:
+    from importlib.metadata import version
+
+    with open(os.path.join(DATA, "recorded_with.json")) as f:
+        was = json.load(f)
+    return f"recorded with spaCy {was['spacy']} (datatrove {was['datatrove']}); installed: spaCy {version('spacy')}"
 
 
 def data_cfg(*overrides):
@@ -57,14 +66,17 @@ def recipe_reason(step: str, reason: str) -> str:
     return f"{step}:{_REASON.get(reason, reason)}"
 
 
-def run(steps, text: str, doc_id: str) -> str:
-    """'keep', or 'step:reason' of the first step that drops the page (steps edit the text)."""
+def run(steps, text: str, doc_id: str, edited: list | None = None) -> str:
+    """'keep', or 'step:reason' of the first step that drops the page (steps edit the text:
+    the text they leave is appended to ``edited``)."""
     doc = Document(id=doc_id, text=text)
     for step in steps:
         out = step.process(doc)
         if out is None or isinstance(out, str):
             return recipe_reason(step.name, out or "dropped")
         doc = out
+    if edited is not None:
+        edited.append(doc.text)
     return "keep"
 
 
@@ -103,9 +115,12 @@ def kiln_decisions(recorded):
     out = {}
     for t in texts:
         words = spacy.words(t["text"])
+        c4_text: list[str] = []
         out[t["id"]] = {
             "decision": run(steps, t["text"], t["id"]),
-            "alone": {s.name: run([s], t["text"], t["id"]) for s in steps},
+            "alone": {s.name: run([s], t["text"], t["id"], c4_text if s.name == "c4_quality" else None)
+                      for s in steps},
+            "c4_text_sha1": hashlib.sha1(c4_text[0].encode()).hexdigest() if c4_text else None,
             "words": (len(words), hashlib.sha1("\x00".join(words).encode()).hexdigest()),
             "n_sentences": spacy.sentences(t["text"]),
         }
@@ -121,7 +136,7 @@ def test_fineweb_preset_decides_as_datatrove_on_every_shipped_page(recorded, kil
     # agreeing is not agreeing on one easy case.
     kept = sum(v == "keep" for v in want.values())
     assert 20 <= kept <= 100, kept
-    assert len({v for v in want.values() if v != "keep"}) >= 8
+    assert len({v for v in want.values() if v != "keep"}) >= 10
 
 
 def test_each_recipe_step_alone_decides_as_datatrove(recorded, kiln_decisions):
@@ -129,13 +144,17 @@ def test_each_recipe_step_alone_decides_as_datatrove(recorded, kiln_decisions):
     for i, d in decisions.items():
         want = {name: "keep" if why is None else f"{name}:{why}" for name, why in d["alone"].items()}
         assert kiln_decisions[i]["alone"] == want, i
+        assert kiln_decisions[i]["c4_text_sha1"] == d["c4_text_sha1"], i  # the lines C4 keeps, too
+    # Every rule of the four filters decided some text alone (the crafted texts see to that).
+    reasons = {f"{name}:{why}" for d in decisions.values() for name, why in d["alone"].items() if why}
+    assert len(reasons) >= 25, sorted(reasons)
 
 
 def test_recipe_tokenizer_splits_words_and_sentences_as_recorded(recorded, kiln_decisions):
     _, decisions = recorded
     for i, d in decisions.items():
-        assert kiln_decisions[i]["words"] == (d["n_words"], d["words_sha1"]), i
-        assert kiln_decisions[i]["n_sentences"] == d["n_sentences"], i
+        assert kiln_decisions[i]["words"] == (d["n_words"], d["words_sha1"]), f"{i}: {recorded_with()}"
+        assert kiln_decisions[i]["n_sentences"] == d["n_sentences"], f"{i}: {recorded_with()}"
 
 
 def test_default_tokenizer_is_not_the_recipe_and_the_comparison_sees_it(recorded):
@@ -175,3 +194,13 @@ def test_fineweb_preset_run_keeps_exactly_the_recipe_pages_that_are_english_and_
     assert {removed.step[i] for i in recipe_keeps - kept} <= {"url_filter", "langid", "minhash_dedup"}
     assert all(removed.step[i] in TEXT_STEPS for i in decisions if i not in recipe_keeps and i in removed.step
                and removed.step[i] not in ("url_filter", "langid"))
+
+
+def test_recipe_counts_a_blank_line_as_one_sentence_and_bad_names_fail_at_construction():
+    from data_pipeline.filters import C4QualityFilter
+
+    assert word_tokenizer("spacy").sentences("") == 1  # the recipe's sentence split of "" is [""]
+    c4 = C4QualityFilter(filter_no_terminal_punct=False, min_words_per_line=-1, words="spacy")
+    assert isinstance(c4.process(Document(id="b", text="\n" * 5 + "This is one line of text.")), Document)
+    with pytest.raises(ValueError, match="data.words"):
+        C4QualityFilter(words="nltk")

@@ -8,6 +8,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.pipeline import document_stream
 from data_pipeline.readers import JsonlReader, ParquetReader
@@ -223,3 +225,12 @@ def test_global_dedup_across_tasks_keeps_exactly_the_earliest_copy(tmp_path):
                         str(tmp_path / "work"), "--output-dir", str(tmp_path / "dedup")], cwd=REPO, capture_output=True,
                        text=True)
     assert p.returncode != 0 and "made for other inputs" in p.stderr
+
+
+def test_bad_data_config_fails_naming_the_key_before_any_file_is_read(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        prepare_data.main(["--output-dir", str(out), "data.words=nltk"])
+    assert e.value.code == 2
+    assert "data.words" in capsys.readouterr().err
+    assert not out.exists() or not os.listdir(out)

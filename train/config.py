@@ -155,9 +155,40 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(key, msg)
 
 
+def validate_data(d: Any) -> None:
+    """The ``data`` block's own checks (also run by launch/prepare_data.py, which has no
+    model). Raises ConfigError(key)."""
+    _check(d.seq_len > 0, "data.seq_len", f"must be positive, got {d.seq_len}")
+    _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    _check(len(d.sources) > 0, "data.sources", "no data source configured")
+    for i, s in enumerate(d.sources):
+        _check(s.format in ("warc", "wet", "jsonl", "parquet", "hf", "tokens"), f"data.sources[{i}].format",
+               f"unknown format {s.format!r} (warc | wet | jsonl | parquet | hf | tokens)")
+        _check((s.format == "tokens") == (d.sources[0].format == "tokens"), f"data.sources[{i}].format",
+               "tokenized shards (format: tokens) cannot be mixed with text sources in one run")
+        _check(bool(s.paths) or s.format == "hf", f"data.sources[{i}].paths", "no input path given")
+        _check(s.weight > 0, f"data.sources[{i}].weight", f"must be positive, got {s.weight}")
+    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(d.prefetch > 0, "data.prefetch", f"must be positive, got {d.prefetch}")
+    from data_pipeline.filters.safety import URL_CATEGORIES
+    from data_pipeline.text import WORD_TOKENIZERS
+
+    _check(d.words in WORD_TOKENIZERS, "data.words", f"unknown tokenizer {d.words!r} ({' | '.join(WORD_TOKENIZERS)})")
+    _check(d.words != "spacy" or importlib.util.find_spec("spacy") is not None, "data.words",
+           "spacy needs the spaCy package: pip install 'kiln[fineweb]'")
+
+    qm = d.quality_model
+    _check(not qm.enabled or (qm.model_path and os.path.isfile(str(qm.model_path))), "data.quality_model.model_path",
+           f"the quality_model step needs a model file (launch/train_quality_model.py), got {qm.model_path!r}")
+    _check(0.0 <= qm.threshold <= 1.0, "data.quality_model.threshold", f"must be in [0, 1], got {qm.threshold}")
+    bad = [c for c in d.url_filter.categories if c not in URL_CATEGORIES]
+    _check(not bad, "data.url_filter.categories", f"unknown {bad} (shipped: {' | '.join(URL_CATEGORIES)})")
+
+
 def validate(cfg: Any) -> None:
     """Relations between values that types cannot express. Raises ConfigError(key)."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    validate_data(d)
     _check(m.d_model > 0, "model.d_model", f"must be positive, got {m.d_model}")
     _check(m.n_heads > 0 and m.d_model % m.n_heads == 0, "model.n_heads",
            f"must divide model.d_model={m.d_model}, got {m.n_heads}")
@@ -170,19 +201,9 @@ def validate(cfg: Any) -> None:
     _check(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", f"must be positive, got {m.vocab_size}")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _check(m.attention in ("auto", "flex", "sdpa"), "model.attention", f"must be auto, flex or sdpa, got {m.attention!r}")
-    _check(d.seq_len > 0, "data.seq_len", f"must be positive, got {d.seq_len}")
     # With init_from=hf: the HF config's max_position_embeddings applies (checked by the trainer).
     _check(d.seq_len <= m.max_seq_len or str(cfg.init_from or "").startswith("hf:"), "data.seq_len",
            f"{d.seq_len} exceeds the model's maximum model.max_seq_len={m.max_seq_len}")
-    _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
-    _check(len(d.sources) > 0, "data.sources", "no data source configured")
-    for i, s in enumerate(d.sources):
-        _check(s.format in ("warc", "wet", "jsonl", "parquet", "hf", "tokens"), f"data.sources[{i}].format",
-               f"unknown format {s.format!r} (warc | wet | jsonl | parquet | hf | tokens)")
-        _check((s.format == "tokens") == (d.sources[0].format == "tokens"), f"data.sources[{i}].format",
-               "tokenized shards (format: tokens) cannot be mixed with text sources in one run")
-        _check(bool(s.paths) or s.format == "hf", f"data.sources[{i}].paths", "no input path given")
-        _check(s.weight > 0, f"data.sources[{i}].weight", f"must be positive, got {s.weight}")
     _check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
@@ -205,26 +226,11 @@ def validate(cfg: Any) -> None:
     _check(t.virtual_shards > 0, "train.virtual_shards", f"must be positive, got {t.virtual_shards}")
     _check(t.data_sharding != "documents" or d.sources[0].format != "tokens", "train.data_sharding",
            "tokenized shards are read by position: use train.data_sharding=shards or sequences")
-    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _check(d.num_workers == 0 or t.data_sharding != "sequences", "data.num_workers",
            f"{d.num_workers} background workers need train.data_sharding=shards or documents (with sequences, "
            "every rank reads the one global stream in order)")
     _check(d.num_workers == 0 or d.sources[0].format != "tokens", "data.num_workers",
            "tokenized shards need no background workers (a window is a slice of a memory-mapped file); set 0")
-    _check(d.prefetch > 0, "data.prefetch", f"must be positive, got {d.prefetch}")
-    from data_pipeline.filters.safety import URL_CATEGORIES
-    from data_pipeline.text import WORD_TOKENIZERS
-
-    _check(d.words in WORD_TOKENIZERS, "data.words", f"unknown tokenizer {d.words!r} ({' | '.join(WORD_TOKENIZERS)})")
-    _check(d.words != "spacy" or importlib.util.find_spec("spacy") is not None, "data.words",
-           "spacy needs the spaCy package: pip install 'kiln[fineweb]'")
-
-    qm = d.quality_model
-    _check(not qm.enabled or (qm.model_path and os.path.isfile(str(qm.model_path))), "data.quality_model.model_path",
-           f"the quality_model step needs a model file (launch/train_quality_model.py), got {qm.model_path!r}")
-    _check(0.0 <= qm.threshold <= 1.0, "data.quality_model.threshold", f"must be in [0, 1], got {qm.threshold}")
-    bad = [c for c in d.url_filter.categories if c not in URL_CATEGORIES]
-    _check(not bad, "data.url_filter.categories", f"unknown {bad} (shipped: {' | '.join(URL_CATEGORIES)})")
     _check(t.nan_policy in ("raise", "rollback"), "train.nan_policy",
            f"unknown policy {t.nan_policy!r} (raise | rollback)")
     _check(t.max_rollbacks >= 0, "train.max_rollbacks", f"must be >= 0, got {t.max_rollbacks}")
