@@ -57,6 +57,7 @@ def crafted_texts() -> dict[str, str]:
         "dup_paragraphs": "\n\n".join(lines[:4] + [lines[5]] * 3),
         "dup_para_chars": "\n\n".join([prose] + ["A paragraph that repeats, about the river and the stone. " * 4] * 3),
         "list_like": "\n".join(f"Item {i} the end." for i in range(40)),
+        "list_ratio": "\n".join(f"Internationalisation{i} characteristically." for i in range(30)),
         "short_lines": "\n".join([ln[:25] for ln in lines] + lines[:5]),
         "no_punctuation": "\n".join(ln.rstrip(".") for ln in lines),
         "crlf": "\r\n".join(lines),
