@@ -156,3 +156,102 @@ def test_what_is_retried_and_what_is_not():
     assert not transient(bx.ClientError({"Error": {"Code": "AccessDenied"}}, "GetObject"))
     assert transient(bx.ClientError({"Error": {"Code": "SlowDown"}}, "GetObject"))
     assert transient(ConnectionResetError()) and not transient(FileNotFoundError()) and not transient(ValueError())
+
+
+class _RangeServer:
+    """A plain HTTP server on loopback serving a directory with Range requests, as web
+    hosts of crawls do (Common Crawl's https://data.commoncrawl.org). With ``cut`` set, the
+    first response for each (file, start byte) stops after ``cut`` bytes and the connection
+    closes: a real mid-transfer failure, seen by the client as a short body."""
+
+    def __init__(self, root: str, cut: int | None = None):
+        import re
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+        self.root, self.cut, self.cuts, self.gets, self._seen = root, cut, 0, [], set()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                self.serve(head=True)
+
+            def do_GET(self):
+                self.serve(head=False)
+
+            def serve(self, head: bool):
+                path = os.path.join(outer.root, self.path.lstrip("/"))
+                if not os.path.isfile(path):
+                    self.send_error(404)
+                    return
+                with open(path, "rb") as f:
+                    data = f.read()
+                start, end = 0, len(data) - 1
+                m = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+                if m:
+                    start, end = int(m[1]), min(int(m[2]) if m[2] else len(data) - 1, len(data) - 1)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:end + 1]
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                if head:
+                    return
+                outer.gets.append((self.path, start))
+                if outer.cut is not None and len(body) > outer.cut and (self.path, start) not in outer._seen:
+                    outer._seen.add((self.path, start))
+                    outer.cuts += 1
+                    self.wfile.write(body[:outer.cut])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_web_hosted_manifest_is_read_over_http_and_cut_transfers_resume(tmp_path, monkeypatch):
+    """Common Crawl's own layout over plain HTTP on loopback: a warc.paths.gz whose entries
+    are relative to the host. The first transfer of every range is cut short by the server;
+    each read reconnects at the byte it reached (in the 12 MB file, past the first 5 MB
+    block) and the records equal the local files."""
+    from data_pipeline.readers import remote
+
+    (tmp_path / "local").mkdir()
+    local = split_sample(tmp_path / "local")
+    with open(SAMPLE_WARC, "rb") as f:  # and one file larger than a read block (fsspec's 5 MB)
+        (tmp_path / "local" / "big.warc.gz").write_bytes(f.read() * 3)
+    local.append(str(tmp_path / "local" / "big.warc.gz"))
+    web = tmp_path / "web"
+    keys = [f"crawl-data/CC-TEST/segments/0/warc/{os.path.basename(p)}" for p in local]
+    for path, key in zip(local, keys):
+        os.makedirs(web / os.path.dirname(key), exist_ok=True)
+        with open(path, "rb") as src, open(web / key, "wb") as dst:
+            dst.write(src.read())
+    (web / "crawl-data/CC-TEST/warc.paths.gz").write_bytes(gzip.compress("\n".join(keys).encode()))
+    monkeypatch.setattr(remote.time, "sleep", lambda s: None)
+    server = _RangeServer(str(web), cut=150_000)
+    try:
+        manifest = f"{server.url}/crawl-data/CC-TEST/warc.paths.gz"
+        reader = WarcReader([manifest])
+        assert reader.files == [f"{server.url}/{k}" for k in keys]
+        assert docs_of([manifest]) == docs_of(local)
+        assert server.cuts >= len(keys)  # every file's first transfer was cut ...
+        again = [g for g in set(server.gets) if server.gets.count(g) > 1]
+        assert {path for path, _ in again} >= {f"/{k}" for k in keys}  # ... and asked for again
+        assert any(start > 0 for _, start in again)  # from inside a file, not only from its start
+    finally:
+        server.close()
