@@ -1,6 +1,7 @@
 """launch/dpo.py for real: a tiny pretraining checkpoint trained on the shipped preference
 pairs. At step 0 the policy is the reference (loss ln 2, margin 0); accumulation and world
-size do not change the losses; ZeRO-3 on 2 processes matches 1 process (evaluation on);
+size do not change the losses; ZeRO-3 (deepspeed) and FSDP (torchrun) on 2 processes match 1
+process (evaluation on);
 a stopped run resumes bit-exactly; LoRA runs with the base as reference; bad records are
 named or counted."""
 
@@ -38,7 +39,8 @@ def base(tmp_path_factory, tokenizer_path):
 
 def dpo(run_dir, base, pairs, *extra, launcher=None):
     port = str(random.randint(20000, 40000))
-    start = {None: [sys.executable], "deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", port]}[launcher]
+    start = {None: [sys.executable], "deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", port],
+             "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", port]}[launcher]
     cmd = [*start, "launch/dpo.py", *COMMON, f"run_dir={run_dir}", f"init_from={base}", f"sft.paths=[{pairs}]", *extra]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline"))
@@ -76,10 +78,15 @@ def test_accumulation_does_not_change_the_losses(tmp_path, base, pairs, referenc
         assert got[s]["loss"] == pytest.approx(want[s]["loss"], abs=1e-5)
 
 
-def test_zero3_on_two_processes_matches_one_process(tmp_path, base, pairs, reference):
-    run_dir = tmp_path / "zero3"
-    dpo(run_dir, base, pairs, "backend=deepspeed", "backend.zero_stage=3", "train.micro_batch_size=2",
-        launcher="deepspeed")
+@pytest.mark.parametrize("launcher,backend", [
+    ("deepspeed", ["backend=deepspeed", "backend.zero_stage=3"]),
+    ("torchrun", ["backend=fsdp"]),
+], ids=["zero3-deepspeed", "fsdp-torchrun"])
+def test_sharded_on_two_processes_matches_one_process(tmp_path, base, pairs, reference, launcher, backend):
+    """The reference pass and the training step on a sharded model (each rank holds a part
+    of every weight): the same losses, evaluation and reward accuracy as one process."""
+    run_dir = tmp_path / "sharded"
+    dpo(run_dir, base, pairs, *backend, "train.micro_batch_size=2", launcher=launcher)
     got, want = metrics(run_dir, "train"), metrics(reference[0], "train")
     for s in range(1, 5):
         assert got[s]["loss"] == pytest.approx(want[s]["loss"], abs=1e-4)
