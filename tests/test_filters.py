@@ -373,15 +373,15 @@ class _StringNGrams:
         return len(gram) * count
 
     def dup_chars(self, n):
-        seen, chars, i = set(), 0, 0
-        while i < len(self.words) - n + 1:
-            gram = "".join(self.words[i:i + n])
-            if gram in seen:
-                chars += len(gram)
-                i += n
+        grams = ["".join(self.words[i:i + n]) for i in range(len(self.words) - n + 1)]
+        seen, chars, skip = set(), 0, 0
+        for gram in grams:
+            if skip:  # inside a repeat just counted: its n-grams are passed over
+                skip -= 1
+            elif gram in seen:
+                chars, skip = chars + len(gram), n - 1
             else:
                 seen.add(gram)
-                i += 1
         return chars
 
 

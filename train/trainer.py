@@ -27,6 +27,7 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -362,23 +363,34 @@ class Trainer:
             return int(batch["loss_tokens"])
         return int((batch["target"] != -100).sum())
 
+    def validation_outputs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, dict]]:
+        """(output, loss, loss tokens, target, model kwargs) of each of this rank's validation
+        batches, the model in eval mode (call under ``torch.no_grad``). A padding batch
+        (train/data.py: shard_validation) still runs its forward pass, which keeps the
+        ranks' collectives in step under sharding, but is not yielded. Every evaluation
+        (the LM loss, classification, preference rewards) reads its batches here."""
+        model = self.backend.model
+        model.eval()
+        try:
+            for batch in self.val_batches:
+                x, y, extra = self.model_inputs(batch)
+                with self.autocast():
+                    out, loss = model(x, y, **extra)
+                n = self.loss_tokens(batch)
+                if n:
+                    yield out, loss, n, y, extra
+        finally:
+            model.train()
+
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
         """Validation loss: the token-weighted mean over every rank's validation batches."""
         if not self.val_batches:
             return None
-        model = self.backend.model
-        model.eval()
         loss_sum, count = torch.zeros((), dtype=torch.float64, device=self.backend.device), 0
-        for batch in self.val_batches:
-            x, y, extra = self.model_inputs(batch)
-            with self.autocast():
-                _, loss = model(x, y, **extra)
-            n = self.loss_tokens(batch)
-            if n:  # 0: a padding batch that keeps the ranks' forward counts equal
-                loss_sum += loss.detach().double() * n
-                count += n
-        model.train()
+        for _, loss, n, _, _ in self.validation_outputs():
+            loss_sum += loss.detach().double() * n
+            count += n
         (count,) = self.backend.all_reduce_sum([count])
         return float(self.backend.all_reduce_tensor(loss_sum)) / count
 

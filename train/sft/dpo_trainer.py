@@ -126,20 +126,11 @@ class DPOTrainer(SFTTrainer):
     def evaluate(self) -> Optional[float]:
         if not self.val_batches:
             return None
-        model = self.backend.model
-        model.eval()
         sums = torch.zeros(4, dtype=torch.float64)  # loss * pairs, pairs, correct, margin sum
-        for batch in self.val_batches:
-            x, y, extra = self.model_inputs(batch)
-            with self.autocast():
-                out, loss = model(x, y, **extra)
-            n = self.loss_tokens(batch)
-            if not n:  # a padding batch (train/data.py: shard_validation)
-                continue
+        for out, loss, n, _, extra in self.validation_outputs():
             chosen, rejected = self.pair_scores(out, extra, n)
             sums += torch.tensor([float(loss) * n, n, float((chosen > rejected).sum()),
                                   float((chosen - rejected).sum())], dtype=torch.float64)
-        model.train()
         loss_sum, count, correct, margin = self.backend.all_reduce_sum(sums.tolist())
         self._pref_metrics = {"reward_accuracy": correct / count, "reward_margin": margin / count}
         self.eval_history.append({"step": self.state.step, **self._pref_metrics})

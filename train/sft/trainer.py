@@ -179,20 +179,12 @@ class SFTTrainer(Trainer):
             return super().evaluate()
         if not self.val_batches:
             return None
-        model = self.backend.model
-        model.eval()
         loss_sum, count, labels, preds = 0.0, 0, [], []
-        for batch in self.val_batches:
-            x, y, extra = self.model_inputs(batch)
-            with self.autocast():
-                logits, loss = model(x, y, **extra)
-            if not self.loss_tokens(batch):  # a padding batch (train/data.py: shard_validation)
-                continue
+        for logits, loss, _, y, _ in self.validation_outputs():
             loss_sum += float(loss) * len(y)
             count += len(y)
             labels += y.tolist()
             preds += logits.argmax(-1).tolist()
-        model.train()
         loss_sum, count = self.backend.all_reduce_sum([loss_sum, count])
         pairs = self.backend.all_gather_object((labels, preds))
         all_labels = [y for lab, _ in pairs for y in lab]
