@@ -363,12 +363,14 @@ class Trainer:
             return int(batch["loss_tokens"])
         return int((batch["target"] != -100).sum())
 
+    @torch.no_grad()
     def validation_outputs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, dict]]:
         """(output, loss, loss tokens, target, model kwargs) of each of this rank's validation
-        batches, the model in eval mode (call under ``torch.no_grad``). A padding batch
-        (train/data.py: shard_validation) still runs its forward pass, which keeps the
-        ranks' collectives in step under sharding, but is not yielded. Every evaluation
-        (the LM loss, classification, preference rewards) reads its batches here."""
+        batches, the model in eval mode. A padding batch (train/data.py: shard_validation)
+        still runs its forward pass, which keeps the ranks' collectives in step under
+        sharding, but is not yielded; for the same reason every rank must read the whole
+        iterator (no early ``break``). Every evaluation (the LM loss, classification,
+        preference rewards) reads its batches here."""
         model = self.backend.model
         model.eval()
         try:
