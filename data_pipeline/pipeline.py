@@ -97,7 +97,7 @@ def build_steps(cfg: DataConfig) -> list[PipelineStep]:
         if block is not None and block.enabled:
             kwargs = _kwargs(block)
             if cls in COUNTS_WORDS:
-                kwargs["words"] = getattr(cfg, "words", "kiln")
+                kwargs["words"] = cfg.words
             steps.append(cls(**kwargs))
     return steps
 

@@ -2,8 +2,8 @@
 
 Two word tokenizers (``data.words``):
   * ``kiln`` (default): words are runs of word characters (apostrophes inside words kept),
-    a run of dots is one token, and every other non-space character is its own token. No dependency, no download, and
-    fast; close to, but not the same as, the recipe's tokenizer.
+    a run of dots is one token, and every other non-space character is its own token. No
+    dependency, no download, and fast; close to, but not the same as, the recipe's tokenizer.
   * ``spacy``: the tokenizer the FineWeb recipe counts with (datatrove's English word
     tokenizer is spaCy's rule-based ``blank("en")`` tokenizer, sentences from its
     ``sentencizer``). No model download; ``pip install 'kiln[fineweb]'``. ``conf/data/fineweb.yaml``
@@ -57,6 +57,7 @@ PUNCTUATION = frozenset(
     + "«´»–—’“”„…∶━►、。〈〉《》「」【】！％（），．１：；？～"
     + "".join(TERMINAL_PUNCTUATION)
 )
+
 
 @functools.lru_cache(maxsize=4)
 def _words(text: str) -> tuple[str, ...]:

@@ -21,10 +21,7 @@ def train_and_report(trainer, data, label: str, t0: float, summary=None) -> None
     result = trainer.fit()
     if b.is_main:
         run_dir = os.path.abspath(cfg.run_dir)
-        vals = result["val_losses"]
-        if vals:
-            first, last = min(vals), max(vals)
-            print(f"[kiln] validation loss {vals[first]:.3f} (step {first}) -> {vals[last]:.3f} (step {last})")
+        _bootstrap.print_validation(result)
         for line in (summary(result) if summary else []):
             print(line)
         if result.get("generations"):

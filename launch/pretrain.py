@@ -6,7 +6,7 @@ Examples:
   deepspeed --num_gpus 2 launch/pretrain.py backend=deepspeed backend.zero_stage=3
 """
 
-import _bootstrap  # noqa: F401  (sys.path + launcher arguments)
+import _bootstrap  # sys.path + launcher arguments
 
 import os
 import time
@@ -39,10 +39,7 @@ def main(cfg: DictConfig) -> None:
         if b.is_main:
             print("[kiln] sample:", text, flush=True)
     if b.is_main:
-        vals = result["val_losses"]
-        if vals:
-            first, last = min(vals), max(vals)
-            print(f"[kiln] validation loss {vals[first]:.3f} (step {first}) -> {vals[last]:.3f} (step {last})")
+        _bootstrap.print_validation(result)
         run_dir = os.path.abspath(cfg.run_dir)
         print(f"[kiln] done in {time.time() - t0:.0f}s. Run directory: {run_dir}")
         print(f"         checkpoints: {os.path.join(run_dir, 'checkpoints')} (latest: {trainer.ckpt_root}/latest)")

@@ -18,6 +18,7 @@ with ``data.extract.mark_code`` the rules judge the prose of a page, not its cod
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import re
 from collections.abc import Sequence
@@ -124,8 +125,8 @@ class _NGrams:
     sums over the joined text); each repeat found is then confirmed by comparing the
     strings, and a hash collision (never seen; 2^-64 per pair) falls back to strings.
 
-    Character lengths come from prefix sums. Over 5x faster than counting n-grams in Python,
-    with the same numbers (tests/test_filters.py compares them with the recipe's definition)."""
+    Character lengths come from prefix sums. 3.5-4x faster than the recipe's string loops on
+    the sample's pages, with the same numbers (tests/test_filters.py compares them)."""
 
     _BASE = 0x9E3779B97F4A7C15  # odd, so invertible modulo 2^64
 
@@ -137,24 +138,32 @@ class _NGrams:
         np.cumsum(np.fromiter(map(len, words), dtype=np.int64, count=len(words)), out=self.prefix[1:])
         self._repeats: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.words = words
-        self._joined: str | None = None
-        self._hash_prefix: tuple[np.ndarray, np.ndarray] | None = None
-        self._prefix_ints: list[int] | None = None
+
+    @functools.cached_property
+    def joined(self) -> str:
+        """The words joined with nothing: the text the repeated-n-gram rule compares."""
+        return "".join(self.words)
+
+    @functools.cached_property
+    def _prefix_ints(self) -> list[int]:
+        return self.prefix.tolist()
+
+    @functools.cached_property
+    def _hash_prefix(self) -> tuple[np.ndarray, np.ndarray]:
+        """(S, B^k) over ``joined``: S[k] = sum_{m<k} c_m B^-(m+1), arithmetic modulo 2^64
+        (numpy's uint64 wraps)."""
+        codes = np.frombuffer(self.joined.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        m = len(codes)
+        s = np.zeros(m + 1, dtype=np.uint64)
+        b_pow = np.ones(m + 1, dtype=np.uint64)
+        np.cumprod(np.full(m, pow(self._BASE, -1, 2**64), dtype=np.uint64), out=s[1:])  # B^-(k+1)
+        np.cumsum(codes * s[1:], out=s[1:])
+        np.cumprod(np.full(m, self._BASE, dtype=np.uint64), out=b_pow[1:])
+        return s, b_pow
 
     def _substring_hashes(self, n: int) -> np.ndarray:
-        """Per start position, the hash of the n-gram's words joined with nothing: with
-        S[k] = sum_{m<k} c_m B^-(m+1), the substring [a, b) hashes to (S[b] - S[a]) B^b,
-        arithmetic modulo 2^64 (numpy's uint64 wraps)."""
-        if self._hash_prefix is None:
-            self._joined = "".join(self.words)
-            codes = np.frombuffer(self._joined.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-            m = len(codes)
-            s = np.zeros(m + 1, dtype=np.uint64)
-            b_pow = np.ones(m + 1, dtype=np.uint64)
-            np.cumprod(np.full(m, pow(self._BASE, -1, 2**64), dtype=np.uint64), out=s[1:])  # B^-(k+1)
-            np.cumsum(codes * s[1:], out=s[1:])
-            np.cumprod(np.full(m, self._BASE, dtype=np.uint64), out=b_pow[1:])
-            self._hash_prefix = (s, b_pow)
+        """Per start position, the hash of the n-gram's words joined with nothing: the
+        substring [a, b) of ``joined`` hashes to (S[b] - S[a]) B^b."""
         s, b_pow = self._hash_prefix
         start, end = self.prefix[:-n], self.prefix[n:]
         return (s[end] - s[start]) * b_pow[end]
@@ -203,7 +212,7 @@ class _NGrams:
         _, num, counts = np.unique(self._substring_hashes(n), return_inverse=True, return_counts=True)
         num = num.reshape(-1)
         pos = np.flatnonzero(counts[num] > 1)
-        prefix, joined = self._prefix_list(), self._joined
+        prefix, joined = self._prefix_ints, self.joined
         first: dict[int, int] = {}  # hash group -> the position of its first counted n-gram
         chars, resume_at = 0, 0
         for p, g in zip(pos.tolist(), num[pos].tolist()):
@@ -219,11 +228,6 @@ class _NGrams:
             chars += b - a
             resume_at = p + n
         return chars
-
-    def _prefix_list(self) -> list[int]:
-        if self._prefix_ints is None:
-            self._prefix_ints = self.prefix.tolist()
-        return self._prefix_ints
 
     def _dup_chars_of_strings(self, n: int) -> int:
         seen: set[str] = set()
