@@ -191,6 +191,20 @@ def verify(path: str, mode: str = "full") -> list[str]:
     return problems
 
 
+def digest(path: str) -> str:
+    """The identity of the checkpoint at ``path``: sha256 of its manifest (every file's path,
+    size and content checksum), so two checkpoints with the same digest hold the same bytes
+    and a checkpoint retrained at the same path gets a new one. Whatever refers to a
+    checkpoint (an adapter's base, a DPO reference cache, ``init_from``) stores this."""
+    import hashlib
+
+    meta = read_meta(path)
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{os.path.join(path, META)}: has no file manifest, so the checkpoint has no identity")
+    return hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def is_complete(path: str) -> bool:
     """Cheap check (sizes): every file of the manifest is there with its size."""
     return not verify(path, "size")
