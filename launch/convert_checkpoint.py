@@ -32,7 +32,8 @@ from omegaconf import OmegaConf
 
 from model.llama import Transformer, param_count
 from train import checkpoint as ckpt
-from train.full_state import DCP_DIR, MOMENTS, FullState, read_full_state, storage_format
+from train.checkpoint import DCP_DIR, storage_format
+from train.full_state import MOMENTS, FullState, read_full_state
 
 def load_full(src: str, with_optimizer: bool) -> tuple[FullState, Transformer]:
     with torch.device("meta"):

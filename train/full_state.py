@@ -22,7 +22,17 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
-from train.checkpoint import DCP_DIR, DS_DIR, MODEL_FILE, OPTIM_FILE  # the layout's owner
+from train.checkpoint import (  # the layout's owner
+    DCP_DIR,
+    DS_DIR,
+    MODEL_FILE,
+    OPTIM_FILE,
+    CheckpointError,
+    deepspeed_tag,
+    ds_files,
+    listed,
+    storage_format,
+)
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -56,17 +66,6 @@ def _dedup_tied(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def storage_format(directory: str) -> str:
-    """Which writer produced the checkpoint: 'full', 'dcp' or 'deepspeed'."""
-    if os.path.isdir(os.path.join(directory, DS_DIR)):
-        return "deepspeed"
-    if os.path.isdir(os.path.join(directory, DCP_DIR)):
-        return "dcp"
-    if os.path.exists(os.path.join(directory, MODEL_FILE)):
-        return "full"
-    raise FileNotFoundError(f"{directory}: no kiln weights found (model.safetensors, dcp/ or deepspeed/)")
-
-
 def read_full_state(directory: str, model: torch.nn.Module, with_optimizer: bool = True) -> FullState:
     """Load any kiln checkpoint into a FullState on CPU, shaped for ``model``.
 
@@ -79,9 +78,9 @@ def read_full_state(directory: str, model: torch.nn.Module, with_optimizer: bool
     if fmt == "full":
         st = read_state_files(directory, with_optimizer)
     elif fmt == "dcp":
-        st = _read_dcp(os.path.join(directory, DCP_DIR), param_names, with_optimizer)
+        st = _read_dcp(directory, param_names, with_optimizer)
     else:
-        st = _read_deepspeed(os.path.join(directory, DS_DIR), shapes, param_names, with_optimizer)
+        st = _read_deepspeed(directory, shapes, param_names, with_optimizer)
         st.step = _kiln_step(directory)
     for alias, name in tied.items():  # a tied tensor may have been stored under either name
         if alias not in st.model and name in st.model:
@@ -97,12 +96,13 @@ def read_full_state(directory: str, model: torch.nn.Module, with_optimizer: bool
 def read_state_files(directory: str, with_optimizer: bool = True, model_file: str = MODEL_FILE,
                      optim_file: str = OPTIM_FILE) -> FullState:
     """What ``FullState.save`` wrote (full weights, or an adapter checkpoint's files)."""
+    files = listed(directory)  # a checkpoint's readers go by its manifest; a weights dir has none
     path = os.path.join(directory, model_file)
-    if not os.path.isfile(path):
+    if (files and model_file not in files) or not os.path.isfile(path) or os.path.islink(path):
         raise FileNotFoundError(f"{directory} has no {model_file}")
     st = FullState(model=load_file(path))
     opt = os.path.join(directory, optim_file)
-    if with_optimizer and os.path.exists(opt):
+    if with_optimizer and optim_file in files:
         from safetensors import safe_open
 
         with safe_open(opt, "pt") as f:
@@ -123,21 +123,22 @@ def read_adapter_state(directory: str) -> FullState:
     return read_state_files(directory, True, ADAPTER_FILE, ADAPTER_OPTIM_FILE)
 
 
-def _read_dcp(path: str, param_names: list[str], with_optimizer: bool) -> FullState:
-    import torch.distributed.checkpoint as dcp
+def _read_dcp(directory: str, param_names: list[str], with_optimizer: bool) -> FullState:
+    from train.safe_unpickle import dcp_load, load_dcp_metadata
 
-    from train.safe_unpickle import SafeDCPReader, load_dcp_metadata
-
-    meta = load_dcp_metadata(os.path.join(path, ".metadata"))
-    shapes = {k: v.size for k, v in meta.state_dict_metadata.items() if hasattr(v, "size")}
+    names = {rel[len(DCP_DIR) + 1:] for rel in listed(directory) if rel.startswith(DCP_DIR + "/")}
+    meta = load_dcp_metadata(os.path.join(directory, DCP_DIR, ".metadata"), names)
+    shapes = {k: v.size for k, v in meta.state_dict_metadata.items()}
     state: dict = {"model": {}, "optim": {"state": {}}}
     for n in param_names:
+        if f"model.{n}" not in shapes:
+            raise CheckpointError(f"{directory}: the DCP checkpoint lacks parameter {n}")
         state["model"][n] = torch.empty(shapes[f"model.{n}"], dtype=torch.float32)
         if with_optimizer and f"optim.state.{n}.exp_avg" in shapes:
             state["optim"]["state"][n] = {m: torch.empty(shapes[f"optim.state.{n}.{m}"]) for m in MOMENTS}
             state["optim"]["state"][n]["step"] = torch.zeros(())
     # One process reads the whole directory (rank 0 for a resume, or a tool): no collectives.
-    dcp.load(state, storage_reader=SafeDCPReader(path), no_dist=True)
+    dcp_load(state, directory, no_dist=True)
     moments = {n: {m: s[m] for m in MOMENTS} for n, s in state["optim"]["state"].items()}
     steps = [int(s["step"]) for s in state["optim"]["state"].values()]
     return FullState(model=state["model"], moments=moments, step=steps[0] if steps else 0)
@@ -150,16 +151,18 @@ def _kiln_step(directory: str) -> int:
     return int(read_trainer_state(directory)["step"])
 
 
-def _read_deepspeed(path: str, shapes: dict, param_names: list[str], with_optimizer: bool) -> FullState:
+def _read_deepspeed(directory: str, shapes: dict, param_names: list[str], with_optimizer: bool) -> FullState:
     """DeepSpeed ZeRO 1/2/3 shards -> full tensors, via DeepSpeed's ds_to_universal tool.
 
     The tool writes one folder per parameter with fp32.pt / exp_avg.pt / exp_avg_sq.pt as
     plain tensors (flattened under ZeRO-3), so they load with weights_only=True."""
     from train.safe_unpickle import check_deepspeed_files
 
-    check_deepspeed_files(path)  # ds_to_universal unpickles with weights_only=False: only vetted files reach it
-    tag_file = os.path.join(path, "latest")
-    tag = open(tag_file).read().strip() if os.path.exists(tag_file) else sorted(os.listdir(path))[-1]
+    # ds_to_universal unpickles with weights_only=False: only vetted files reach it, in the
+    # tag directory the manifest names (verify refuses any file there it does not list)
+    tag = deepspeed_tag(directory)
+    check_deepspeed_files(ds_files(directory))
+    path = os.path.join(directory, DS_DIR)
     with tempfile.TemporaryDirectory(prefix="kiln-universal-") as out:
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                os.path.join(path, tag), "--output_folder", os.path.join(out, "u"), "--num_extract_workers", "1",

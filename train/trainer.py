@@ -162,9 +162,6 @@ class Trainer:
         self.run_dir = cfg.run_dir
         os.makedirs(self.run_dir, exist_ok=True)
         self.ckpt_root = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
-        if b.is_main:
-            for path in ckpt.clean_stale(self.ckpt_root):
-                print(f"[kiln] removed {path}, left by an interrupted save", flush=True)
         self.last_checkpoint: Optional[str] = None  # written or resumed from by this process
         # optimizer step -> global batches discarded before it (train.nan_policy=rollback)
         self.skipped_batches: dict[int, int] = {}
@@ -231,6 +228,8 @@ class Trainer:
         elif init:
             step_dir = ckpt.resolve(init, "off")
             source = {"weights_from": "kiln checkpoint", "path": step_dir, "step": ckpt.read_meta(step_dir).get("step")}
+            if os.path.isfile(os.path.join(step_dir, ckpt.META)):  # a weights directory has no manifest
+                source["digest"] = ckpt.digest(step_dir)
         else:
             source = {"weights_from": "fresh init", "seed": int(self.cfg.train.seed)}
         sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: full
@@ -279,6 +278,9 @@ class Trainer:
                 found = ("ok", self.resume_point())
             except ckpt.CheckpointError as e:
                 found = ("error", str(e))
+            else:  # only a start that goes ahead touches the checkpoint root
+                for stale in ckpt.clean_stale(self.ckpt_root):
+                    print(f"[kiln] removed {stale}, left by an interrupted save", flush=True)
         status, path = b.broadcast_object(found)
         if status == "error":
             raise ckpt.CheckpointError(path)
@@ -310,7 +312,11 @@ class Trainer:
             print(f"[kiln] resume: {note}", flush=True)
         rngs = ts.get("rng", [])
         if len(rngs) == self.backend.world_size:
-            ckpt.set_rng_state(rngs[self.backend.rank])
+            try:
+                ckpt.set_rng_state(rngs[self.backend.rank])
+            except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as e:
+                raise ckpt.CheckpointError(f"{os.path.join(path, ckpt.TRAINER_STATE)}: field 'rng' of rank "
+                                           f"{self.backend.rank} is not an RNG state ({type(e).__name__}: {e})") from None
 
     def save(self) -> str:
         b, cfg = self.backend, self.cfg
@@ -335,7 +341,8 @@ class Trainer:
                     "data_parallel_size": b.data_parallel_size, "tokens": self.state.tokens,
                     "model": OmegaConf.to_container(OmegaConf.structured(self.model_cfg)),
                     "provenance": self.provenance}
-            final = ckpt.commit(self.ckpt_root, tmp, self.state.step, meta, cfg.checkpoint.keep_last)
+            final = ckpt.commit(self.ckpt_root, tmp, self.state.step, meta, cfg.checkpoint.keep_last,
+                                str(cfg.checkpoint.verify))
         b.barrier()
         return b.broadcast_object(final)
 

@@ -24,8 +24,9 @@ import os
 import torch
 
 from train.backends.base import Backend
+from train.checkpoint import DS_DIR, deepspeed_tag, ds_files, storage_format
 from train.config import ConfigError
-from train.full_state import DS_DIR, MOMENTS, FullState, adamw_step, named_params, read_full_state, storage_format
+from train.full_state import MOMENTS, FullState, adamw_step, named_params, read_full_state
 from train.optim import adamw_kwargs, param_groups
 from train.safe_unpickle import check_deepspeed_files
 from train.sharded_init import init_zero3_partitions
@@ -154,8 +155,9 @@ class DeepSpeedBackend(Backend):
         native = (storage_format(directory) == "deepspeed" and meta.get("world_size") == self.world_size
                   and meta.get("zero_stage") == int(self.cfg.backend.zero_stage))
         if native:
-            check_deepspeed_files(os.path.join(directory, DS_DIR))  # DeepSpeed unpickles with weights_only=False
-            path, _ = self.engine.load_checkpoint(os.path.join(directory, DS_DIR), tag="ckpt",
+            tag = deepspeed_tag(directory)  # the manifest's tag, never DeepSpeed's pointer file
+            check_deepspeed_files(ds_files(directory))  # DeepSpeed unpickles with weights_only=False
+            path, _ = self.engine.load_checkpoint(os.path.join(directory, DS_DIR), tag=tag,
                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load {directory}")

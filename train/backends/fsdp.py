@@ -29,9 +29,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from train.backends.base import Backend, init_distributed
-from train.full_state import DCP_DIR, MOMENTS, FullState, read_full_state, storage_format
+from train.checkpoint import DCP_DIR, storage_format
+from train.full_state import MOMENTS, FullState, read_full_state
 from train.optim import build_adamw
-from train.safe_unpickle import SafeDCPReader
+from train.safe_unpickle import dcp_load
 from train.sharded_init import init_fsdp_shards, is_deferred
 
 
@@ -75,7 +76,9 @@ class FSDPBackend(Backend):
 
     def save(self, directory: str) -> None:
         msd, osd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(directory, DCP_DIR))
+        # Tensors only: AdamW's hyperparameters come from the config on load, and a DCP
+        # checkpoint without bytes entries is one that loads without unpickling data.
+        dcp.save({"model": msd, "optim": {"state": osd["state"]}}, checkpoint_id=os.path.join(directory, DCP_DIR))
 
     def load(self, directory: str, meta: dict) -> None:
         if storage_format(directory) == "dcp":
@@ -86,7 +89,7 @@ class FSDPBackend(Backend):
             # Only tensors are read back: hyperparameters (param_groups) come from the config,
             # so DCP directories written by convert_checkpoint load the same way.
             state = {"model": msd, "optim": {"state": osd["state"]}}
-            dcp.load(state, storage_reader=SafeDCPReader(os.path.join(directory, DCP_DIR)))
+            dcp_load(state, directory)  # only the manifest's files, tensors only
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict={"state": state["optim"]["state"], "param_groups": osd["param_groups"]})
             return
