@@ -96,7 +96,9 @@ def _transformers_tokenizer(directory: str) -> TextTokenizer:
 
 
 def load_model_and_tokenizer(path: str, device: torch.device) -> tuple[Transformer, TextTokenizer, str]:
-    """(model in eval mode on ``device``, tokenizer, resolved directory)."""
+    """(model in eval mode on ``device``, tokenizer, resolved directory). An adapter checkpoint
+    is its base with the adapter on top; a base whose digest is not the ``base_digest`` the
+    adapter recorded (or no recorded digest) raises CheckpointError (``adapters.check_base``)."""
     path = path.removeprefix("hf:")
     if is_hf_dir(path):
         cfg, state = load_hf_llama(path)
@@ -116,7 +118,7 @@ def load_model_and_tokenizer(path: str, device: torch.device) -> tuple[Transform
         print(f"[kiln] {step_dir} holds a LoRA adapter: loading its base model "
               f"{adapter_config(step_dir).get('base')} with the adapter on top (launch/merge_lora.py writes "
               "them merged)", file=sys.stderr, flush=True)
-        model = load_base(step_dir)
+        model = load_base(step_dir)  # CheckpointError unless the base's digest is the one recorded
         add_adapter_from(model, step_dir)
         return model.to(device).eval(), _kiln_tokenizer(os.path.join(step_dir, SPM_FILE)), step_dir
     model, step_dir = load_model(step_dir, str(device), verify="off")  # resolve() above verified it

@@ -12,6 +12,10 @@ not part of the printed completion. With a fixed ``seed`` a run is reproducible;
 prompt's sampled completion depends on the batch it is in (one random stream per batch),
 greedy ones do not.
 
+An adapter checkpoint (a LoRA run) is generated from as its base plus the adapter; the base
+must still be the checkpoint the adapter was trained on (its digest equals adapter_config.json's
+``base_digest``), else the command ends with exit status 3 naming both digests.
+
 ``chat=true`` wraps every prompt as a user turn of kiln's chat template (optionally after a
 ``system`` turn) and asks for the assistant's reply: exactly the ids fine-tuning trained on
 (``train/sft/chat.py``), and the same string the exported ``chat_template.jinja`` renders.
@@ -26,6 +30,7 @@ import torch
 
 from _common import load_model_and_tokenizer, parse_kv, pick_device
 from model.llama import generate
+from train.checkpoint import CheckpointError
 
 OPTIONS = {"prompt": "", "max_new_tokens": 64, "temperature": 0.8, "top_k": 40, "top_p": 1.0, "seed": 0,
            "batch_size": 8, "use_cache": True, "device": "auto", "format": "text", "out": "",
@@ -89,6 +94,8 @@ def main(argv=None) -> int:
         return 2
     try:
         results = run(positional[0], prompts, opts)
+    except CheckpointError:
+        raise  # exit status 3 with its message: a checkpoint that cannot be read, an adapter's changed base
     except (FileNotFoundError, ValueError) as e:
         print(f"generate: {e}", file=sys.stderr)
         return 2

@@ -2,15 +2,24 @@
 
 An adapter checkpoint (a step dir of a ``lora.enabled=true`` run) holds ``adapter.safetensors``
 (adapter and, for classification, head tensors), ``adapter_config.json`` (rank, alpha,
-targets, the base checkpoint) and the usual model_config.yaml / tokenizer.model. Merging
-folds the adapter into the base weights and writes a plain kiln checkpoint directory that
-``launch/generate.py`` and ``launch/export_hf.py`` read like any other.
+targets, the base checkpoint's path as ``base`` and its identity as ``base_digest``) and the
+usual model_config.yaml / tokenizer.model. Merging folds the adapter into the base weights
+and writes a plain kiln checkpoint directory that ``launch/generate.py`` and
+``launch/export_hf.py`` read like any other.
+
+The base is loaded only if it is still the one the adapter was trained on: ``load_base``
+computes ``init_digest`` of what ``base`` names now and refuses (``CheckpointError``) a
+digest other than ``base_digest``, and an adapter_config.json that has no ``base_digest``
+(written before kiln recorded it), unless the caller accepts the base explicitly
+(``launch/merge_lora.py --accept-base``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 
 import torch
 
@@ -29,11 +38,111 @@ def adapter_config(step_dir: str) -> dict:
         return json.load(f)
 
 
-def load_base(step_dir: str) -> Transformer:
-    """The base model an adapter checkpoint was trained on (any backend's checkpoint format)."""
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _hf_weight_files(directory: str) -> list[str]:
+    """The files ``hf_interop.load_hf_llama`` reads from ``directory``, in the order it looks."""
+    from model.hf_interop import SAFE_INDEX
+
+    index = os.path.join(directory, SAFE_INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            return ["config.json", SAFE_INDEX, *sorted(set(json.load(f)["weight_map"].values()))]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(directory, name)):
+            return ["config.json", name]
+    raise ckpt.CheckpointError(f"{directory}: no model.safetensors, {SAFE_INDEX} or pytorch_model.bin")
+
+
+def init_digest(path: str) -> str:
+    """The identity of the starting weights ``init_from=path`` names, as they are now: what an
+    adapter checkpoint stores as ``base_digest`` and a DPO reference cache as ``init_digest``.
+
+    - a kiln checkpoint (step dir, checkpoints root or run dir): ``checkpoint.digest`` of the
+      step directory it resolves to, i.e. sha256 of its manifest (every file's path, size and
+      xxh3 content checksum). It reads meta.json only, so it is cheap on every rank, and a
+      checkpoint retrained or rewritten at the same path gets a new one.
+    - a weights directory (``convert_checkpoint --to weights``: no manifest): sha256 of the
+      same manifest form computed from the content of model_config.yaml and model.safetensors.
+    - ``hf:<dir>``: sha256 of the name, size and modification time (ns) of config.json and of
+      every weight file the loader reads (the index and its shards, model.safetensors or
+      pytorch_model.bin). Stat only, no content: an HF model is tens of GB, read by every rank
+      at every start, and nothing retrains it in place; a new download or conversion rewrites
+      the files and so changes their times. The price: a copy that does not keep times (``cp``
+      without ``-p``) reads as another base (a refused adapter, a recomputed DPO cache), and a
+      rewrite that keeps every size and time is not noticed.
+
+    Raises CheckpointError naming ``path`` when it names nothing readable."""
+    return identify(path)[0]
+
+
+def identify(path: str) -> tuple[str, str]:
+    """(``init_digest(path)``, the directory it describes: the step directory a kiln path
+    resolves to, or the HF directory)."""
+    if path.startswith("hf:"):
+        directory = os.path.abspath(path[3:])
+        if not os.path.isdir(directory):
+            raise ckpt.CheckpointError(f"{path}: Hugging Face directory not found")
+        files = {}
+        for name in _hf_weight_files(directory):
+            st = os.stat(os.path.join(directory, name))
+            files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return _sha256_json(files), directory
+    step_dir = os.path.abspath(path)
+    if not os.path.lexists(os.path.join(step_dir, ckpt.META)):
+        step_dir = ckpt.resolve(path)  # a run dir or root: the checkpoint the loader picks (newest that verifies)
+    if os.path.lexists(os.path.join(step_dir, ckpt.META)):
+        return ckpt.digest(step_dir), step_dir  # the manifest; the loader verifies the files against it
+    return _sha256_json({name: {"size": os.path.getsize(os.path.join(step_dir, name)),
+                                ckpt.HASH: ckpt.file_digest(os.path.join(step_dir, name))}
+                         for name in (ckpt.MODEL_CONFIG, ckpt.MODEL_FILE)}), step_dir
+
+
+def check_base(step_dir: str, accept_base: bool = False) -> str:
+    """The base of the adapter checkpoint ``step_dir``, after checking that it still holds the
+    weights the adapter was trained on: ``init_digest(base)`` must equal adapter_config.json's
+    ``base_digest``. A mismatch (the base retrained or replaced at its path since) or a missing
+    ``base_digest`` (an adapter written before kiln recorded it) raises CheckpointError naming
+    both digests and paths and what to do, unless ``accept_base``: then it is printed as a
+    warning on stderr and the current base is used."""
     cfg = adapter_config(step_dir)
+    base, stored = str(cfg["base"]), cfg.get("base_digest")
+    try:
+        current, now = identify(base)
+    except FileNotFoundError as e:  # a CheckpointNotFound, or a file gone from an HF directory
+        raise ckpt.CheckpointError(f"the base {base} of the adapter {step_dir} cannot be read: {e}") from None
+    if stored == current:
+        return base
+    config = os.path.join(step_dir, ADAPTER_CONFIG)
+    merge = f"python launch/merge_lora.py {step_dir} <out dir> --accept-base"
+    if stored is None:
+        problem = (f"{config} names its base {base} by path only (no base_digest: it was written before kiln "
+                   f"recorded the base's digest), so whether {now} (digest {current}) still holds the weights "
+                   "the adapter was trained on cannot be checked.")
+        todo = (f"If you know it does, merge the adapter onto it explicitly with `{merge}` and use the merged "
+                f"checkpoint; otherwise retrain the adapter on the base (launch/sft.py init_from={base} "
+                "lora.enabled=true), which records its digest.")
+    else:
+        problem = (f"the adapter {step_dir} was trained on base {base} with digest {stored}, but {now} now has "
+                   f"digest {current}: the base was retrained or replaced since, and the adapter would be applied "
+                   "to other weights.")
+        todo = (f"Put the checkpoint with digest {stored} back at {base}, or retrain the adapter on the current "
+                f"base (launch/sft.py init_from={base} lora.enabled=true); if the weights are the same in other "
+                f"bytes (a converted checkpoint), merge explicitly with `{merge}`.")
+    if not accept_base:
+        raise ckpt.CheckpointError(f"{problem} {todo}")
+    print(f"[kiln] warning: {problem} Using it anyway (--accept-base).", file=sys.stderr, flush=True)
+    return base
+
+
+def load_base(step_dir: str, accept_base: bool = False) -> Transformer:
+    """The base model an adapter checkpoint was trained on (any backend's checkpoint format),
+    once ``check_base`` has found it unchanged (CheckpointError otherwise)."""
+    base = check_base(step_dir, accept_base)
     model = Transformer(ckpt.read_model_config(step_dir))
-    load_init_weights(model, cfg["base"])
+    load_init_weights(model, base)
     return model.eval()
 
 
@@ -49,12 +158,13 @@ def add_adapter_from(model: torch.nn.Module, step_dir: str, name: str | None = N
     return name
 
 
-def merge_checkpoint(step_dir: str, out_dir: str) -> str:
-    """Write base + adapter, merged, as a consolidated kiln checkpoint directory."""
+def merge_checkpoint(step_dir: str, out_dir: str, accept_base: bool = False) -> str:
+    """Write base + adapter, merged, as a consolidated kiln checkpoint directory. The base must
+    be the one the adapter was trained on (``check_base``; ``accept_base`` overrides)."""
     step_dir = ckpt.resolve(step_dir)
     if adapter_config(step_dir).get("task") == "classification":
         raise ValueError(f"{step_dir}: a classification adapter has a head, not a language model to export")
-    model = load_base(step_dir)
+    model = load_base(step_dir, accept_base)
     add_adapter_from(model, step_dir)
     state = merged_state_dict(model)
     plain = Transformer(model.cfg)

@@ -7,7 +7,9 @@ resume loads trained weights) every rank runs the model as set up -- single, DDP
 ZeRO-3, LoRA or not -- over every pair once, in the same order, so sharded backends run
 the same collectives on every rank and no second model is ever held. With LoRA the
 starting adapters are zero, so the reference is the base model. A resumed run recomputes
-them from the same starting weights and continues exactly.
+them from the same starting weights and continues exactly, or reads them from
+``dpo.reference_cache``, which is used only when it was written for the same pairs and a
+starting checkpoint with the same digest as the one at ``init_from`` now.
 
 The loop weights each micro-batch's mean loss by its number of pairs, so the step's loss
 is the mean over the global batch's pairs whatever the micro-batch, accumulation or world
@@ -65,39 +67,67 @@ class DPOTrainer(SFTTrainer):
             for i, p in enumerate(chunk):
                 p.ref = (logps[i], logps[len(chunk) + i])
 
+    def init_identity(self) -> tuple[str, str]:
+        """(digest, path) of the starting checkpoint as it is now (``adapters.init_digest``:
+        a kiln checkpoint's manifest digest, an ``hf:`` directory's weight files' names, sizes
+        and times)."""
+        from train.sft.adapters import identify
+
+        if getattr(self, "_init_identity", None) is None:
+            self._init_identity = identify(self.init_dir or str(self.cfg.init_from))
+        return self._init_identity
+
     def reference_fingerprint(self, pairs) -> str:
-        """What the reference log-probs depend on: the starting weights and the encoded pairs."""
+        """What the reference log-probs depend on: the starting weights (their digest, so a
+        checkpoint retrained at the same path has another fingerprint) and the encoded pairs."""
         import hashlib
 
         h = hashlib.blake2b(digest_size=16)
-        h.update(str(self.init_dir or self.cfg.init_from).encode())
+        h.update(self.init_identity()[0].encode())
         for p in pairs:
             h.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode())
         return h.hexdigest()
 
     def reference_logps(self, pairs) -> None:
         """``reference_pass``, or its result read from ``dpo.reference_cache`` when that file
-        was written for the same starting checkpoint and pairs (then rank 0 writes it)."""
+        was written for the same starting checkpoint (its stored ``init_digest`` equals the
+        digest of the checkpoint now at init_from) and the same pairs (the fingerprint). A
+        file written for another checkpoint or other pairs is not used: the pass runs, rank 0
+        rewrites the file and says why, naming the stored digest and the current one. Every
+        rank must agree on whether the file is used (the pass is collective)."""
         path = self.cfg.dpo.reference_cache
         key = self.reference_fingerprint(pairs) if path else None
-        cached = None
+        cached, stale = None, None
         if path and os.path.isfile(str(path)):
             with open(str(path)) as f:
                 stored = json.load(f)
-            if stored.get("fingerprint") == key and len(stored.get("ref", [])) == len(pairs):
+            digest, init = self.init_identity()
+            if stored.get("init_digest") != digest:
+                stale = (f"was written for the starting checkpoint {stored.get('init', '<not recorded>')} with digest "
+                         f"{stored.get('init_digest', '<none: written before kiln recorded it>')}, but the starting "
+                         f"checkpoint is now {init} with digest {digest} (retrained or replaced since)")
+            elif stored.get("fingerprint") != key or len(stored.get("ref", [])) != len(pairs):
+                stale = f"was written for other pairs (starting checkpoint digest {digest} as now)"
+            else:
                 cached = stored["ref"]
         if self.backend.agree(f"whether dpo.reference_cache={path} holds these pairs' log-probs", cached is not None):
             for p, ref in zip(pairs, cached):
                 p.ref = (float(ref[0]), float(ref[1]))
             if self.backend.is_main:
-                print(f"[kiln] reference log-probs read from {path}", flush=True)
+                print(f"[kiln] reference log-probs read from {path} (starting checkpoint digest "
+                      f"{self.init_identity()[0]})", flush=True)
             return
+        if stale and self.backend.is_main:
+            print(f"[kiln] dpo.reference_cache={path} {stale}: not used; recomputing the reference log-probs "
+                  "and rewriting it", flush=True)
         self.reference_pass(pairs)
         if path and self.backend.is_main:
+            digest, init = self.init_identity()
             os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
             tmp = f"{path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
-                json.dump({"fingerprint": key, "ref": [list(p.ref) for p in pairs]}, f)
+                json.dump({"fingerprint": key, "init_digest": digest, "init": init,
+                           "ref": [list(p.ref) for p in pairs]}, f)
             os.replace(tmp, str(path))
 
     def prepare_pairs(self) -> None:

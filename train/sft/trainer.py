@@ -8,7 +8,7 @@
   a LoRA adapter (only the adapter, and a head, train);
 - checkpoints: the usual full state, or for LoRA runs the adapter (+ head) and its AdamW
   moments only, gathered through the backend so ZeRO-3 never writes an empty adapter;
-  plus ``chat_template.jinja``, ``adapter_config.json``, ``labels.json``;
+  plus ``chat_template.jinja``, ``adapter_config.json`` (with the base's path and digest), ``labels.json``;
 - evaluation: held-out loss (the loop's), accuracy / macro-F1 for classification, and a
   before/after table of greedy generations for fixed prompts (``eval.report``).
 """
@@ -165,9 +165,15 @@ class SFTTrainer(Trainer):
             with open(os.path.join(directory, LABELS_FILE), "w") as f:
                 json.dump({"labels": self.sft_data.labels}, f)
         if self.lora:
-            lo = cfg.lora
+            # The base by path and by identity: load_base refuses a base whose digest differs
+            # (retrained or replaced at that path since). Computed once, at the first save.
+            from train.sft.adapters import init_digest
+
+            lo, base = cfg.lora, self.init_dir or str(cfg.init_from)
+            if getattr(self, "_base_digest", None) is None:
+                self._base_digest = init_digest(base)
             info = {"name": lo.name, "rank": lo.rank, "alpha": lo.alpha, "dropout": lo.dropout,
-                    "targets": list(lo.targets), "base": self.init_dir or str(cfg.init_from), "task": self.task,
+                    "targets": list(lo.targets), "base": base, "base_digest": self._base_digest, "task": self.task,
                     "labels": self.sft_data.labels if self.classification else None}
             with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
                 json.dump(info, f, indent=1)
