@@ -7,6 +7,8 @@ import time
 
 import _bootstrap
 
+from train.config import ConfigError, exit_config_error
+
 
 def train_and_report(trainer, data, label: str, t0: float, summary=None) -> None:
     """``data``: an object with ``counts`` and ``skipped`` (or None); ``summary(result)``: the
@@ -18,7 +20,10 @@ def train_and_report(trainer, data, label: str, t0: float, summary=None) -> None
             print(f"[kiln] skipped bad records: {dict(data.skipped.reasons)} (first: {data.skipped.examples})",
                   flush=True)
     trainer.stop_on_signals()  # SIGUSR1/SIGTERM (Slurm time limit, preemption): checkpoint and exit
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ConfigError as e:  # found at resume (a setting that changes what the saved state means)
+        exit_config_error(cfg, e)
     if b.is_main:
         run_dir = os.path.abspath(cfg.run_dir)
         _bootstrap.print_validation(result)

@@ -31,7 +31,10 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:  # found while setting up (a tokenizer that does not fit the shards, ...)
         exit_config_error(cfg, e)
     trainer.stop_on_signals()  # SIGUSR1/SIGTERM (Slurm time limit, preemption): checkpoint and exit
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ConfigError as e:  # found at resume (a setting that changes what the saved state means)
+        exit_config_error(cfg, e)
     b = trainer.backend
     stopped = result.get("stopped", False)  # the scheduler wants the job gone soon: no sample
     if result["final_step"] > result["start_step"] and cfg.train.sample_tokens > 0 and not stopped:

@@ -70,3 +70,11 @@ def tiny_cfg(tmp_path, tokenizer_path):
         return compose(TINY + [f"run_dir={tmp_path / 'run'}", f"tokenizer.path={tokenizer_path}", *extra])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, tokenizer_path):
+    """Real checkpoints at steps 2 and 4 in each storage format (tests/ckpt_helpers.py)."""
+    from tests.ckpt_helpers import make_native_runs
+
+    return make_native_runs(tmp_path_factory, tokenizer_path)

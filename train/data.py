@@ -253,8 +253,10 @@ def restore_stream(stream, states: list[dict], rank: int, world: int) -> str:
         return "no data state saved; starting the stream afresh"
     saved, now = _mode_of_state(states[0]), _mode_of_stream(stream)
     if saved != now:
-        raise ValueError(f"the checkpoint's data position is of a {saved} stream, this run reads a {now} "
-                         "stream; resume with the data and train.data_sharding it was written with")
+        from train.config import ConfigError
+
+        raise ConfigError("train.data_sharding", f"the checkpoint's data position is of a {saved} stream, this run "
+                          f"reads a {now} stream; resume with the data and train.data_sharding it was written with")
     if isinstance(stream, GlobalBatchSlicer):
         stream.load_state_dict(states[0])
         return "global stream restored exactly"

@@ -142,6 +142,8 @@ def dcp_load(state: dict, step_dir: str, no_dist: bool = False) -> None:
     prefix = DCP_DIR + "/"
     names = {rel[len(prefix):] for rel in listed(step_dir) if rel.startswith(prefix)}
     path = os.path.join(step_dir, DCP_DIR)
+    # Checked here first, so that a refusal is this error and not one DCP wraps per rank.
+    load_dcp_metadata(os.path.join(path, ".metadata"), names or None)
     dcp.load(state, storage_reader=SafeDCPReader(path, names or None), planner=TensorOnlyLoadPlanner(),
              no_dist=no_dist)
 

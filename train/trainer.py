@@ -288,15 +288,31 @@ class Trainer:
                 "node sees?)", path is None or os.path.isdir(path))
         if path is None:
             return None
-        theirs, ours = ckpt.read_model_config(path).shape(), self.model_cfg.shape()
-        if theirs != ours:  # e.g. a new model=... in a run directory that holds another model
-            diff = ", ".join(f"{k}={theirs[k]} (this run: {ours[k]})" for k in ours if theirs[k] != ours[k])
-            raise ckpt.CheckpointError(
-                f"resume={self.cfg.resume}: {path} holds a different model ({diff}). Give this run its own "
-                f"directory (run_name=... or run_dir=...), or start afresh here with resume=none (its "
-                "checkpoints then replace these).")
+        self.check_resume_compatible(path)
         self.load_checkpoint(path)
         return path
+
+    def check_resume_compatible(self, path: str) -> None:
+        """A resume continues the saved state, so a setting that changes what that state
+        means (the model's shape, the sequence length its data position counts in) is a
+        config error naming the key, before anything is loaded."""
+        from train.config import ConfigError
+
+        advice = (f"Give this run its own directory (run_name=... or run_dir=...) and start it from these weights "
+                  f"with init_from={path}, or start afresh here with resume=none (its checkpoints then replace these).")
+        theirs, ours = ckpt.read_model_config(path).shape(), self.model_cfg.shape()
+        changed = [k for k in ours if theirs.get(k) != ours[k]]
+        if changed:  # e.g. a new model=... in a run directory that holds another model
+            diff = ", ".join(f"{k}={theirs.get(k)} (this run: {ours[k]})" for k in changed)
+            raise ConfigError(f"model.{changed[0]}", f"resume={self.cfg.resume}: {path} holds a different model "
+                              f"({diff}). {advice}")
+        if f"{ckpt.CONFIG}" in ckpt.listed(path):
+            saved = ckpt.read_yaml(os.path.join(path, ckpt.CONFIG)).get("data", {})
+            seq_len = saved.get("seq_len") if isinstance(saved, dict) else None
+            if seq_len is not None and seq_len != self.cfg.data.seq_len:
+                raise ConfigError("data.seq_len", f"resume={self.cfg.resume}: {path} was trained with "
+                                  f"data.seq_len={seq_len} (this run: {self.cfg.data.seq_len}); its data position "
+                                  f"and schedule count in those windows. {advice}")
 
     def load_checkpoint(self, path: str) -> None:
         """Everything of a (verified) checkpoint into this trainer: weights, optimizer, step,
