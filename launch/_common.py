@@ -22,7 +22,7 @@ from model.hf_interop import (
     load_hf_llama,
 )
 from model.llama import Transformer
-from train.full_state import load_model
+from train.checkpoint.full_state import load_model
 
 
 def parse_kv(args: list[str], allowed: dict[str, object]) -> tuple[list[str], dict[str, object]]:

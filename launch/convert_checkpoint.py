@@ -23,74 +23,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 
-import torch
-from omegaconf import OmegaConf
-
-from model.llama import Transformer, param_count
+from model.llama import param_count
 from train import checkpoint as ckpt
-from train.checkpoint import DCP_DIR, storage_format
-from train.full_state import MOMENTS, FullState, read_full_state
-
-def load_full(src: str, with_optimizer: bool) -> tuple[FullState, Transformer]:
-    with torch.device("meta"):
-        model = Transformer(ckpt.read_model_config(src))
-    return read_full_state(src, model, with_optimizer=with_optimizer), model
-
-
-def write_dcp(st: FullState, directory: str) -> None:
-    """The layout the FSDP backend saves: {"model": ..., "optim": {"state": ...}} by parameter name."""
-    import torch.distributed.checkpoint as dcp
-
-    state = {"model": {k: v.contiguous() for k, v in st.model.items()}, "optim": {"state": {}}}
-    for name, m in st.moments.items():
-        state["optim"]["state"][name] = {"step": torch.tensor(float(st.step)),
-                                         **{k: m[k].float().contiguous() for k in MOMENTS}}
-    dcp.save(state, checkpoint_id=os.path.join(directory, DCP_DIR), no_dist=True)
-
-
-def finish(src: str, tmp: str, out: str, meta_updates: dict) -> str:
-    """Carry the trainer state, config and tokenizer over, seal with a manifest, move into place."""
-    ckpt.copy_carried(src, tmp)
-    meta = {k: v for k, v in ckpt.read_meta(src).items() if k not in ("files", "complete", "time")}
-    ckpt.seal(tmp, dict(meta, **meta_updates, converted_from=os.path.abspath(src)))
-    if os.path.exists(out):
-        raise FileExistsError(f"{out} exists; refusing to overwrite")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    os.replace(tmp, out)
-    return out
-
-
-def convert_to_deepspeed(src: str, tmp: str, zero_stage: int, world_size: int) -> None:
-    """Start ``world_size`` local DeepSpeed ranks (gloo on CPU, nccl on GPUs), load the full
-    state through DeepSpeed's public setters and let DeepSpeed write its own shards."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_deepspeed_worker, args=(world_size, port, src, tmp, zero_stage), nprocs=world_size, join=True)
-
-
-def _deepspeed_worker(rank: int, world_size: int, port: int, src: str, tmp: str, zero_stage: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from train.backends.deepspeed import DeepSpeedBackend
-    from train.config import register_configs
-
-    register_configs()
-    cfg = OmegaConf.load(os.path.join(src, ckpt.CONFIG))
-    cfg.backend.name, cfg.backend.zero_stage = "deepspeed", zero_stage
-    cfg.backend.offload_optimizer = cfg.backend.offload_params = False
-    backend = DeepSpeedBackend(cfg)
-    torch.manual_seed(0)
-    backend.setup(Transformer(ckpt.read_model_config(src)))
-    backend.load(src, {"world_size": -1})  # never native: go through the portable full state
-    backend.save(tmp)
-    backend.shutdown()
+from train.checkpoint.convert import convert_to_deepspeed, finish, load_full, write_dcp
+from train.checkpoint.full_state import FullState
 
 
 @_bootstrap.exit_on_checkpoint_error
@@ -106,7 +45,7 @@ def main(argv=None) -> None:
     src = ckpt.resolve(args.checkpoint)
     if not ckpt.is_complete(src):
         sys.exit(f"{src} is not a complete kiln checkpoint")
-    print(f"[kiln] converting {src} ({storage_format(src)}, backend {ckpt.read_meta(src).get('backend')}) "
+    print(f"[kiln] converting {src} ({ckpt.storage_format(src)}, backend {ckpt.read_meta(src).get('backend')}) "
           f"-> {args.to}", flush=True)
     if args.to == "weights":
         st, _ = load_full(src, with_optimizer=False)
@@ -139,7 +78,7 @@ def main(argv=None) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(json.dumps({"out": os.path.abspath(out), "format": storage_format(out), **meta}))
+    print(json.dumps({"out": os.path.abspath(out), "format": ckpt.storage_format(out), **meta}))
 
 
 if __name__ == "__main__":

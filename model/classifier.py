@@ -37,7 +37,7 @@ class TransformerClassifier(Transformer):
 
     @staticmethod
     def extra_parameter_names() -> set[str]:
-        """Parameters a language-model checkpoint does not have (see train.full_state.load_init_weights)."""
+        """Parameters a language-model checkpoint does not have (see train.checkpoint.full_state.load_init_weights)."""
         return {f"{HEAD}.weight"}
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,

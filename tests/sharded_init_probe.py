@@ -12,7 +12,7 @@ import torch  # noqa: E402
 
 from model.llama import Transformer  # noqa: E402
 from tests.conftest import compose  # noqa: E402
-from train.full_state import load_model, named_params  # noqa: E402
+from train.checkpoint.full_state import load_model, named_params  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it

@@ -38,7 +38,7 @@ def plant_dcp_bytes(step, marker) -> None:
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
-    from train.safe_unpickle import load_dcp_metadata
+    from train.checkpoint.safe_unpickle import load_dcp_metadata
 
     meta_path = step / "dcp" / ".metadata"
     meta = load_dcp_metadata(str(meta_path))

@@ -129,7 +129,7 @@ def test_pickle_payload_in_a_checkpoint_is_refused_and_never_runs(runs, poisoned
 
 
 def test_the_restricted_readers_accept_real_native_checkpoints(runs):
-    from train.safe_unpickle import check_deepspeed_files, load_dcp_metadata
+    from train.checkpoint.safe_unpickle import check_deepspeed_files, load_dcp_metadata
 
     meta = load_dcp_metadata(str(runs["root"] / "dcp" / "checkpoints" / "step_00000004" / "dcp" / ".metadata"))
     assert any(k.startswith("model.") for k in meta.state_dict_metadata)

@@ -232,7 +232,7 @@ def convert(*args: str) -> dict:
 def full_state(path: str):
     from model.llama import Transformer
     from train.checkpoint import read_model_config
-    from train.full_state import read_full_state
+    from train.checkpoint.full_state import read_full_state
 
     return read_full_state(path, Transformer(read_model_config(path)))
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from data_pipeline.pipeline import document_stream
 from data_pipeline.tokenizer import Tokenizer
-from train.full_state import load_model
+from train.checkpoint.full_state import load_model
 
 sys.path.insert(0, os.path.join(hf_helpers.REPO, "launch"))
 from _common import TextTokenizer  # noqa: E402

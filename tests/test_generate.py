@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from data_pipeline.tokenizer import Tokenizer
 from model.hf_interop import hf_to_kiln_state_dict, model_config_from_hf
 from model.llama import ModelConfig, Transformer, generate
-from train.full_state import load_model
+from train.checkpoint.full_state import load_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20], [30, 31, 32], [40, 41, 42, 43, 44]]
 

@@ -21,7 +21,7 @@ from data_pipeline.pipeline import document_stream
 from data_pipeline.tokenizer import CHAT_TOKENS, Tokenizer
 from model.hf_interop import UnsupportedModelError, load_hf_llama, model_config_from_hf
 from model.llama import ModelConfig, Transformer
-from train.full_state import load_model
+from train.checkpoint.full_state import load_model
 from train.hf_export import export_hf, parse_size
 
 SAMPLE_WARC = os.path.join(hf_helpers.REPO, "data_pipeline", "assets", "sample.warc.gz")

@@ -59,7 +59,7 @@ def sharded(tmp_path_factory, tokenizer_path):
 
 def test_sft_starts_from_a_zero3_checkpoint_with_its_weights(sharded, tmp_path):
     from train.checkpoint import resolve
-    from train.full_state import read_full_state, storage_format
+    from train.checkpoint.full_state import read_full_state, storage_format
     from train.sft.trainer import SFTTrainer
 
     step = resolve(str(sharded / "zero3"))
@@ -77,7 +77,7 @@ def test_sft_starts_from_a_zero3_checkpoint_with_its_weights(sharded, tmp_path):
 def test_two_process_zero3_lora_from_fsdp_checkpoint_matches_one_process(sharded, tmp_path):
     from safetensors.torch import load_file
 
-    from train.full_state import storage_format
+    from train.checkpoint.full_state import storage_format
     from train.sft.trainer import SFTTrainer
 
     fsdp = str(sharded / "fsdp")

@@ -1,7 +1,7 @@
 """Export a kiln checkpoint as a transformers Llama directory.
 
 The tensor names, the HF config and the tokenizer conversion are ``model/hf_interop.py``'s;
-reading the checkpoint (any backend's format, verified) is ``train/full_state.py``'s. This
+reading the checkpoint (any backend's format, verified) is ``train/checkpoint/full_state.py``'s. This
 module puts them together and writes the directory: sharded safetensors with an index,
 ``config.json``, ``generation_config.json`` and the tokenizer files.
 """
@@ -23,7 +23,7 @@ from model.hf_interop import (
     kiln_to_hf_state_dict,
 )
 from train.checkpoint import CHAT_TEMPLATE
-from train.full_state import load_model
+from train.checkpoint.full_state import load_model
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
 

@@ -45,10 +45,10 @@ from train import checkpoint as ckpt
 from train.activation_checkpointing import apply_activation_checkpointing
 from train.backends import build_backend
 from train.backends.base import RanksDisagree
+from train.checkpoint.full_state import FullState, read_init_weights
 from train.compile import compile_blocks
 from train.config import ConfigError
 from train.data import build_train_stream, data_state, pipeline_steps, restore_stream, validation_batches
-from train.full_state import FullState, read_init_weights
 from train.metrics import MetricsLogger, peak_flops, peak_memory_gb, plot_losses
 from train.optim import lr_at
 from train.sharded_init import builds_deferred, deferred

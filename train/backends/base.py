@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from train.full_state import FullState
+from train.checkpoint.full_state import FullState
 
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:

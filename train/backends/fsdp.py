@@ -30,9 +30,9 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 
 from train.backends.base import Backend, init_distributed
 from train.checkpoint import DCP_DIR, storage_format
-from train.full_state import MOMENTS, FullState, read_full_state
+from train.checkpoint.full_state import MOMENTS, FullState, read_full_state
+from train.checkpoint.safe_unpickle import dcp_load
 from train.optim import build_adamw
-from train.safe_unpickle import dcp_load
 from train.sharded_init import init_fsdp_shards, is_deferred
 
 

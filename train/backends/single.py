@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from train.backends.base import Backend
-from train.full_state import FullState, adamw_export, adamw_import, read_full_state
+from train.checkpoint.full_state import FullState, adamw_export, adamw_import, read_full_state
 from train.optim import build_adamw
 
 

@@ -27,7 +27,7 @@ from model.llama import Transformer
 from model.lora import load_adapter_tensors, merged_state_dict, set_active_adapter
 from train import checkpoint as ckpt
 from train.checkpoint import ADAPTER_CONFIG
-from train.full_state import FullState, load_init_weights, read_adapter_state
+from train.checkpoint.full_state import FullState, load_init_weights, read_adapter_state
 
 
 def adapter_config(step_dir: str) -> dict:

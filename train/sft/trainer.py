@@ -28,9 +28,9 @@ from model.llama import ModelConfig, Transformer, generate
 from model.lora import add_lora, quantize_base_4bit, train_only
 from train import checkpoint as ckpt
 from train.checkpoint import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_OPTIM_FILE, LABELS_FILE
+from train.checkpoint.full_state import FullState, load_weights, read_adapter_state, read_init_weights
 from train.config import ConfigError
 from train.data import GlobalBatchSlicer
-from train.full_state import FullState, load_weights, read_adapter_state, read_init_weights
 from train.metrics import plot_runs
 from train.sft.batches import RowStream, load_sft_data, make_collate, validation_batches
 from train.sft.chat import JINJA_TEMPLATE, TEMPLATE_FILE, control_ids, encode_prompt

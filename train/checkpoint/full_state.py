@@ -124,7 +124,7 @@ def read_adapter_state(directory: str) -> FullState:
 
 
 def _read_dcp(directory: str, param_names: list[str], with_optimizer: bool) -> FullState:
-    from train.safe_unpickle import dcp_load, load_dcp_metadata
+    from train.checkpoint.safe_unpickle import dcp_load, load_dcp_metadata
 
     names = {rel[len(DCP_DIR) + 1:] for rel in listed(directory) if rel.startswith(DCP_DIR + "/")}
     meta = load_dcp_metadata(os.path.join(directory, DCP_DIR, ".metadata"), names)
@@ -156,7 +156,7 @@ def _read_deepspeed(directory: str, shapes: dict, param_names: list[str], with_o
 
     The tool writes one folder per parameter with fp32.pt / exp_avg.pt / exp_avg_sq.pt as
     plain tensors (flattened under ZeRO-3), so they load with weights_only=True."""
-    from train.safe_unpickle import check_deepspeed_files
+    from train.checkpoint.safe_unpickle import check_deepspeed_files
 
     # ds_to_universal unpickles with weights_only=False: only vetted files reach it, in the
     # tag directory the manifest names (verify refuses any file there it does not list)

@@ -1,0 +1,57 @@
+"""The checkpoint directory's names: one owner for every file and directory name kiln
+writes, and for which names are kiln's at all."""
+
+from __future__ import annotations
+
+import os
+import re
+
+META = "meta.json"
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+CONFIG = "config.yaml"
+MODEL_CONFIG = "model_config.yaml"
+TOKENIZER = "tokenizer.model"
+CHAT_TEMPLATE = "chat_template.jinja"
+MODEL_FILE = "model.safetensors"  # full weights (single, ddp, converted)
+OPTIM_FILE = "optimizer.safetensors"  # AdamW moments by parameter name
+DCP_DIR = "dcp"  # fsdp: torch.distributed.checkpoint
+DS_DIR = "deepspeed"  # deepspeed: its own shards
+ADAPTER_FILE = "adapter.safetensors"  # LoRA runs: adapters (and a head) instead of full weights
+ADAPTER_OPTIM_FILE = "adapter_optimizer.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+LABELS_FILE = "labels.json"  # classification runs
+# What travels with the weights whenever a checkpoint is converted or merged.
+CARRIED = (TRAINER_STATE, CONFIG, MODEL_CONFIG, TOKENIZER, CHAT_TEMPLATE)
+HASH = "xxh3_128"
+VERIFY_MODES = ("full", "size", "off")
+STEP_DIR = re.compile(r"^step_(\d{8,})$")
+# The exact names of what kiln's own saves leave behind when interrupted (begin, commit's
+# replacement of a re-saved step, the atomic ``latest``): nothing else is ever cleaned.
+TEMP_NAME = re.compile(r"^(\.tmp-step_\d{8,}|\.latest\.tmp\d+|step_\d{8,}\.old\d+)$")
+DS_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the directory and the file."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """No kiln checkpoint at all where one was expected."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(step, path) of every ``step_N`` directory under ``root``, oldest first. Only the
+    canonical name of a step counts (``step_dir_name``), with any number of digits past 8."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = STEP_DIR.match(name)
+        if m and name == step_dir_name(int(m.group(1))):
+            out.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(out)
