@@ -105,7 +105,7 @@ def test_crash_during_save_leaves_the_last_good_checkpoint(tiny_cfg, monkeypatch
     trainer, _ = run(tiny_cfg("train.max_steps=2", "checkpoint.every=2", "train.eval_every=0"))
     good = ckpt.find_latest(trainer.ckpt_root)
 
-    def boom(directory):
+    def boom(directory, background=False):
         with open(os.path.join(directory, "model.safetensors"), "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")

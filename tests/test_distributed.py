@@ -46,6 +46,11 @@ BACKENDS = {  # name: (launcher, overrides, what the header must say)
     "zero1": ("deepspeed", ["backend=deepspeed", "backend.zero_stage=1"], "backend=deepspeed"),
     "zero2": ("deepspeed", [], "backend=deepspeed (auto: deepspeed started 2 processes; ZeRO stage 2"),
     "zero3": ("deepspeed", ["backend=deepspeed", "backend.zero_stage=3", "model.loss_chunk=48"], "backend=deepspeed"),
+    # checkpoint.async_save: DCP's async_save under FSDP; under ZeRO the hashing and commit
+    # run in the background. Their checkpoints must resume exactly like the synchronous ones.
+    "fsdp_async": ("torchrun", ["backend=fsdp", "model.loss_chunk=48", "checkpoint.async_save=true"],
+                   "backend=fsdp (set in the config)"),
+    "zero2_async": ("deepspeed", ["checkpoint.async_save=true"], "backend=deepspeed (auto: deepspeed started 2"),
 }
 
 

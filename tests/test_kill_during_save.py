@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import REPO
 
 ARGS = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
@@ -29,8 +31,9 @@ def logged_losses(run_dir) -> dict[int, list[float]]:
     return out
 
 
-def test_kill_9_during_a_save_resumes_bit_exact(tmp_path, tokenizer_path):
-    common = ARGS + [f"tokenizer.path={tokenizer_path}"]
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_kill_9_during_a_save_resumes_bit_exact(tmp_path, tokenizer_path, async_save):
+    common = ARGS + [f"tokenizer.path={tokenizer_path}", f"checkpoint.async_save={async_save}"]
     straight = tmp_path / "straight"
     subprocess.run([sys.executable, "launch/pretrain.py", *common, f"run_dir={straight}"], cwd=REPO, env=ENV,
                    check=True, capture_output=True, timeout=600)

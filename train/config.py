@@ -94,6 +94,11 @@ class CheckpointConfig:
     # Check a checkpoint against its manifest before reading it (resume, init_from, tools):
     # full (sizes and content checksums), size (sizes only), off.
     verify: str = "full"
+    # Write checkpoints in the background: training goes on while the files are written,
+    # fsynced and hashed, and the checkpoint is committed (renamed, ``latest`` moved) only
+    # once every file is durable. FSDP: DCP async_save; single/DDP: a host copy written by
+    # a thread; DeepSpeed writes synchronously, and only hashing and commit move.
+    async_save: bool = False
 
 
 @dataclass

@@ -46,6 +46,7 @@ from train.activation_checkpointing import apply_activation_checkpointing
 from train.backends import build_backend
 from train.backends.base import RanksDisagree
 from train.checkpoint.full_state import FullState, read_init_weights
+from train.checkpoint.manager import CheckpointManager
 from train.compile import compile_blocks
 from train.config import ConfigError
 from train.data import build_train_stream, data_state, pipeline_steps, restore_stream, validation_batches
@@ -162,6 +163,9 @@ class Trainer:
         self.run_dir = cfg.run_dir
         os.makedirs(self.run_dir, exist_ok=True)
         self.ckpt_root = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+        self.checkpoints = CheckpointManager(b, self.ckpt_root, str(cfg.checkpoint.verify),
+                                             int(cfg.checkpoint.keep_last), bool(cfg.checkpoint.async_save))
+        self.logger = None  # the run's MetricsLogger while fit() runs
         self.last_checkpoint: Optional[str] = None  # written or resumed from by this process
         # optimizer step -> global batches discarded before it (train.nan_policy=rollback)
         self.skipped_batches: dict[int, int] = {}
@@ -238,9 +242,10 @@ class Trainer:
         return {**source, "parameters": total, "trainable_parameters": trained,
                 "trainable_share": trained / max(total, 1)}
 
-    def save_model_state(self, directory: str) -> None:
-        """Weights and optimizer into a checkpoint being written (all ranks call)."""
-        self.backend.save(directory)
+    def save_model_state(self, directory: str, background: bool = False):
+        """Weights and optimizer into a checkpoint being written (all ranks call); returns
+        the backend's ``Writing``."""
+        return self.backend.save(directory, background)
 
     def load_model_state(self, directory: str, meta: dict) -> None:
         self.backend.load(directory, meta)
@@ -249,41 +254,11 @@ class Trainer:
         """Rank 0 adds task files (chat template, adapter config, ...) to a checkpoint."""
 
     # -- checkpoints ----------------------------------------------------------------------
-    def resume_point(self) -> Optional[str]:
-        """The checkpoint to continue from: ``resume=<dir>`` as given, or with ``resume=auto``
-        the newest under the checkpoint root that verifies (``checkpoint.verify``); the ones
-        skipped are printed with the reason. Checkpoints that exist but none verifies stop
-        the run: starting afresh over them takes ``resume=none``."""
-        r, mode = str(self.cfg.resume), str(self.cfg.checkpoint.verify)
-        if r == "none":
-            return None
-        if r != "auto":
-            return ckpt.resolve(r, mode)
-        path, skipped = ckpt.select(self.ckpt_root, mode)
-        if skipped and path is None:
-            raise ckpt.CheckpointError(
-                f"resume=auto: {len(skipped)} checkpoint(s) under {self.ckpt_root}, and none verifies:\n"
-                f"{ckpt.describe_skipped(skipped)}\nNothing was changed. Restore them, resume from another "
-                "one with resume=<dir>, or start afresh with resume=none (its checkpoints replace these).")
-        if skipped:
-            print(f"[kiln] resume: skipped {len(skipped)} newer checkpoint(s) that do not verify:\n"
-                  f"{ckpt.describe_skipped(skipped)}\n[kiln] resume: continuing from {path}", flush=True)
-        return path
-
     def resume(self) -> Optional[str]:
+        """Continue from ``resume`` (auto: the newest checkpoint that verifies, every rank
+        hashing its share), after checking that this run's settings fit what it holds."""
         b = self.backend
-        found = None
-        if b.is_main:  # one rank reads and hashes the files; the others are told the outcome
-            try:
-                found = ("ok", self.resume_point())
-            except ckpt.CheckpointError as e:
-                found = ("error", str(e))
-            else:  # only a start that goes ahead touches the checkpoint root
-                for stale in ckpt.clean_stale(self.ckpt_root):
-                    print(f"[kiln] removed {stale}, left by an interrupted save", flush=True)
-        status, path = b.broadcast_object(found)
-        if status == "error":
-            raise ckpt.CheckpointError(path)
+        path = self.checkpoints.resume_point(str(self.cfg.resume))
         b.agree("whether the checkpoint to resume from is visible (is checkpoint.dir on a file system every "
                 "node sees?)", path is None or os.path.isdir(path))
         if path is None:
@@ -334,33 +309,49 @@ class Trainer:
                 raise ckpt.CheckpointError(f"{os.path.join(path, ckpt.TRAINER_STATE)}: field 'rng' of rank "
                                            f"{self.backend.rank} is not an RNG state ({type(e).__name__}: {e})") from None
 
-    def save(self) -> str:
+    def save(self) -> Optional[str]:
+        """Checkpoint the current step (every rank). Synchronous: returns the committed
+        directory. ``checkpoint.async_save``: returns None once the state is copied out,
+        and ``saved`` reports the commit later (``poll_save`` each step)."""
         b, cfg = self.backend, self.cfg
+        self.finish_save()  # one save in flight at a time
         b.agree("the step being checkpointed", self.state.step)
-        tmp = ckpt.begin(self.ckpt_root, self.state.step) if b.is_main else None
-        tmp = b.broadcast_object(tmp)
-        self.save_model_state(tmp)
         data_states = data_state(self.train_batches, b)
         rngs = b.all_gather_object(ckpt.rng_state())
-        b.barrier()
-        final = None
-        if b.is_main:
-            ckpt.write_json_atomic(os.path.join(tmp, ckpt.TRAINER_STATE),
-                                   {"step": self.state.step, "tokens": self.state.tokens,
-                                    "data": data_states, "rng": rngs,
-                                    "skipped_batches": {str(k): v for k, v in self.skipped_batches.items()}})
+        trainer_state = {"step": self.state.step, "tokens": self.state.tokens, "data": data_states, "rng": rngs,
+                         "skipped_batches": {str(k): v for k, v in self.skipped_batches.items()}}
+
+        def write_files(tmp: str) -> None:  # rank 0's small files
+            ckpt.write_json_atomic(os.path.join(tmp, ckpt.TRAINER_STATE), trainer_state)
             OmegaConf.save(cfg, os.path.join(tmp, ckpt.CONFIG), resolve=True)
             OmegaConf.save(OmegaConf.structured(self.model_cfg), os.path.join(tmp, ckpt.MODEL_CONFIG))
             shutil.copyfile(self.tokenizer.path, os.path.join(tmp, ckpt.TOKENIZER))
             self.write_extra_files(tmp)
-            meta = {"backend": b.name, "zero_stage": int(cfg.backend.zero_stage), "world_size": b.world_size,
-                    "data_parallel_size": b.data_parallel_size, "tokens": self.state.tokens,
-                    "model": OmegaConf.to_container(OmegaConf.structured(self.model_cfg)),
-                    "provenance": self.provenance}
-            final = ckpt.commit(self.ckpt_root, tmp, self.state.step, meta, cfg.checkpoint.keep_last,
-                                str(cfg.checkpoint.verify))
-        b.barrier()
-        return b.broadcast_object(final)
+
+        meta = {"backend": b.name, "zero_stage": int(cfg.backend.zero_stage), "world_size": b.world_size,
+                "data_parallel_size": b.data_parallel_size, "tokens": self.state.tokens,
+                "model": OmegaConf.to_container(OmegaConf.structured(self.model_cfg)), "provenance": self.provenance}
+        self.checkpoints.start(self.state.step, self.save_model_state, write_files, meta)
+        return None if cfg.checkpoint.async_save else self.finish_save()
+
+    def finish_save(self) -> Optional[str]:
+        """Wait for the save in flight, if any, and report its commit."""
+        return self.saved(self.checkpoints.wait())
+
+    def poll_save(self) -> Optional[str]:
+        """Commit the save in flight if every rank has finished writing it (one small
+        collective per step while a save is in flight; none otherwise)."""
+        return self.saved(self.checkpoints.poll())
+
+    def saved(self, committed) -> Optional[str]:
+        if committed is None:
+            return None
+        path, stats = committed
+        self.last_checkpoint = path
+        if self.backend.is_main and self.logger is not None:
+            self.logger.log(stats["step"], {"checkpoint": path, **{k: v for k, v in stats.items() if k != "step"}},
+                            kind="checkpoint")
+        return path
 
     # -- evaluation -------------------------------------------------------------------------
     def autocast(self):
@@ -453,7 +444,7 @@ class Trainer:
         resumed = self.last_checkpoint = self.resume()
         if b.is_main:
             self._print_header(resumed)
-        logger = MetricsLogger(cfg, self.run_dir, b.is_main, t.max_steps, self.state.step)
+        logger = self.logger = MetricsLogger(cfg, self.run_dir, b.is_main, t.max_steps, self.state.step)
         logger.log(self.state.step, {**self.provenance, "resumed_from": resumed}, kind="run")
         result = {"resumed_from": resumed, "start_step": self.state.step, "losses": {}, "val_losses": {}}
         if self.state.step >= t.max_steps:
@@ -528,18 +519,20 @@ class Trainer:
             if eval_now:
                 self._evaluate_and_log(step, logger, result)
             if save_now:
-                path = self.last_checkpoint = self.save()
+                self.save()
                 last_ckpt_step = step
-                if b.is_main:
-                    logger.log(step, {"checkpoint": path}, kind="checkpoint")
+            self.poll_save()
             paused += time.perf_counter() - t_pause
             if stop_now:
                 if last_ckpt_step != step:
-                    self.last_checkpoint = self.save()
+                    self.save()
+                self.finish_save()
                 if b.is_main:
                     print(f"[kiln] stop requested: checkpointed at step {step}", flush=True)
                 result["stopped"] = True
                 break
+        self.finish_save()
+        self.logger = None
         logger.close()
         if hasattr(self.train_batches, "close"):  # background data workers
             self.train_batches.close()
@@ -562,6 +555,7 @@ class Trainer:
         (it was verified when written or resumed), record that the global batch of this step
         is skipped -- the count travels in later checkpoints, so a resumed run skips the same
         batches -- and continue; replaying the steps in between is exact."""
+        self.finish_save()  # a save in flight predates the bad step: it becomes the rollback point
         t = self.cfg.train
         source = (f"the last checkpoint of this run, {self.last_checkpoint}, is untouched (resuming from it "
                   "repeats the same steps)" if self.last_checkpoint else "no checkpoint was written or resumed by "

@@ -64,6 +64,34 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class Writing:
+    """A rank's write of its checkpoint files, finished or still running in a background
+    thread (``future``); ``wait`` re-raises the writer's error."""
+
+    def __init__(self, future=None):
+        self.future = future
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def wait(self) -> None:
+        if self.future is not None:
+            self.future.result()
+
+
+_writer = None
+
+
+def background_writer():
+    """The one thread that writes checkpoint files in the background (one save at a time)."""
+    global _writer
+    if _writer is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-ckpt")
+    return _writer
+
+
 class RanksDisagree(RuntimeError):
     """Ranks reached the same collective with different work (see ``Backend.agree``)."""
 
@@ -232,8 +260,11 @@ class Backend:
         return values[0]
 
     # -- checkpoints ------------------------------------------------------------------
-    def save(self, directory: str) -> None:
-        """Write this backend's model+optimizer state into ``directory`` (all ranks call)."""
+    def save(self, directory: str, background: bool = False) -> Writing:
+        """Write this backend's model+optimizer state into ``directory`` (all ranks call).
+        ``background``: return as soon as the state is copied out of the training tensors,
+        the files being written while training goes on (where the backend can); the
+        returned ``Writing`` says when this rank's files are complete."""
         raise NotImplementedError
 
     def load(self, directory: str, meta: dict) -> None:

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from train.backends.base import Backend
+from train.backends.base import Backend, Writing
 from train.checkpoint import DS_DIR, deepspeed_tag, ds_files, storage_format
 from train.checkpoint.full_state import MOMENTS, FullState, adamw_step, named_params, read_full_state
 from train.checkpoint.safe_unpickle import check_deepspeed_files
@@ -148,8 +148,12 @@ class DeepSpeedBackend(Backend):
         return float(norm) if norm is not None else float("nan")
 
     # -- checkpoints ------------------------------------------------------------------------
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, background: bool = False) -> Writing:
+        """DeepSpeed writes its files synchronously (its asynchronous engines need NVMe
+        libaio or Nebula); with ``background`` kiln still hashes and commits them in the
+        background."""
         self.engine.save_checkpoint(os.path.join(directory, DS_DIR), tag="ckpt", save_latest=True)
+        return Writing()
 
     def load(self, directory: str, meta: dict) -> None:
         native = (storage_format(directory) == "deepspeed" and meta.get("world_size") == self.world_size

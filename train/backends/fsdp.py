@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-from train.backends.base import Backend, init_distributed
+from train.backends.base import Backend, Writing, init_distributed
 from train.checkpoint import DCP_DIR, storage_format
 from train.checkpoint.full_state import MOMENTS, FullState, read_full_state
 from train.checkpoint.safe_unpickle import dcp_load
@@ -42,6 +42,7 @@ class FSDPBackend(Backend):
     def __init__(self, cfg):
         super().__init__(cfg)
         init_distributed(self, required=True)  # the device mesh needs a group, even of one process
+        self._ckpt_group = None  # background checkpoint writes: made at the first one
 
     def _mesh(self):
         dev = self.device.type
@@ -74,11 +75,20 @@ class FSDPBackend(Backend):
         self.optimizer = build_adamw(model, self.cfg.optim, opt_device)
 
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, background: bool = False) -> Writing:
         msd, osd = get_state_dict(self.model, self.optimizer)
         # Tensors only: AdamW's hyperparameters come from the config on load, and a DCP
         # checkpoint without bytes entries is one that loads without unpickling data.
-        dcp.save({"model": msd, "optim": {"state": osd["state"]}}, checkpoint_id=os.path.join(directory, DCP_DIR))
+        state = {"model": msd, "optim": {"state": osd["state"]}}
+        path = os.path.join(directory, DCP_DIR)
+        if not background:
+            dcp.save(state, checkpoint_id=path)
+            return Writing()
+        # DCP stages the shards into host memory, then writes them from a thread whose
+        # collectives use a group of their own (never the training stream's).
+        if self._ckpt_group is None:
+            self._ckpt_group = dist.new_group(backend="gloo")
+        return Writing(dcp.async_save(state, checkpoint_id=path, process_group=self._ckpt_group))
 
     def load(self, directory: str, meta: dict) -> None:
         if storage_format(directory) == "dcp":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from train.backends.base import Backend
+from train.backends.base import Backend, Writing, background_writer
 from train.checkpoint.full_state import FullState, adamw_export, adamw_import, read_full_state
 from train.optim import build_adamw
 
@@ -37,9 +37,16 @@ class SingleBackend(Backend):
             self.raw_model.load_state_dict(st.model)
         adamw_import(self.raw_model, self.optimizer, st.moments, st.step)
 
-    def save(self, directory: str) -> None:
-        if self.is_main:
-            self.export_full().save(directory)
+    def save(self, directory: str, background: bool = False) -> Writing:
+        if not self.is_main:
+            return Writing()
+        st = self.export_full()
+        if not background:
+            st.save(directory)
+            return Writing()
+        # A host copy first (state_dict aliases the live parameters), then the thread writes it.
+        st.model = {k: v.detach().to("cpu", copy=True) for k, v in st.model.items()}
+        return Writing(background_writer().submit(st.save, directory))
 
     def load(self, directory: str, meta: dict) -> None:
         self.import_full(self.on_main(f"reading {directory}", lambda: read_full_state(directory, self.raw_model)))

@@ -29,6 +29,8 @@ STEP_DIR = re.compile(r"^step_(\d{8,})$")
 # The exact names of what kiln's own saves leave behind when interrupted (begin, commit's
 # replacement of a re-saved step, the atomic ``latest``): nothing else is ever cleaned.
 TEMP_NAME = re.compile(r"^(\.tmp-step_\d{8,}|\.latest\.tmp\d+|step_\d{8,}\.old\d+)$")
+# Files a rank writes for itself: DCP's ``__R_N.distcp``, DeepSpeed's ``*zero_pp_rank_R_*``.
+WRITER = re.compile(r"(?:^|/)__(\d+)_\d+\.distcp$|zero_pp_rank_(\d+)_")
 DS_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -55,3 +57,9 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
         if m and name == step_dir_name(int(m.group(1))):
             out.append((int(m.group(1)), os.path.join(root, name)))
     return sorted(out)
+
+
+def writer_rank(rel: str) -> int | None:
+    """The rank that writes ``rel`` (a file of its own shard), None for rank 0's shared files."""
+    m = WRITER.search(rel)
+    return int(m.group(1) or m.group(2)) if m else None

@@ -36,20 +36,32 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def manifest(directory: str) -> dict[str, dict]:
-    """Relative path -> {size, xxh3_128} of every file under ``directory`` (except meta.json),
-    each fsynced first so that the manifest never describes data still in the page cache only."""
-    out = {}
+def files_of(directory: str) -> list[str]:
+    """Relative paths of the files under ``directory`` (links not followed), but meta.json."""
+    out = []
     for root, _, files in os.walk(directory):
         for f in files:
-            path = os.path.join(root, f)
-            rel = os.path.relpath(path, directory)
-            if rel == META:
-                continue
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-            out[rel] = {"size": os.path.getsize(path), HASH: file_digest(path)}
+            rel = os.path.relpath(os.path.join(root, f), directory)
+            if rel != META:
+                out.append(rel)
+    return sorted(out)
+
+
+def hash_entries(directory: str, rels: list[str]) -> dict[str, dict]:
+    """rel -> {size, xxh3_128} of these files, each fsynced first so that the manifest never
+    describes data still in the page cache only."""
+    out = {}
+    for rel in rels:
+        path = os.path.join(directory, rel)
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+        out[rel] = {"size": os.path.getsize(path), HASH: file_digest(path)}
     return out
+
+
+def manifest(directory: str) -> dict[str, dict]:
+    """Every file under ``directory`` (except meta.json), hashed in this process."""
+    return hash_entries(directory, files_of(directory))
 
 
 def _manifest_path_problem(rel) -> Optional[str]:
@@ -103,10 +115,11 @@ def structure_problems(path: str, files: dict) -> list[str]:
     return problems
 
 
-def verify(path: str, mode: str = "full") -> list[str]:
+def verify(path: str, mode: str = "full", hash_files=None) -> list[str]:
     """What is wrong with the checkpoint at ``path`` (empty: it is sound). ``mode``: full
     (sizes and content checksums), size (sizes only), off (neither). The structure is
-    checked in every mode (``structure_problems``): it costs one directory listing."""
+    checked in every mode (``structure_problems``): it costs one directory listing.
+    ``hash_files`` (paths -> checksums) may share the hashing among ranks."""
     if mode not in VERIFY_MODES:
         raise ValueError(f"unknown verify mode {mode!r}")
     if os.path.islink(os.path.join(path, META)):
@@ -124,6 +137,7 @@ def verify(path: str, mode: str = "full") -> list[str]:
     problems = structure_problems(path, meta["files"])
     if problems or mode == "off":
         return problems
+    to_hash = {}
     for rel, want in meta["files"].items():
         p = os.path.join(path, rel)
         want = want if isinstance(want, dict) else {"size": want}  # manifests before checksums: sizes only
@@ -131,9 +145,18 @@ def verify(path: str, mode: str = "full") -> list[str]:
             problems.append(f"{p}: missing")
         elif os.path.getsize(p) != want.get("size"):
             problems.append(f"{p}: {os.path.getsize(p)} bytes, the manifest says {want.get('size')}")
-        elif mode == "full" and HASH in want and file_digest(p) != want[HASH]:
-            problems.append(f"{p}: content checksum differs from the manifest (corrupted after it was written)")
+        elif mode == "full" and HASH in want:
+            to_hash[p] = want[HASH]
+    if to_hash and not problems:
+        got = (hash_files or local_hashes)(sorted(to_hash))
+        problems += [f"{p}: content checksum differs from the manifest (corrupted after it was written)"
+                     for p in sorted(to_hash) if got.get(p) != to_hash[p]]
     return problems
+
+
+def local_hashes(paths: list[str]) -> dict[str, str]:
+    """path -> content checksum, computed in this process."""
+    return {p: file_digest(p) for p in paths}
 
 
 def listed(path: str) -> dict[str, dict]:

@@ -22,7 +22,7 @@ from train.checkpoint.layout import (
     list_checkpoints,
     step_dir_name,
 )
-from train.checkpoint.manifest import manifest, verify
+from train.checkpoint.manifest import files_of, hash_entries, verify
 
 
 def _fsync_dir(path: str) -> None:
@@ -57,10 +57,18 @@ def begin(root: str, step: int) -> str:
     return tmp
 
 
-def seal(directory: str, meta: dict) -> None:
+def seal(directory: str, meta: dict, files: Optional[dict] = None) -> None:
     """Write ``meta`` with the manifest of ``directory`` as its last file (the mark of a
-    complete checkpoint); ``meta`` must hold ``step``."""
-    meta = dict(meta, files=manifest(directory), complete=True, time=time.time())
+    complete checkpoint); ``meta`` must hold ``step``. ``files``: the entries the ranks
+    hashed, each its own files; any file on disk they did not cover is hashed here, and an
+    entry for a file that is not there is an error."""
+    on_disk = files_of(directory)
+    files = dict(files or {})
+    gone = sorted(set(files) - set(on_disk))
+    if gone:
+        raise CheckpointError(f"{directory}: hashed files that are not there: {gone[:5]}")
+    files.update(hash_entries(directory, [rel for rel in on_disk if rel not in files]))
+    meta = dict(meta, files=files, complete=True, time=time.time())
     write_json_atomic(os.path.join(directory, META), meta)
     _fsync_dir(directory)
 
@@ -72,10 +80,11 @@ def copy_carried(src: str, dst: str, names=CARRIED) -> None:
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
-def commit(root: str, tmp: str, step: int, meta: dict, keep_last: int, verify_mode: str = "full") -> str:
-    """Seal ``tmp`` with a manifest, move it into place, point ``latest`` at it, prune
-    (checking older checkpoints with ``verify_mode``)."""
-    seal(tmp, dict(meta, step=step))
+def commit(root: str, tmp: str, step: int, meta: dict, keep_last: int, verify_mode: str = "full",
+           files: Optional[dict] = None) -> str:
+    """Seal ``tmp`` with a manifest (``files``: entries already hashed), move it into place,
+    point ``latest`` at it, prune (checking older checkpoints with ``verify_mode``)."""
+    seal(tmp, dict(meta, step=step), files)
     final = os.path.join(root, step_dir_name(step))
     if os.path.exists(final):  # re-saving the same step (e.g. resumed then stopped at once)
         old = final + f".old{os.getpid()}"
@@ -127,13 +136,13 @@ def _verifies(path: str, mode: str) -> bool:
     return ok
 
 
-def select(root: str, mode: str = "full") -> tuple[Optional[str], list[tuple[str, list[str]]]]:
+def select(root: str, mode: str = "full", hash_files=None) -> tuple[Optional[str], list[tuple[str, list[str]]]]:
     """(the newest checkpoint under ``root`` that verifies, or None; [(newer checkpoint
     skipped, its problems)]). ``latest`` only names the newest complete save; the step
     directories themselves decide."""
     skipped = []
     for _, path in reversed(list_checkpoints(root)):
-        problems = verify(path, mode)
+        problems = verify(path, mode, hash_files)
         if not problems:
             if mode == "full":
                 _mark_verified(path)
@@ -147,14 +156,14 @@ def find_latest(root: str, mode: str = "size") -> Optional[str]:
     return select(root, mode)[0]
 
 
-def resolve(path: str, mode: str = "full") -> str:
+def resolve(path: str, mode: str = "full", hash_files=None) -> str:
     """The step directory to read from ``path``: a step directory (checked as it is), or a
     checkpoints root or run directory (its newest checkpoint that verifies; newer ones that
     do not are reported on stderr). Raises CheckpointError naming what is wrong."""
 
     path = os.path.abspath(path)
     if os.path.lexists(os.path.join(path, META)):
-        problems = verify(path, mode)
+        problems = verify(path, mode, hash_files)
         if problems:
             raise CheckpointError(f"checkpoint {path} does not verify:\n" + "\n".join(f"  {p}" for p in problems))
         if mode == "full":
@@ -168,7 +177,7 @@ def resolve(path: str, mode: str = "full") -> str:
             raise CheckpointError(f"{path}: {links or 'the directory'} is a symbolic link; refusing to read it")
         return path
     for root in (path, os.path.join(path, "checkpoints")):
-        found, skipped = select(root, mode)
+        found, skipped = select(root, mode, hash_files)
         if skipped:
             if found is None:
                 raise CheckpointError(f"no checkpoint under {root} verifies:\n{describe_skipped(skipped)}")

@@ -27,6 +27,7 @@ from model.classifier import HEAD, TransformerClassifier
 from model.llama import ModelConfig, Transformer, generate
 from model.lora import add_lora, quantize_base_4bit, train_only
 from train import checkpoint as ckpt
+from train.backends.base import Writing
 from train.checkpoint import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_OPTIM_FILE, LABELS_FILE
 from train.checkpoint.full_state import FullState, load_weights, read_adapter_state, read_init_weights
 from train.config import ConfigError
@@ -142,14 +143,15 @@ class SFTTrainer(Trainer):
         return train, val
 
     # -- checkpoints ------------------------------------------------------------------------
-    def save_model_state(self, directory: str) -> None:
+    def save_model_state(self, directory: str, background: bool = False) -> Writing:
         if not self.lora:
-            return super().save_model_state(directory)
+            return super().save_model_state(directory, background)
         st = self.backend.export_full(trainable_only=True)  # every rank: gathering is collective under ZeRO-3/FSDP
         if self.backend.is_main:
             if not st.model:
                 raise RuntimeError("LoRA checkpoint: the backend returned no trained parameter")
-            st.save(directory, ADAPTER_FILE, ADAPTER_OPTIM_FILE)
+            st.save(directory, ADAPTER_FILE, ADAPTER_OPTIM_FILE)  # adapters are small: written at once
+        return Writing()
 
     def load_model_state(self, directory: str, meta: dict) -> None:
         if not self.lora:

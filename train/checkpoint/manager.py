@@ -1,0 +1,196 @@
+"""A run's checkpoints across ranks: where it resumes from, and saves that do not stall
+training.
+
+Saving has two halves. ``start`` (every rank, on the training thread) takes the step's
+small state (trainer state, config, tokenizer: rank 0 writes them at once) and has the
+backend write the weights and optimizer, in the background where ``background`` is on
+and the backend can (DCP's ``async_save`` under FSDP, a host copy written by a thread under
+single/DDP; DeepSpeed writes synchronously). Each rank then fsyncs and hashes the files it
+wrote, in a thread of its own, so no rank hashes another's shards. ``poll`` (every rank,
+once per step while a save is in flight: one small collective) commits when every rank is
+done: rank 0 merges the ranks' manifest entries, writes meta.json, renames the directory
+into place, moves ``latest`` and prunes. Until that commit the previous checkpoint stays
+the resume point, so a crash or ``kill -9`` at any moment of a save loses only that save.
+
+Resuming verifies the chosen checkpoint the same way: rank 0 decides, and every rank
+hashes its share of the files (``SharedHashing``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Optional
+
+from train.checkpoint.layout import CheckpointError, writer_rank
+from train.checkpoint.manifest import file_digest, files_of, hash_entries
+from train.checkpoint.store import begin, clean_stale, commit, describe_skipped, resolve, select
+
+
+def share_of(rels: list[str], sizes: list[int], world: int) -> list[int]:
+    """The rank that hashes each file: its writer where the name says (``writer_rank``),
+    else the least-loaded rank so far, largest files first."""
+    owner = [-1] * len(rels)
+    load = [0] * world
+    for i, rel in enumerate(rels):
+        r = writer_rank(rel)
+        if r is not None:
+            owner[i] = r % world
+            load[owner[i]] += sizes[i]
+    for i in sorted(range(len(rels)), key=lambda i: -sizes[i]):
+        if owner[i] < 0:
+            owner[i] = min(range(world), key=lambda r: load[r])
+            load[owner[i]] += sizes[i]
+    return owner
+
+
+class SharedHashing:
+    """Checksums of files computed by every rank, each its share: rank 0 calls it (as the
+    ``hash_files`` of ``verify``/``select``/``resolve``) while the other ranks ``serve``;
+    rank 0's ``close`` ends the serving."""
+
+    def __init__(self, backend):
+        self.b = backend
+
+    def __call__(self, paths: list[str]) -> dict[str, str]:
+        return self._round(self.b.broadcast_object(list(paths)))
+
+    def _round(self, paths: list[str]) -> dict[str, str]:
+        owner = share_of(paths, [os.path.getsize(p) for p in paths], self.b.world_size)
+        mine = {p: file_digest(p) for p, r in zip(paths, owner) if r == self.b.rank}
+        merged: dict[str, str] = {}
+        for part in self.b.all_gather_object(mine):
+            merged.update(part)
+        return merged
+
+    def serve(self) -> None:
+        while (paths := self.b.broadcast_object(None)) is not None:
+            self._round(paths)
+
+    def close(self) -> None:
+        self.b.broadcast_object(None)
+
+
+@dataclass
+class _Pending:
+    step: int
+    tmp: str
+    meta: dict
+    hashed: object  # Future of this rank's manifest entries
+    started: float
+    blocked_s: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+
+class CheckpointManager:
+    """The checkpoints under ``root`` of one run, for every rank of it."""
+
+    def __init__(self, backend, root: str, verify_mode: str, keep_last: int, background: bool):
+        self.b, self.root = backend, root
+        self.verify_mode, self.keep_last, self.background = verify_mode, keep_last, background
+        self.pending: Optional[_Pending] = None
+        self._hasher = None
+
+    # -- resume -----------------------------------------------------------------------
+    def resume_point(self, resume: str) -> Optional[str]:
+        """The checkpoint to continue from (every rank calls; every rank gets the same path
+        or the same CheckpointError): ``resume=<dir>`` as given, or with ``auto`` the newest
+        under the root that verifies, those skipped printed with the reason. Only a start
+        that goes ahead cleans the root of interrupted saves."""
+        b = self.b
+        hashing = SharedHashing(b)
+        if not b.is_main:
+            hashing.serve()
+            status, value = b.broadcast_object(None)
+        else:
+            try:
+                found = ("ok", self._choose(resume, hashing))
+            except CheckpointError as e:
+                found = ("error", str(e))
+            finally:
+                hashing.close()
+            if found[0] == "ok":
+                for stale in clean_stale(self.root):
+                    print(f"[kiln] removed {stale}, left by an interrupted save", flush=True)
+            status, value = b.broadcast_object(found)
+        if status == "error":
+            raise CheckpointError(value)
+        return value
+
+    def _choose(self, resume: str, hashing: SharedHashing) -> Optional[str]:
+        if resume == "none":
+            return None
+        if resume != "auto":
+            return resolve(resume, self.verify_mode, hashing)
+        path, skipped = select(self.root, self.verify_mode, hashing)
+        if skipped and path is None:
+            raise CheckpointError(
+                f"resume=auto: {len(skipped)} checkpoint(s) under {self.root}, and none verifies:\n"
+                f"{describe_skipped(skipped)}\nNothing was changed. Restore them, resume from another "
+                "one with resume=<dir>, or start afresh with resume=none (its checkpoints replace these).")
+        if skipped:
+            print(f"[kiln] resume: skipped {len(skipped)} newer checkpoint(s) that do not verify:\n"
+                  f"{describe_skipped(skipped)}\n[kiln] resume: continuing from {path}", flush=True)
+        return path
+
+    # -- saving -----------------------------------------------------------------------
+    def start(self, step: int, write_state: Callable, write_files: Callable[[str], None], meta: dict) -> None:
+        """Begin the save of ``step`` (every rank): ``write_state(tmp, background)`` is the
+        backend's write (returns a ``Writing``), ``write_files(tmp)`` rank 0's small files.
+        A save still in flight is finished first: one at a time."""
+        self.wait()
+        b = self.b
+        t0 = time.perf_counter()
+        tmp = b.broadcast_object(begin(self.root, step) if b.is_main else None)
+        writing = write_state(tmp, self.background)
+        if b.is_main:
+            write_files(tmp)
+        from train.backends.base import background_writer
+
+        def hash_mine() -> tuple[dict, float]:
+            writing.wait()
+            h0 = time.perf_counter()
+            # This rank's own shards; rank 0 also takes every shared file (it wrote them).
+            mine = [rel for rel in files_of(tmp) if (writer_rank(rel) or 0) % b.world_size == b.rank]
+            return hash_entries(tmp, mine), time.perf_counter() - h0
+
+        hashed = background_writer().submit(hash_mine)
+        self.pending = _Pending(step, tmp, dict(meta), hashed, t0)
+        self.pending.blocked_s = time.perf_counter() - t0
+
+    def poll(self) -> Optional[tuple[str, dict]]:
+        """Commit the save in flight if every rank has written and hashed its files (every
+        rank calls); returns (committed path, stats) or None."""
+        if self.pending is None:
+            return None
+        if not all(self.b.all_gather_object(self.pending.hashed.done())):
+            return None
+        return self._commit()
+
+    def wait(self) -> Optional[tuple[str, dict]]:
+        """Finish the save in flight, if any (every rank calls)."""
+        if self.pending is None:
+            return None
+        t0 = time.perf_counter()
+        self.pending.hashed.result()
+        self.pending.blocked_s += time.perf_counter() - t0
+        return self._commit()
+
+    def _commit(self) -> tuple[str, dict]:
+        p, b = self.pending, self.b
+        self.pending = None
+        t0 = time.perf_counter()
+        entries, hash_s = p.hashed.result()  # re-raises a writer's error on its own rank
+        parts = b.all_gather_object((entries, hash_s))
+        final = None
+        if b.is_main:
+            files: dict = {}
+            for part, _ in parts:
+                files.update(part)
+            final = commit(self.root, p.tmp, p.step, p.meta, self.keep_last, self.verify_mode, files)
+        final = b.broadcast_object(final)
+        stats = {"step": p.step, "hash_s_per_rank": [h for _, h in parts],
+                 "blocked_s": p.blocked_s + (time.perf_counter() - t0), "durable_after_s": time.perf_counter() - p.started}
+        return final, stats
