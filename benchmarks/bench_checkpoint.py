@@ -1,10 +1,19 @@
-"""Cost of checkpoint integrity: seconds per GB to hash a file (the manifest at save, and
-``checkpoint.verify=full`` at load), against the alternatives, on this machine.
+"""What a checkpoint costs training, on this machine.
 
-    python benchmarks/bench_checkpoint.py [--gb 1.0]
+    python benchmarks/bench_checkpoint.py hash [--gb 1.0]
+    python benchmarks/bench_checkpoint.py save [--model 1b] [--layers N] [--nproc 2]
 
-The file is read from the page cache after a first pass, so the numbers are the hashing
-cost; a cold read adds the disk's own throughput.
+``hash``: seconds per GB to hash a file (the manifest at save, ``checkpoint.verify=full``
+at load) against the alternatives; the file is read from the page cache after a first
+pass, so the numbers are the hashing cost (a cold read adds the disk's throughput).
+
+``save``: real 2-process FSDP runs (``torchrun``, gloo on CPU) of ``launch/pretrain.py``
+that save after steps 1 and 2, once with ``checkpoint.async_save=false`` and once with
+``true``. It prints the time training is blocked by the second save (from the run's own
+``checkpoint`` records: the whole save when synchronous; the copy out of the training
+tensors plus the commit when asynchronous), the time until that checkpoint was durable,
+and rank 0's hashing time when every rank hashes its own files, against rank 0 hashing
+the whole checkpoint alone (measured here, over the same files, fsync included).
 """
 
 from __future__ import annotations
@@ -37,10 +46,7 @@ def _stream(h_update, path: str) -> None:
             h_update(chunk)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--gb", type=float, default=1.0)
-    args = ap.parse_args()
+def bench_hash(args) -> None:
     size = int(args.gb * (1 << 30))
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "blob")
@@ -62,6 +68,67 @@ def main() -> None:
     print(f"{gb:.2f} GB file, best of 3, one core")
     for name, secs in rows:
         print(f"  {name:28s} {secs / gb:7.3f} s/GB  ({gb / secs:6.2f} GB/s)")
+
+
+def _fsdp_run(run_dir: str, args, async_save: bool) -> dict:
+    import json
+    import random
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = ["torchrun", "--nproc_per_node", str(args.nproc), "--master_port", str(random.randint(20000, 40000)),
+           "launch/pretrain.py", f"model={args.model}", "backend=fsdp", f"run_dir={run_dir}", "train.max_steps=6",
+           "checkpoint.every=2", "checkpoint.keep_last=3", f"checkpoint.async_save={str(async_save).lower()}",
+           "train.micro_batch_size=1", "data.seq_len=64", "train.eval_every=0", "train.sample_tokens=0",
+           "logger.plot=false", "train.log_every=1", *args.overrides]
+    if args.layers:
+        cmd.append(f"model.n_layers={args.layers}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.nproc)))
+    p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        saves = [r for r in map(json.loads, f) if r["kind"] == "checkpoint"]
+    return saves[1]  # step 4: not the first save (warm-up), not the last (waited for at the end)
+
+
+def bench_save(args) -> None:
+    with tempfile.TemporaryDirectory(dir=args.dir) as d:
+        rows = {}
+        for mode in (False, True):
+            run_dir = os.path.join(d, "async" if mode else "sync")
+            rows[mode] = _fsdp_run(run_dir, args, mode)
+            step_dir = rows[mode]["checkpoint"]
+            size = sum(e["size"] for e in ckpt.read_meta(step_dir)["files"].values())
+            t0 = time.perf_counter()
+            ckpt.manifest(step_dir)  # rank 0 alone: every file, fsync and hash
+            rows[mode]["rank0_alone_s"] = time.perf_counter() - t0
+        sync, asyn = rows[False], rows[True]
+    layers = f" with {args.layers} layers" if args.layers else ""
+    print(f"model={args.model}{layers}, FSDP x {args.nproc} processes (gloo, CPU), checkpoint {size / 1e9:.2f} GB "
+          f"(weights + AdamW moments)")
+    print(f"  training blocked by a save     synchronous {sync['blocked_s']:7.2f} s   async {asyn['blocked_s']:7.2f} s"
+          f"   ({asyn['blocked_s'] / sync['blocked_s']:.0%} of synchronous)")
+    print(f"  save durable after             synchronous {sync['durable_after_s']:7.2f} s   "
+          f"async {asyn['durable_after_s']:7.2f} s")
+    per_rank = sync["hash_s_per_rank"]
+    print(f"  rank 0 hashing (fsync+xxh3)    per-rank {per_rank[0]:7.2f} s (ranks: "
+          f"{', '.join(f'{h:.2f}' for h in per_rank)})   rank 0 alone {sync['rank0_alone_s']:7.2f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    h = sub.add_parser("hash")
+    h.add_argument("--gb", type=float, default=1.0)
+    s = sub.add_parser("save")
+    s.add_argument("--model", default="1b")
+    s.add_argument("--layers", type=int, default=0, help="override model.n_layers (0: the model's own)")
+    s.add_argument("--nproc", type=int, default=2)
+    s.add_argument("--dir", default=None, help="where the runs write (default: the system temp dir)")
+    s.add_argument("overrides", nargs="*", help="more Hydra overrides for the runs")
+    args = ap.parse_args()
+    bench_hash(args) if args.what == "hash" else bench_save(args)
 
 
 if __name__ == "__main__":

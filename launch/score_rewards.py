@@ -9,7 +9,7 @@ and chat template exactly as training did, and prints the pairwise accuracy (cho
 above rejected) and the mean margin; --out writes each record's two rewards.
 """
 
-import _bootstrap  # noqa: F401
+import _bootstrap
 
 import argparse
 import json
@@ -20,6 +20,7 @@ from collections import Counter
 import torch
 
 
+@_bootstrap.exit_on_checkpoint_error
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")

@@ -81,7 +81,8 @@ def attacked(runs, tmp_path, request):
     return kind, step, marker
 
 
-READERS = ["resume", "init_from", "export", "generate", "evaluate", "convert"]
+READERS = ["resume", "init_from", "sft", "export", "generate", "evaluate", "convert", "score_rewards"]
+PAIRS = "data_pipeline/assets/sft/python_prefs.jsonl"
 
 
 @pytest.mark.parametrize("attacked", list(ATTACKS), indirect=True)
@@ -95,6 +96,9 @@ def test_an_attacked_checkpoint_is_refused_by_every_reader_and_no_payload_runs(r
         "resume": [sys.executable, "launch/pretrain.py", *common, f"resume={step}", "train.max_steps=6",
                    "checkpoint.verify=off", *(["backend=fsdp"] if kind == "dcp_bytes" else [])],
         "init_from": [sys.executable, "launch/pretrain.py", *common, f"init_from={step}"],
+        "sft": [sys.executable, "launch/sft.py", f"init_from={step}", f"run_dir={tmp_path / 'sft'}",
+                "train.max_steps=1"],
+        "score_rewards": [sys.executable, "launch/score_rewards.py", step, PAIRS],
         "export": [sys.executable, "launch/export_hf.py", step, str(tmp_path / "hf")],
         "generate": [sys.executable, "launch/generate.py", step, "prompt=Hello", "max_new_tokens=4"],
         "evaluate": [sys.executable, "launch/evaluate.py", step],
@@ -258,3 +262,18 @@ def test_a_resume_that_changes_what_the_saved_state_means_is_a_config_error(runs
     assert p.returncode == 2 and f"config error: {key}" in p.stderr, p.stdout[-1500:] + p.stderr[-1500:]
     assert "Traceback" not in p.stderr
     assert sorted(glob.glob(str(run_dir / "checkpoints" / "*"))) == before
+
+
+def test_init_from_honours_checkpoint_verify_and_records_the_digest(runs, tmp_path):
+    import json
+
+    run_dir = fresh_copy(runs, "full", f"init-verify-{tmp_path.name}")
+    step = run_dir / "checkpoints" / "step_00000004"
+    flip_one_byte(step / "model.safetensors")  # same size: only the checksum tells
+    common = runs["common"] + ["train.max_steps=1"]
+    p = pretrain(*common, f"run_dir={tmp_path / 'full'}", f"init_from={step}", ok=False)
+    assert p.returncode == 3 and "content checksum differs" in p.stderr, p.stderr[-2000:]
+    pretrain(*common, f"run_dir={tmp_path / 'size'}", f"init_from={step}", "checkpoint.verify=size")
+    with open(tmp_path / "size" / "metrics.jsonl") as f:
+        run = next(r for r in map(json.loads, f) if r["kind"] == "run")
+    assert run["path"] == str(step) and run["digest"] == ckpt.digest(str(step))

@@ -213,7 +213,8 @@ class Trainer:
         if self.cfg.init_from:
             b, path = self.backend, str(self.cfg.init_from)
             b.import_full(b.on_main(f"reading init_from={path}",
-                                    lambda: FullState(model=read_init_weights(path, self.model_cfg))))
+                                    lambda: FullState(model=read_init_weights(
+                                        path, self.model_cfg, str(self.cfg.checkpoint.verify)))))
 
     def build_data(self):
         """(endless training micro-batches of this rank, list of validation micro-batches)."""

@@ -216,10 +216,10 @@ def load_init_weights(model: torch.nn.Module, path: str) -> None:
     load_weights(model, state, source)
 
 
-def read_init_weights(path: str, model_cfg) -> dict[str, torch.Tensor]:
+def read_init_weights(path: str, model_cfg, verify: str = "full") -> dict[str, torch.Tensor]:
     """The full weights ``init_from=path`` names, checked against a Transformer of
     ``model_cfg`` (names and shapes; a mismatch is a ConfigError naming init_from)."""
-    state, source = _read_init(path, model_cfg)
+    state, source = _read_init(path, model_cfg, verify)
     load_weights(shape_model(model_cfg), state, source, assign=True)
     return state
 
@@ -234,7 +234,7 @@ def shape_model(model_cfg):
         return Transformer(model_cfg, init_weights=False)
 
 
-def _read_init(path: str, model_cfg) -> tuple[dict, str]:
+def _read_init(path: str, model_cfg, verify: str = "full") -> tuple[dict, str]:
     from model import hf_interop
     from train.checkpoint import resolve
     from train.config import ConfigError
@@ -243,7 +243,7 @@ def _read_init(path: str, model_cfg) -> tuple[dict, str]:
         _, state = hf_interop.load_hf_llama(path[3:])
         return state, path
     try:
-        step_dir = resolve(path)
+        step_dir = resolve(path, verify)  # "off": verified by the caller; the structure is checked anyway
     except FileNotFoundError as e:
         raise ConfigError("init_from", str(e)) from None
     # Only names and shapes: read_full_state must not ask for head/adapter tensors.

@@ -45,7 +45,7 @@ def init_step_dir(cfg) -> Optional[str]:
     if init.startswith("hf:"):
         return None
     try:
-        return ckpt.resolve(init)
+        return ckpt.resolve(init, str(cfg.checkpoint.verify))  # the run's one verification of it
     except FileNotFoundError as e:
         raise ConfigError("init_from", f"{e}. Make the default one with `python launch/pretrain.py`") from None
 
@@ -112,7 +112,8 @@ class SFTTrainer(Trainer):
         model = self.new_model(mc)
         # Read (and, for a DeepSpeed checkpoint, converted) once on rank 0, streamed to the others.
         b, path = self.backend, str(cfg.init_from)
-        base = b.on_main(f"reading init_from={path}", lambda: FullState(model=read_init_weights(path, mc)))
+        src, mode = (self.init_dir, "off") if self.init_dir else (path, str(cfg.checkpoint.verify))  # verified once
+        base = b.on_main(f"reading init_from={path}", lambda: FullState(model=read_init_weights(src, mc, mode)))
         load_weights(model, b.full_state_from_main(base).model, path)
         if self.lora:
             lo = cfg.lora
