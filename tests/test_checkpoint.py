@@ -122,3 +122,23 @@ def test_finished_run_is_not_retrained(tiny_cfg):
     run(tiny_cfg("train.max_steps=2", "checkpoint.every=2", "train.eval_every=0"))
     _, again = run(tiny_cfg("train.max_steps=2", "checkpoint.every=2", "train.eval_every=0"))
     assert again["start_step"] == 2 and again["losses"] == {}
+
+
+def test_a_background_write_that_fails_is_reported_and_leaves_the_last_good_checkpoint(tiny_cfg, monkeypatch):
+    from train.checkpoint.full_state import FullState
+
+    trainer, _ = run(tiny_cfg("train.max_steps=2", "checkpoint.every=2", "checkpoint.async_save=true"))
+    good = ckpt.find_latest(trainer.ckpt_root)
+
+    def full_disk(self, directory, *args, **kwargs):
+        with open(os.path.join(directory, "model.safetensors"), "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(FullState, "save", full_disk)
+    trainer.state.step = 4
+    assert trainer.save() is None  # returns once the state is copied; the write fails in the background
+    with pytest.raises(ckpt.CheckpointError, match="step 4 could not be written.*disk full"):
+        trainer.finish_save()
+    assert ckpt.find_latest(trainer.ckpt_root) == good and trainer.last_checkpoint == good
+    assert ckpt.verify(good) == []

@@ -105,16 +105,19 @@ class CheckpointManager:
             hashing.serve()
             status, value = b.broadcast_object(None)
         else:
+            error = None
             try:
                 found = ("ok", self._choose(resume, hashing))
-            except CheckpointError as e:
-                found = ("error", str(e))
+            except Exception as e:  # every rank must hear of it, or the others wait for ever
+                found, error = ("error", str(e)), e
             finally:
                 hashing.close()
-            if found[0] == "ok":
+            if error is None:
                 for stale in clean_stale(self.root):
                     print(f"[kiln] removed {stale}, left by an interrupted save", flush=True)
             status, value = b.broadcast_object(found)
+            if error is not None:
+                raise error
         if status == "error":
             raise CheckpointError(value)
         return value
@@ -182,15 +185,22 @@ class CheckpointManager:
         p, b = self.pending, self.b
         self.pending = None
         t0 = time.perf_counter()
-        entries, hash_s = p.hashed.result()  # re-raises a writer's error on its own rank
-        parts = b.all_gather_object((entries, hash_s))
+        try:
+            entries, hash_s, error = *p.hashed.result(), None
+        except Exception as e:  # a writer's error: every rank must hear of it
+            entries, hash_s, error = {}, 0.0, f"{type(e).__name__}: {e}"
+        parts = b.all_gather_object((entries, hash_s, error))
+        failed = [f"rank {r}: {err}" for r, (_, _, err) in enumerate(parts) if err]
+        if failed:
+            raise CheckpointError(f"the checkpoint of step {p.step} could not be written ({'; '.join(failed)}); "
+                                  f"{p.tmp} is left for the next start to remove, the previous checkpoint stands")
         final = None
         if b.is_main:
             files: dict = {}
-            for part, _ in parts:
+            for part, _, _ in parts:
                 files.update(part)
             final = commit(self.root, p.tmp, p.step, p.meta, self.keep_last, self.verify_mode, files)
         final = b.broadcast_object(final)
-        stats = {"step": p.step, "hash_s_per_rank": [h for _, h in parts],
+        stats = {"step": p.step, "hash_s_per_rank": [h for _, h, _ in parts],
                  "blocked_s": p.blocked_s + (time.perf_counter() - t0), "durable_after_s": time.perf_counter() - p.started}
         return final, stats
