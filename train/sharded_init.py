@@ -37,10 +37,31 @@ def deferred(backend):
 
         from train.backends.deepspeed import build_ds_config
 
+        ds = build_ds_config(backend.cfg, backend.bf16)
         remote = "cpu" if backend.cfg.backend.offload_params else None
-        return deepspeed.zero.Init(config_dict_or_path=build_ds_config(backend.cfg, backend.bf16),
-                                   remote_device=remote, dtype=torch.bfloat16 if backend.bf16 else torch.float32)
+        # dtype=None: zero.Init takes the parameters' dtype from the config, as the engine
+        # does. An explicit dtype goes through DeepSpeed's fallback instead (since 0.14.1,
+        # still in 0.19.8), ``dtype or torch.float16 if accelerator.is_fp16_supported() else
+        # torch.bfloat16 if ...``, which Python reads as ``(dtype or fp16) if fp16 else bf16``:
+        # where fp16 is unsupported (CPUs without AVX512-FP16/AMX-FP16, and every CPU before
+        # DeepSpeed 0.16.8) it ignores the dtype asked for and partitions fp32 training in bf16.
+        init = deepspeed.zero.Init(config_dict_or_path=ds, remote_device=remote, dtype=None)
+        want = zero3_dtype(ds)
+        if getattr(init, "dtype", want) != want:
+            raise RuntimeError(f"DeepSpeed's zero.Init would build the parameters in {init.dtype}, not the "
+                               f"{want} this run trains in")
+        return init
     return contextlib.nullcontext()
+
+
+def zero3_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype ZeRO-3 holds parameters in for DeepSpeed config ``ds_config``: bf16 or fp16
+    where enabled, else fp32."""
+    if (ds_config.get("bf16") or ds_config.get("bfloat16") or {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
 
 
 def fill_slice(model: torch.nn.Module, name: str, shape: tuple, flat: torch.Tensor, first: int) -> None:
