@@ -267,15 +267,15 @@ def validate(cfg: Any) -> None:
 
 
 def exit_config_error(cfg: Any, e: ConfigError) -> None:
-    """End a launch on a config error: the message names the key, exit status 2, and the run
-    directory Hydra made for this launch is removed again if it holds nothing but its files."""
-    import shutil
+    """End a launch on a config error: the message names the key, exit status 2. A failed
+    start changes nothing on disk: a run directory this launch created is removed again,
+    and one that existed before is left as it was (train/run_dir.py)."""
     import sys
 
-    print(str(e), file=sys.stderr)
-    run_dir = str(cfg.get("run_dir", "") or "")
-    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {".hydra", "pretrain.log", "sft.log"}:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    from train.run_dir import discard_failed_start
+
+    print(str(e), file=sys.stderr, flush=True)
+    discard_failed_start()
     sys.exit(2)
 
 
