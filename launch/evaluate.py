@@ -43,7 +43,7 @@ from omegaconf import OmegaConf
 from _common import load_model_and_tokenizer, parse_kv, pick_device
 from data_pipeline.config import DataConfig
 from data_pipeline.pipeline import document_stream
-from train.checkpoint import CONFIG
+from train.checkpoint import CONFIG, read_yaml
 from train.config import REPO_ROOT, register_configs
 
 OPTIONS = {"seq_len": 0, "batch_size": 8, "max_docs": 0, "device": "auto", "out": "", "texts": "",
@@ -57,7 +57,7 @@ def data_config(model_dir: str, overrides: list[str]):
     run_cfg = os.path.join(model_dir, CONFIG)
     group = next((o.split("=", 1)[1] for o in overrides if o.startswith("data=")), None)
     if group is None and os.path.isfile(run_cfg):
-        layers = [OmegaConf.load(run_cfg).data]
+        layers = [OmegaConf.create(read_yaml(run_cfg).get("data", {}))]  # untrusted: the safe reader
     else:
         layers = [OmegaConf.load(os.path.join(REPO_ROOT, "conf", "data", f"{group or 'sample'}.yaml"))]
     dotted = [o[len("data."):] for o in overrides if o.startswith("data.")]

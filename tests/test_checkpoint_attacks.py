@@ -64,8 +64,16 @@ def plant_linked_tag(step, outside, marker) -> None:
     os.symlink(outside / "ckpt", tag)
 
 
-ATTACKS = {"pointer": "full", "dcp_bytes": "dcp", "linked_tag": "deepspeed"}
-SAYS = {"pointer": "not in the manifest", "dcp_bytes": "not a tensor", "linked_tag": "symbolic link"}
+def plant_unvetted_ds_file(step, marker) -> None:
+    """A forger's extra DeepSpeed model file without the .pt suffix, listed in the manifest:
+    DeepSpeed's converter finds model files by name prefix and unpickles them unchecked."""
+    (step / "deepspeed" / "ckpt" / "mp_rank_01_model_states").write_bytes(pickle.dumps(Payload(marker)))
+    reseal(step)
+
+
+ATTACKS = {"pointer": "full", "dcp_bytes": "dcp", "linked_tag": "deepspeed", "ds_unvetted": "deepspeed"}
+SAYS = {"pointer": "not in the manifest", "dcp_bytes": "not a tensor", "linked_tag": "symbolic link",
+        "ds_unvetted": "is not a file DeepSpeed writes"}
 
 
 @pytest.fixture
@@ -77,7 +85,8 @@ def attacked(runs, tmp_path, request):
     outside = tmp_path / "outside"
     outside.mkdir()
     {"pointer": lambda: plant_pointer(step, outside, marker), "dcp_bytes": lambda: plant_dcp_bytes(step, marker),
-     "linked_tag": lambda: plant_linked_tag(step, outside, marker)}[kind]()
+     "linked_tag": lambda: plant_linked_tag(step, outside, marker),
+     "ds_unvetted": lambda: plant_unvetted_ds_file(step, marker)}[kind]()
     return kind, step, marker
 
 
@@ -180,7 +189,8 @@ def test_links_anywhere_in_a_checkpoint_are_refused(runs, tmp_path):
                                               ("step", "ten", "'step' must be a non-negative integer"),
                                               ("step", 7, "but meta.json says 4"),
                                               ("tokens", -1, "'tokens' must be a non-negative integer"),
-                                              ("skipped_batches", {"x": 1}, "'skipped_batches'")])
+                                              ("skipped_batches", {"x": 1}, "'skipped_batches'"),
+                                              ("data", [5], "field 'data' does not restore")])
 def test_a_forged_trainer_state_is_refused_naming_the_file_and_field(runs, tmp_path, field, value, says):
     import json
 
@@ -277,3 +287,28 @@ def test_init_from_honours_checkpoint_verify_and_records_the_digest(runs, tmp_pa
     with open(tmp_path / "size" / "metrics.jsonl") as f:
         run = next(r for r in map(json.loads, f) if r["kind"] == "run")
     assert run["path"] == str(step) and run["digest"] == ckpt.digest(str(step))
+
+
+def test_a_fifo_or_link_for_meta_json_is_refused_without_blocking(runs, tmp_path):
+    import subprocess
+
+    run_dir = fresh_copy(runs, "full", f"fifo-{tmp_path.name}")
+    step = run_dir / "checkpoints" / "step_00000004"
+    os.remove(step / ckpt.META)
+    os.mkfifo(step / ckpt.META)  # opening it for reading would wait for a writer for ever
+    code = f"from train import checkpoint as c; print(c.verify({str(step)!r}, 'off'))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0 and "not a regular file" in p.stdout, p.stdout + p.stderr
+
+
+def test_a_yaml_tag_in_the_run_config_is_a_checkpoint_error_for_evaluate(runs, tmp_path):
+    run_dir = fresh_copy(runs, "full", f"cfg-yaml-{tmp_path.name}")
+    step = run_dir / "checkpoints" / "step_00000004"
+    marker = tmp_path / "cfg-yaml-ran"
+    with open(step / ckpt.CONFIG, "a") as f:
+        f.write(f'evil: !!python/object/apply:os.system ["touch {marker}"]\n')
+    reseal(step)
+    p = launch([sys.executable, "launch/evaluate.py", str(step)], ok=False)
+    assert not marker.exists()
+    assert p.returncode == 3 and f"{step / ckpt.CONFIG}: cannot be read" in p.stderr, p.stderr[-2000:]

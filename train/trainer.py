@@ -298,8 +298,16 @@ class Trainer:
         ts = ckpt.read_trainer_state(path)
         self.state = TrainState(step=ts["step"], tokens=ts["tokens"])
         self.skipped_batches = {int(k): int(v) for k, v in ts.get("skipped_batches", {}).items()}
-        note = restore_stream(self.train_batches, ts.get("data", []), self.backend.rank,
-                              self.backend.data_parallel_size)
+        from train.config import ConfigError
+
+        try:
+            note = restore_stream(self.train_batches, ts.get("data", []), self.backend.rank,
+                                  self.backend.data_parallel_size)
+        except ConfigError:  # a setting that does not fit the saved stream: the user's to change
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            raise ckpt.CheckpointError(f"{os.path.join(path, ckpt.TRAINER_STATE)}: field 'data' does not restore "
+                                       f"this run's data stream ({type(e).__name__}: {e})") from None
         if self.backend.is_main:
             print(f"[kiln] resume: {note}", flush=True)
         rngs = ts.get("rng", [])

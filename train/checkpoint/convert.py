@@ -63,7 +63,8 @@ def _deepspeed_worker(rank: int, world_size: int, port: int, src: str, tmp: str,
     from train.config import register_configs
 
     register_configs()
-    cfg = OmegaConf.load(os.path.join(src, ckpt.CONFIG))
+    cfg = OmegaConf.create(ckpt.read_yaml(os.path.join(src, ckpt.CONFIG)))
+    cfg.backend.ds_config = None  # the checkpoint's own choice of a JSON file elsewhere is not followed
     cfg.backend.name, cfg.backend.zero_stage = "deepspeed", zero_stage
     cfg.backend.offload_optimizer = cfg.backend.offload_params = False
     backend = DeepSpeedBackend(cfg)

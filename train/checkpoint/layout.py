@@ -32,6 +32,10 @@ TEMP_NAME = re.compile(r"^(\.tmp-step_\d{8,}|\.latest\.tmp\d+|step_\d{8,}\.old\d
 # Files a rank writes for itself: DCP's ``__R_N.distcp``, DeepSpeed's ``*zero_pp_rank_R_*``.
 WRITER = re.compile(r"(?:^|/)__(\d+)_\d+\.distcp$|zero_pp_rank_(\d+)_")
 DS_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+# Every name DeepSpeed writes under deepspeed/ (relative to it): the tag's state files, its
+# ``latest`` pointer and the conversion scripts it copies beside them (listed, never run).
+DS_FILE = re.compile(r"^(latest|zero_to_fp32\.py|zero_to_torch\.py|[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}/"
+                     r"((bf16_|fp16_)?zero_pp_rank_\d+_)?mp_rank_\d\d_(model|optim)_states\.pt)$")
 
 
 class CheckpointError(RuntimeError):

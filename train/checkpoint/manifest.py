@@ -12,6 +12,7 @@ from typing import Optional
 from train.checkpoint.layout import (
     DCP_DIR,
     DS_DIR,
+    DS_FILE,
     DS_TAG,
     HASH,
     META,
@@ -200,6 +201,14 @@ def deepspeed_tag(path: str) -> str:
     tag = tags.pop()
     if not DS_TAG.match(tag):
         raise CheckpointError(f"{path}: DeepSpeed tag {tag!r} is not a plain name")
+    # DeepSpeed's readers find their files by listing the tag directory and matching name
+    # prefixes (mp_rank_*, *zero_pp_rank_*), then unpickle them with weights_only=False: so
+    # every file there must be one of its state files by its exact name (and is vetted).
+    odd = [rel for rel in files if rel.startswith(DS_DIR + "/") and not DS_FILE.match(rel[len(DS_DIR) + 1:])]
+    if odd:
+        raise CheckpointError(f"{path}: {odd[0]!r} is not a file DeepSpeed writes (its state files "
+                              "*mp_rank_NN_{model,optim}_states.pt, latest, zero_to_*.py); refusing to let DeepSpeed "
+                              "read the directory")
     pointer = os.path.join(path, DS_DIR, "latest")
     if f"{DS_DIR}/latest" in files:
         with open(pointer) as f:

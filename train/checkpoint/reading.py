@@ -13,12 +13,25 @@ from train.checkpoint.layout import META, MODEL_CONFIG, STEP_DIR, TRAINER_STATE,
 
 
 def read_json(path: str) -> Any:
-    """A checkpoint JSON file; any failure names the file."""
+    """A checkpoint JSON file; any failure names the file. Only a regular file is opened (a
+    link, a FIFO that would block, a device are refused)."""
+    _regular(path)
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot be read as JSON ({e})") from None
+
+
+def _regular(path: str) -> None:
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file (a link, FIFO or device is never read)")
 
 
 def read_yaml(path: str) -> dict:
@@ -27,8 +40,7 @@ def read_yaml(path: str) -> dict:
     import yaml
     from omegaconf import OmegaConf
 
-    if os.path.islink(path):
-        raise CheckpointError(f"{path}: is a symbolic link; refusing to read it")
+    _regular(path)
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except (OSError, ValueError, yaml.YAMLError, Exception) as e:  # omegaconf raises its own error types
