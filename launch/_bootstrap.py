@@ -34,7 +34,7 @@ strip_launcher_args()
 
 
 def exit_on_checkpoint_error(main):
-    """Decorate a launch script's ``main`` (under ``hydra.main``): a checkpoint that does not
+    """Decorate a launch script's ``main``: a checkpoint that does not
     verify, is unsafe to unpickle or cannot be read ends the process with its message
     (which names the files) and exit status 3, not a traceback. The job's config is noted
     as Hydra hands it over (kiln writes ``<run_dir>/.hydra/`` itself once the start
@@ -43,13 +43,16 @@ def exit_on_checkpoint_error(main):
     import functools
 
     @functools.wraps(main)
-    def wrapper(cfg, *args, **kwargs):
+    def wrapper(*args, **kwargs):
+        from omegaconf import DictConfig
+
         from train import run_dir
         from train.checkpoint import CheckpointError
 
-        run_dir.note_job(cfg)
+        if args and isinstance(args[0], DictConfig):  # a Hydra job (the tools' main takes no config)
+            run_dir.note_job(args[0])
         try:
-            return main(cfg, *args, **kwargs)
+            return main(*args, **kwargs)
         except CheckpointError as e:
             print(f"[kiln] checkpoint error: {e}", file=sys.stderr, flush=True)
             run_dir.discard_failed_start()
