@@ -76,3 +76,23 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+
+
+READERS = ["resume", "init_from", "sft", "export", "generate", "evaluate", "convert", "score_rewards"]
+PAIRS = "data_pipeline/assets/sft/python_prefs.jsonl"
+
+
+def reader_command(reader: str, step: str, common: list[str], tmp_path, resume_extra=()) -> list[str]:
+    """The command line of one entry point that reads the checkpoint at ``step``."""
+    return {
+        "resume": [sys.executable, "launch/pretrain.py", *common, f"resume={step}", "train.max_steps=6",
+                   *resume_extra],
+        "init_from": [sys.executable, "launch/pretrain.py", *common, f"init_from={step}"],
+        "sft": [sys.executable, "launch/sft.py", f"init_from={step}", f"run_dir={tmp_path / 'sft'}",
+                "train.max_steps=1", "data.seq_len=32"],
+        "score_rewards": [sys.executable, "launch/score_rewards.py", step, PAIRS],
+        "export": [sys.executable, "launch/export_hf.py", step, str(tmp_path / "hf")],
+        "generate": [sys.executable, "launch/generate.py", step, "prompt=Hello", "max_new_tokens=4"],
+        "evaluate": [sys.executable, "launch/evaluate.py", step],
+        "convert": [sys.executable, "launch/convert_checkpoint.py", step, str(tmp_path / "out"), "--to", "full"],
+    }[reader]

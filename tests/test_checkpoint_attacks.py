@@ -17,7 +17,16 @@ import sys
 import pytest
 import torch
 
-from tests.ckpt_helpers import Payload, flip_one_byte, fresh_copy, launch, pretrain, reseal
+from tests.ckpt_helpers import (
+    READERS,
+    Payload,
+    flip_one_byte,
+    fresh_copy,
+    launch,
+    pretrain,
+    reader_command,
+    reseal,
+)
 from train import checkpoint as ckpt
 
 
@@ -90,8 +99,6 @@ def attacked(runs, tmp_path, request):
     return kind, step, marker
 
 
-READERS = ["resume", "init_from", "sft", "export", "generate", "evaluate", "convert", "score_rewards"]
-PAIRS = "data_pipeline/assets/sft/python_prefs.jsonl"
 
 
 @pytest.mark.parametrize("attacked", list(ATTACKS), indirect=True)
@@ -100,20 +107,9 @@ def test_an_attacked_checkpoint_is_refused_by_every_reader_and_no_payload_runs(r
     kind, step, marker = attacked
     step = str(step)
     common = runs["common"] + [f"run_dir={tmp_path / 'run'}"]
-    commands = {
-        # checkpoint.verify=off skips sizes and checksums, never the structure
-        "resume": [sys.executable, "launch/pretrain.py", *common, f"resume={step}", "train.max_steps=6",
-                   "checkpoint.verify=off", *(["backend=fsdp"] if kind == "dcp_bytes" else [])],
-        "init_from": [sys.executable, "launch/pretrain.py", *common, f"init_from={step}"],
-        "sft": [sys.executable, "launch/sft.py", f"init_from={step}", f"run_dir={tmp_path / 'sft'}",
-                "train.max_steps=1"],
-        "score_rewards": [sys.executable, "launch/score_rewards.py", step, PAIRS],
-        "export": [sys.executable, "launch/export_hf.py", step, str(tmp_path / "hf")],
-        "generate": [sys.executable, "launch/generate.py", step, "prompt=Hello", "max_new_tokens=4"],
-        "evaluate": [sys.executable, "launch/evaluate.py", step],
-        "convert": [sys.executable, "launch/convert_checkpoint.py", step, str(tmp_path / "out"), "--to", "full"],
-    }
-    p = launch(commands[reader], ok=False)
+    # checkpoint.verify=off skips sizes and checksums, never the structure
+    resume_extra = ["checkpoint.verify=off", *(["backend=fsdp"] if kind == "dcp_bytes" else [])]
+    p = launch(reader_command(reader, step, common, tmp_path, resume_extra), ok=False)
     assert not marker.exists(), "the payload ran"
     assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
     assert SAYS[kind] in p.stderr and step in p.stderr, p.stderr[-2000:]

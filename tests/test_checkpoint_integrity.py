@@ -12,12 +12,11 @@ from __future__ import annotations
 import glob
 import os
 import pickle
-import sys
 
 import pytest
 import torch
 
-from tests.ckpt_helpers import Payload, flip_one_byte, fresh_copy, launch, pretrain, reseal
+from tests.ckpt_helpers import READERS, Payload, flip_one_byte, fresh_copy, launch, pretrain, reader_command, reseal
 from train import checkpoint as ckpt
 
 FILES = {
@@ -106,23 +105,12 @@ def poisoned(runs, tmp_path):
     return out
 
 
-READERS = ["resume", "init_from", "export", "generate", "evaluate", "convert"]
-
-
 @pytest.mark.parametrize("fmt", ["dcp", "deepspeed"])
 @pytest.mark.parametrize("reader", READERS)
 def test_pickle_payload_in_a_checkpoint_is_refused_and_never_runs(runs, poisoned, reader, fmt, tmp_path):
     step, marker = str(poisoned[fmt]), poisoned["marker"]
     common = runs["common"] + [f"run_dir={tmp_path / 'run'}"]
-    commands = {
-        "resume": [sys.executable, "launch/pretrain.py", *common, f"resume={step}", "train.max_steps=6"],
-        "init_from": [sys.executable, "launch/pretrain.py", *common, f"init_from={step}"],
-        "export": [sys.executable, "launch/export_hf.py", step, str(tmp_path / "hf")],
-        "generate": [sys.executable, "launch/generate.py", step, "prompt=Hello", "max_new_tokens=4"],
-        "evaluate": [sys.executable, "launch/evaluate.py", step],
-        "convert": [sys.executable, "launch/convert_checkpoint.py", step, str(tmp_path / "out"), "--to", "full"],
-    }
-    p = launch(commands[reader], ok=False)
+    p = launch(reader_command(reader, step, common, tmp_path), ok=False)
     assert not marker.exists(), "the payload ran"
     assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
     assert "refuse" in p.stderr and step in p.stderr and "system" in p.stderr, p.stderr[-2000:]
@@ -133,4 +121,6 @@ def test_the_restricted_readers_accept_real_native_checkpoints(runs):
 
     meta = load_dcp_metadata(str(runs["root"] / "dcp" / "checkpoints" / "step_00000004" / "dcp" / ".metadata"))
     assert any(k.startswith("model.") for k in meta.state_dict_metadata)
-    check_deepspeed_files(str(runs["root"] / "deepspeed" / "checkpoints" / "step_00000004" / "deepspeed"))
+    files = ckpt.ds_files(str(runs["root"] / "deepspeed" / "checkpoints" / "step_00000004"))
+    assert sum(f.endswith(".pt") for f in files) >= 2  # the model and optimizer state files
+    check_deepspeed_files(files)

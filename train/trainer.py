@@ -42,6 +42,7 @@ from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 from model import hf_interop
 from model.llama import ModelConfig, Transformer, flops_per_token, generate, param_count
 from train import checkpoint as ckpt
+from train import run_lock
 from train.activation_checkpointing import apply_activation_checkpointing
 from train.backends import build_backend
 from train.backends.base import RanksDisagree
@@ -52,6 +53,7 @@ from train.config import ConfigError
 from train.data import build_train_stream, data_state, pipeline_steps, restore_stream, validation_batches
 from train.metrics import MetricsLogger, peak_flops, peak_memory_gb, plot_losses
 from train.optim import lr_at
+from train.run_dir import record_run_config
 from train.sharded_init import builds_deferred, deferred
 
 
@@ -162,6 +164,17 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.run_dir = cfg.run_dir
         os.makedirs(self.run_dir, exist_ok=True)
+        # One kiln process per run directory: rank 0 takes the lock for the life of the
+        # process (train/run_lock.py); a live holder is a config error (exit 2) on every rank.
+        self.run_lock, lock_error = None, None
+        if b.is_main:
+            try:
+                self.run_lock = run_lock.acquire(self.run_dir)
+            except run_lock.RunLockError as e:
+                lock_error = e.detail
+        lock_error = b.broadcast_object(lock_error)
+        if lock_error is not None:
+            raise run_lock.RunLockError(lock_error)
         self.ckpt_root = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
         self.checkpoints = CheckpointManager(b, self.ckpt_root, str(cfg.checkpoint.verify),
                                              int(cfg.checkpoint.keep_last), bool(cfg.checkpoint.async_save))
@@ -451,6 +464,8 @@ class Trainer:
     def fit(self) -> dict:
         cfg, b, t = self.cfg, self.backend, self.cfg.train
         resumed = self.last_checkpoint = self.resume()
+        if b.is_main:  # the start succeeded: only now is the run directory written (train/run_dir.py)
+            record_run_config(cfg, self.run_dir)
         if b.is_main:
             self._print_header(resumed)
         logger = self.logger = MetricsLogger(cfg, self.run_dir, b.is_main, t.max_steps, self.state.step)

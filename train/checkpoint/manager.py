@@ -176,8 +176,10 @@ class CheckpointManager:
         """Finish the save in flight, if any (every rank calls)."""
         if self.pending is None:
             return None
+        from concurrent.futures import wait
+
         t0 = time.perf_counter()
-        self.pending.hashed.result()
+        wait([self.pending.hashed])  # a writer's error is raised by _commit, on every rank
         self.pending.blocked_s += time.perf_counter() - t0
         return self._commit()
 
