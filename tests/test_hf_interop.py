@@ -249,11 +249,13 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|
 
 
 def test_export_cli_on_a_real_checkpoint(tmp_path, run_dir, spm_path):
+    from tests.ckpt_helpers import reseal
     from train.checkpoint import find_latest
 
     step = tmp_path / "step"
     shutil.copytree(find_latest(os.path.join(run_dir, "checkpoints")), step)
     (step / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    reseal(step)  # a file added to a checkpoint is part of it only once its manifest lists it
     out = tmp_path / "hf"
     p = hf_helpers.launch("export_hf.py", str(step), str(out))
     summary = json.loads(p.stdout.strip().splitlines()[-1])
