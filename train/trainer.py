@@ -285,8 +285,6 @@ class Trainer:
         """A resume continues the saved state, so a setting that changes what that state
         means (the model's shape, the sequence length its data position counts in) is a
         config error naming the key, before anything is loaded."""
-        from train.config import ConfigError
-
         advice = (f"Give this run its own directory (run_name=... or run_dir=...) and start it from these weights "
                   f"with init_from={path}, or start afresh here with resume=none (its checkpoints then replace these).")
         theirs, ours = ckpt.read_model_config(path).shape(), self.model_cfg.shape()
@@ -295,7 +293,7 @@ class Trainer:
             diff = ", ".join(f"{k}={theirs.get(k)} (this run: {ours[k]})" for k in changed)
             raise ConfigError(f"model.{changed[0]}", f"resume={self.cfg.resume}: {path} holds a different model "
                               f"({diff}). {advice}")
-        if f"{ckpt.CONFIG}" in ckpt.listed(path):
+        if ckpt.CONFIG in ckpt.listed(path):
             saved = ckpt.read_yaml(os.path.join(path, ckpt.CONFIG)).get("data", {})
             seq_len = saved.get("seq_len") if isinstance(saved, dict) else None
             if seq_len is not None and seq_len != self.cfg.data.seq_len:
@@ -311,8 +309,6 @@ class Trainer:
         ts = ckpt.read_trainer_state(path)
         self.state = TrainState(step=ts["step"], tokens=ts["tokens"])
         self.skipped_batches = {int(k): int(v) for k, v in ts.get("skipped_batches", {}).items()}
-        from train.config import ConfigError
-
         try:
             note = restore_stream(self.train_batches, ts.get("data", []), self.backend.rank,
                                   self.backend.data_parallel_size)

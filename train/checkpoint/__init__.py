@@ -61,6 +61,7 @@ from train.checkpoint.layout import (  # noqa: F401
     step_dir_name,
 )
 from train.checkpoint.manifest import (  # noqa: F401
+    dcp_files,
     deepspeed_tag,
     digest,
     ds_files,

@@ -28,6 +28,7 @@ from train.checkpoint import (  # the layout's owner
     MODEL_FILE,
     OPTIM_FILE,
     CheckpointError,
+    dcp_files,
     deepspeed_tag,
     ds_files,
     listed,
@@ -126,8 +127,7 @@ def read_adapter_state(directory: str) -> FullState:
 def _read_dcp(directory: str, param_names: list[str], with_optimizer: bool) -> FullState:
     from train.checkpoint.safe_unpickle import dcp_load, load_dcp_metadata
 
-    names = {rel[len(DCP_DIR) + 1:] for rel in listed(directory) if rel.startswith(DCP_DIR + "/")}
-    meta = load_dcp_metadata(os.path.join(directory, DCP_DIR, ".metadata"), names)
+    meta = load_dcp_metadata(os.path.join(directory, DCP_DIR, ".metadata"), dcp_files(directory))
     shapes = {k: v.size for k, v in meta.state_dict_metadata.items()}
     state: dict = {"model": {}, "optim": {"state": {}}}
     for n in param_names:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from train.checkpoint.layout import CheckpointError, writer_rank
-from train.checkpoint.manifest import file_digest, files_of, hash_entries
+from train.checkpoint.manifest import files_of, hash_entries, local_hashes
 from train.checkpoint.store import begin, clean_stale, commit, describe_skipped, resolve, select
 
 
@@ -59,7 +59,7 @@ class SharedHashing:
 
     def _round(self, paths: list[str]) -> dict[str, str]:
         owner = share_of(paths, [os.path.getsize(p) for p in paths], self.b.world_size)
-        mine = {p: file_digest(p) for p, r in zip(paths, owner) if r == self.b.rank}
+        mine = local_hashes([p for p, r in zip(paths, owner) if r == self.b.rank])
         merged: dict[str, str] = {}
         for part in self.b.all_gather_object(mine):
             merged.update(part)

@@ -218,6 +218,13 @@ def deepspeed_tag(path: str) -> str:
     return tag
 
 
+def dcp_files(path: str) -> set[str]:
+    """Names (inside ``dcp/``) of the DCP files the manifest lists: the only files the DCP
+    metadata may point at."""
+    prefix = DCP_DIR + "/"
+    return {rel[len(prefix):] for rel in listed(path) if rel.startswith(prefix)}
+
+
 def ds_files(path: str) -> list[str]:
     """Absolute paths of the DeepSpeed state files the manifest lists."""
     return [os.path.join(path, rel) for rel in sorted(listed(path)) if rel.startswith(DS_DIR + "/")]

@@ -137,14 +137,14 @@ def dcp_load(state: dict, step_dir: str, no_dist: bool = False) -> None:
     ``step_dir``, reading only files its manifest lists and never unpickling data."""
     import torch.distributed.checkpoint as dcp
 
-    from train.checkpoint import DCP_DIR, listed
+    from train.checkpoint import DCP_DIR
+    from train.checkpoint.manifest import dcp_files
 
-    prefix = DCP_DIR + "/"
-    names = {rel[len(prefix):] for rel in listed(step_dir) if rel.startswith(prefix)}
+    names = dcp_files(step_dir)
     path = os.path.join(step_dir, DCP_DIR)
     # Checked here first, so that a refusal is this error and not one DCP wraps per rank.
-    load_dcp_metadata(os.path.join(path, ".metadata"), names or None)
-    dcp.load(state, storage_reader=SafeDCPReader(path, names or None), planner=TensorOnlyLoadPlanner(),
+    load_dcp_metadata(os.path.join(path, ".metadata"), names)
+    dcp.load(state, storage_reader=SafeDCPReader(path, names), planner=TensorOnlyLoadPlanner(),
              no_dist=no_dist)
 
 
