@@ -165,6 +165,11 @@ class DataConfig:
     name: str = "sample"
     sources: list[SourceConfig] = field(default_factory=list)
     seq_len: int = 256
+    # Packed pretraining windows hold several documents. true: each token attends only to
+    # earlier tokens of its own document and positions restart per document (the same
+    # isolation as SFT packing; no gradient flows from one document into another's
+    # context); false: GPT-style causal attention across the whole window.
+    document_mask: bool = True
     val_fraction: float = 0.05  # share of documents held out (stable hash of the document id)
     val_max_sequences: int = 256  # cap on the validation set held in memory
     # Background processes per rank that read, filter, tokenize and pack (0: the training process

@@ -137,6 +137,17 @@ def collate(windows: list[dict]) -> dict:
     return {"input": tokens[:, :-1], "target": tokens[:, 1:], "doc_ids": doc_ids[:, :-1]}
 
 
+def document_inputs(doc_ids: torch.Tensor) -> dict:
+    """The forward kwargs that keep a packed window's documents apart: ``doc_ids`` for the
+    same-document causal mask, and rotary positions that restart at each document, so each
+    document is seen exactly as if it had been fed alone (the first one of a window starts
+    mid-document: it restarts at 0, as it would after any truncation)."""
+    doc_ids = doc_ids.contiguous()
+    first = torch.searchsorted(doc_ids, doc_ids)  # rows are non-decreasing: a document's first index
+    positions = torch.arange(doc_ids.shape[-1]).expand_as(doc_ids) - first
+    return {"doc_ids": doc_ids, "position_ids": positions}
+
+
 class Batches:
     """Groups a packed stream into micro-batches; its state is the stream's."""
 

@@ -165,14 +165,20 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys/values of one layer for incremental decoding, preallocated to max length."""
+    """Keys/values of one layer for incremental decoding, preallocated to max length on
+    the first update, in the device and dtype of the keys it gets: those of the compute
+    (a GPU and bf16 under mixed precision), whatever device and dtype the weights are
+    stored in (on the CPU, in fp32, when parameters are offloaded)."""
 
-    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, device, dtype):
-        self.k = torch.zeros(batch, n_kv, max_len, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
+    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int):
+        self.shape = (batch, n_kv, max_len, head_dim)
+        self.k = self.v = None
         self.pos = 0
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
+        if self.k is None:
+            self.k = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
+            self.v = torch.zeros_like(self.k)
         t = k.shape[2]
         self.k[:, :, self.pos : self.pos + t] = k
         self.v[:, :, self.pos : self.pos + t] = v
@@ -259,7 +265,7 @@ class Transformer(nn.Module):
             position_ids = torch.arange(start, start + T, device=tokens.device).unsqueeze(0)
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         mask = None
-        if doc_ids is not None and self._use_flex(tokens.device):
+        if doc_ids is not None and uses_flex(self.cfg, tokens.device, self.training, torch.is_grad_enabled()):
             mask = document_block_mask(doc_ids)
         elif doc_ids is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
@@ -285,17 +291,19 @@ class Transformer(nn.Module):
             return self.output(h), None
         return None, self.loss_fn(self.output, h, targets, self.cfg.loss_chunk)
 
-    def _use_flex(self, device: torch.device) -> bool:
-        choice = self.cfg.attention
-        if choice == "auto":  # flex_attention has no dropout
-            return device.type == "cuda" and not (self.training and self.cfg.dropout > 0)
-        return choice == "flex" and (device.type == "cuda" or not torch.is_grad_enabled())
-
-    def new_kv_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
-        device = device or self.tok_embeddings.weight.device
-        dtype = dtype or self.tok_embeddings.weight.dtype
+    def new_kv_caches(self, batch: int, max_len: int) -> list[KVCache]:
         c = self.cfg
-        return [KVCache(batch, c.kv_heads, max_len, c.head_dim, device, dtype) for _ in range(c.n_layers)]
+        return [KVCache(batch, c.kv_heads, max_len, c.head_dim) for _ in range(c.n_layers)]
+
+
+def uses_flex(cfg: ModelConfig, device: torch.device, training: bool = True, grad: bool = True) -> bool:
+    """Whether packed documents (``doc_ids``) are masked with flex_attention's block-sparse
+    mask (else a dense mask for SDPA): ``model.attention``, the device, and whether this is
+    training (flex has no dropout, and no CPU backward)."""
+    choice = cfg.attention
+    if choice == "auto":
+        return device.type == "cuda" and not (training and cfg.dropout > 0)
+    return choice == "flex" and (device.type == "cuda" or not grad)
 
 
 def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
@@ -410,6 +418,7 @@ def generate(
     eos_id: int | Sequence[int] | None = None,
     use_cache: bool = True,
     generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device] = None,
 ) -> torch.Tensor:
     """Sample continuations of ``prompt``. temperature 0 = greedy.
 
@@ -419,10 +428,20 @@ def generate(
     ``eos_id`` is one stop id or several (EOS and the end-of-turn token, say). Rows that
     emit one stop growing (they are padded with the first stop id). Returns only the new
     tokens, (B, <= max_new_tokens).
+
+    ``device``: where the forward computes (default: where the weights are; a trainer
+    with offloaded parameters passes its accelerator). Compiled blocks run eagerly here:
+    every decoding step has new shapes (prompt length, then one token against a growing
+    cache), which would recompile them for a few tokens of output.
     """
+    with torch.compiler.set_stance("force_eager"):
+        return _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator,
+                         device or model.tok_embeddings.weight.device)
+
+
+def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, device):
     was_training = model.training
     model.eval()
-    device = model.tok_embeddings.weight.device
     key_mask = pos = None
     if isinstance(prompt, torch.Tensor):
         prompt = prompt.to(device)

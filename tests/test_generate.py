@@ -70,6 +70,34 @@ def test_tensor_and_list_prompts_agree(model):
     assert generate(model, torch.tensor(p), 8, temperature=0).tolist() == generate(model, p, 8, temperature=0).tolist()
 
 
+def test_generation_with_compiled_blocks_compiles_nothing_and_matches_eager(model):
+    """Each decoding step has new shapes; compiled blocks would recompile for every few
+    tokens of a sample. Generation runs them eagerly, with the same tokens."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from train.compile import compile_blocks
+
+    compiled = copy.deepcopy(model)
+    compile_blocks(compiled)
+    counters.clear()
+    got = generate(compiled, PROMPTS, 12, temperature=0.0)
+    assert counters["stats"]["unique_graphs"] == 0 and counters["stats"]["calls_captured"] == 0
+    assert torch.equal(got, generate(model, PROMPTS, 12, temperature=0.0))
+
+
+def test_the_kv_cache_is_made_in_the_compute_dtype(model):
+    """Under mixed precision the keys are bf16 while the weights are fp32 (and, with
+    offloaded parameters, on another device): the cache follows the keys."""
+    caches = model.new_kv_caches(1, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.tensor([[5, 6, 7]]), kv_caches=caches)
+        model(torch.tensor([[8]]), position_ids=torch.tensor([[3]]), kv_caches=caches)
+    assert all(c.k.dtype == torch.bfloat16 and c.v.dtype == torch.bfloat16 and c.pos == 4 for c in caches)
+    assert model.tok_embeddings.weight.dtype == torch.float32
+
+
 def test_greedy_matches_transformers_generate():
     torch.manual_seed(1)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,

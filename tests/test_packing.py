@@ -1,5 +1,6 @@
 import itertools
 
+import pytest
 import torch
 
 from data_pipeline.config import DataConfig, SourceConfig
@@ -110,3 +111,72 @@ def test_batches_state_is_the_stream_state(tokenizer):
     b = Batches(PackedStream(ListDocs(TEXTS), tokenizer, 8), 2)
     next(b)
     assert b.state_dict()["docs"] == {"i": b.stream.docs.i}
+
+
+def _packed_batch_with_a_boundary(trainer):
+    for _ in range(20):
+        batch = next(trainer.train_batches)
+        if any(len(set(row.tolist())) > 1 for row in batch["doc_ids"]):
+            return batch
+    raise AssertionError("no packed window with two documents in 20 micro-batches")
+
+
+def _token_sum_loss(model, x, y, **kw):
+    logits, _ = model(x, **kw)  # the loss summed in the model's float64, not the fp32 loss path
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+
+
+@torch.no_grad()
+def test_a_packed_window_loss_is_the_sum_of_its_documents_losses(tiny_cfg):
+    """Pretraining through the trainer keeps a window's documents apart by default: the
+    window's summed loss is what each document gives fed alone; with
+    data.document_mask=false attention crosses documents and the sums differ."""
+    from train.trainer import Trainer
+
+    trainer = Trainer(tiny_cfg("data.seq_len=64"))
+    model = trainer.backend.model.double()  # float64: equal to 1e-9, where crossing documents moves it by 1e-5
+    model.eval()
+    batch = _packed_batch_with_a_boundary(trainer)
+    x, y, extra = trainer.model_inputs(batch)
+    assert set(extra) == {"doc_ids", "position_ids"}
+    alone = 0.0
+    for r in range(x.shape[0]):
+        ids = batch["doc_ids"][r]
+        for d in ids.unique().tolist():
+            seg = (ids == d).nonzero().flatten()
+            a, b = int(seg[0]), int(seg[-1]) + 1
+            alone += _token_sum_loss(model, x[r:r + 1, a:b], y[r:r + 1, a:b])
+    packed = _token_sum_loss(model, x, y, **extra)
+    assert packed == pytest.approx(alone, rel=1e-9)
+
+    trainer.cfg.data.document_mask = False
+    x, y, extra = trainer.model_inputs(batch)
+    assert extra == {}
+    assert _token_sum_loss(model, x, y) != pytest.approx(alone, rel=1e-7)
+
+
+def test_the_run_header_states_the_document_masking(tiny_cfg, capsys):
+    from model.llama import uses_flex
+    from train.trainer import Trainer
+
+    trainer = Trainer(tiny_cfg())
+    trainer._print_header(None)
+    assert "[kiln] document mask: on (dense)" in capsys.readouterr().out  # CPU: SDPA with a dense mask
+    trainer.cfg.data.document_mask = False
+    trainer._print_header(None)
+    assert "[kiln] document mask: off" in capsys.readouterr().out
+    cuda = torch.device("cuda")
+    assert uses_flex(trainer.model_cfg, cuda)  # what a GPU run's header says: on (flex)
+    assert not uses_flex(trainer.model_cfg, torch.device("cpu"))
+
+
+def test_a_gpu_run_on_the_fly_without_workers_is_warned_of_starvation(tiny_cfg):
+    from train.data import starvation_warning
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    warned = starvation_warning(tiny_cfg("train=gpu"), cuda)
+    assert warned and "data.num_workers=0" in warned and "data=prepared" in warned
+    assert "train.data_sharding=sequences" in starvation_warning(
+        tiny_cfg("data.num_workers=4", "train.data_sharding=sequences"), cuda)
+    assert starvation_warning(tiny_cfg("data.num_workers=4"), cuda) is None  # workers take the chain off
+    assert starvation_warning(tiny_cfg(), cpu) is None  # the CPU demo: the chain is not the bound

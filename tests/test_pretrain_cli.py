@@ -35,6 +35,7 @@ def test_pretrain_cli_trains_checkpoints_logs_plots_and_samples(tmp_path, tokeni
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["latest", "step_00000020", "step_00000040"]
     assert "[kiln] sample: The Python interpreter" in out
     assert "global batch = micro 4 x accum 1 x data-parallel 1 = 4 sequences" in out
+    assert "[kiln] document mask: on (dense)" in out  # the default, on a CPU
     assert os.listdir(run_dir / "tensorboard")
     wandb_runs = [d for d in os.listdir(run_dir / "wandb") if d.startswith("offline-run-")]
     assert len(wandb_runs) == 1

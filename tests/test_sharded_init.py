@@ -55,3 +55,30 @@ def test_init_from_is_read_once_and_reaches_every_fsdp_shard_unchanged(tmp_path,
     assert got["built"]["meta"]
     assert max(got["max_abs_diff"].values()) == 0.0, got["max_abs_diff"]
     assert got["max_abs_diff_from_fresh_init"] > 1e-4  # trained weights: the comparison above could fail
+
+
+def test_a_model_built_on_its_device_holds_the_host_built_weights():
+    """Single, DDP and ZeRO-1/2 build on the meta device and initialise on the training
+    device: the same tensors, bit for bit, as the model built and initialised on the host."""
+    import torch
+
+    from model.llama import ModelConfig, Transformer
+    from train.sharded_init import build_on_device
+
+    cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64,
+                      tie_embeddings=True)
+    torch.manual_seed(7)
+    host = Transformer(cfg)
+    torch.manual_seed(7)
+    built = build_on_device(Transformer, cfg, torch.device("cpu"))
+    assert not any(t.is_meta for t in built.state_dict().values())
+    want, got = host.state_dict(), built.state_dict()
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    for name in ("rope_cos", "rope_sin"):
+        assert torch.equal(getattr(built, name), getattr(host, name))
+    assert built.output.weight is built.tok_embeddings.weight  # still tied
+    torch.manual_seed(8)
+    assert not torch.equal(build_on_device(Transformer, cfg, torch.device("cpu")).layers[0].attn.wq.weight,
+                           host.layers[0].attn.wq.weight)

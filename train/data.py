@@ -242,6 +242,24 @@ def build_train_stream(cfg, tokenizer, rank: int, world: int):
     return data.train_batches(cfg.data, tokenizer, t.micro_batch_size, shard=rank, num_shards=world)
 
 
+def starvation_warning(cfg, device) -> str | None:
+    """Why this run's data may starve its accelerator, or None. The on-the-fly chain
+    (WARC reading, extraction, filters, dedup, tokenizing) runs at about 65 records/s per
+    core (docs/performance.md); on the training thread of a GPU run that is the bound on
+    its speed. Prepared token shards, or background workers, take it off that thread."""
+    if device.type != "cuda" or data.is_token_data(cfg.data):
+        return None
+    workers = int(cfg.data.num_workers)
+    sharding = cfg.train.data_sharding
+    if workers > 0 and sharding != "sequences":
+        return None
+    why = ("train.data_sharding=sequences reads one stream on the training thread of every rank" if workers
+           else "data.num_workers=0: the on-the-fly data chain runs on the training thread")
+    return (f"{why} (about 65 records/s per core), which will starve a GPU; prepare token shards once "
+            "(launch/prepare_data.py, then data=prepared) or set data.num_workers to the cores per GPU "
+            "with train.data_sharding=shards")
+
+
 def is_global_stream(stream) -> bool:
     """True when every rank holds the same stream position (sequences mode, SFT rows)."""
     return isinstance(stream, GlobalBatchSlicer)
@@ -266,6 +284,27 @@ def restore_stream(stream, states: list[dict], rank: int, world: int) -> str:
     epoch = max(s["docs"]["epoch"] for s in states)
     stream.set_epoch(epoch)
     return f"{len(states)} data ranks then, {world} now: shards restart at epoch {epoch}"
+
+
+class DataPosition:
+    """The ``Stateful`` of the training stream's position: field ``data`` (``data_state``
+    collects it from the ranks; ``restore_stream`` puts it back). A setting that does not
+    fit the saved stream is a ConfigError naming the key; ``note`` says what the last load
+    did."""
+
+    fields = ("data",)
+
+    def __init__(self, stream, backend):
+        self.stream, self.b = stream, backend
+        self.note = ""
+
+    def state_dict(self) -> dict:
+        return {"data": data_state(self.stream, self.b)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.note = restore_stream(self.stream, state.get("data", []), self.b.rank, self.b.data_parallel_size)
+        if self.b.is_main:
+            print(f"[kiln] resume: {self.note}", flush=True)
 
 
 def _mode_of_state(state: dict) -> str:

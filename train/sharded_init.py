@@ -8,6 +8,11 @@ with ``fill_slice``, which draws exactly the values a one-process build with the
 would hold there (``model.llama.init_rows``). Peak host memory while launching is one
 rank's shard plus one block of rows, not the model: the 7B config would otherwise cost 27 GB
 per rank before sharding.
+
+The backends that hold the whole model (single, DDP, ZeRO-1/2) get it from ``build_on_device``:
+built on the meta device, allocated once on the training device (``to_empty``) and filled
+there, parameter by parameter, with the same values. Nothing is built on the host and then
+copied, and torch's default initialisation, which ``init_rows`` overwrites anyway, never runs.
 """
 
 from __future__ import annotations
@@ -52,6 +57,25 @@ def deferred(backend):
                                f"{want} this run trains in")
         return init
     return contextlib.nullcontext()
+
+
+def build_on_device(model_cls, model_cfg, device: torch.device) -> torch.nn.Module:
+    """``model_cls(model_cfg)`` with its initial weights made on ``device``: the same tensors
+    as ``model_cls(model_cfg)`` on the CPU from the same global seed."""
+    with torch.device("meta"):
+        model = model_cls(model_cfg, init_weights=False)
+    first_name: dict[int, str] = {}
+    aliases = [(name, first_name.setdefault(id(p), name))
+               for name, p in model.named_parameters(remove_duplicate=False)]
+    model.to_empty(device=device)  # new Parameters from the meta ones: tied weights come apart
+    for name, first in aliases:
+        if name != first:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, model.get_parameter(first))
+    for name, p in model.named_parameters():  # tied weights once
+        fill_slice(model, name, tuple(p.shape), p.data.view(-1), 0)
+    model.reset_buffers()
+    return model
 
 
 def zero3_dtype(ds_config: dict) -> torch.dtype:

@@ -28,7 +28,6 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -37,10 +36,11 @@ from omegaconf import OmegaConf
 
 from data_pipeline import pipeline as data
 from data_pipeline.report import write_report
+from data_pipeline.stream import document_inputs
 from data_pipeline.token_shards import file_digest
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 from model import hf_interop
-from model.llama import ModelConfig, Transformer, flops_per_token, generate, param_count
+from model.llama import ModelConfig, Transformer, flops_per_token, generate, param_count, uses_flex
 from train import checkpoint as ckpt
 from train import run_lock
 from train.activation_checkpointing import apply_activation_checkpointing
@@ -48,13 +48,15 @@ from train.backends import build_backend
 from train.backends.base import RanksDisagree
 from train.checkpoint.full_state import FullState, read_init_weights
 from train.checkpoint.manager import CheckpointManager
+from train.checkpoint.rng import RNGStates
+from train.checkpoint.state import FilePiece, Progress
 from train.compile import compile_blocks
 from train.config import ConfigError
-from train.data import build_train_stream, data_state, pipeline_steps, restore_stream, validation_batches
+from train.data import DataPosition, build_train_stream, pipeline_steps, starvation_warning, validation_batches
 from train.metrics import MetricsLogger, peak_flops, peak_memory_gb, plot_losses
 from train.optim import lr_at
 from train.run_dir import record_run_config
-from train.sharded_init import builds_deferred, deferred
+from train.sharded_init import build_on_device, builds_deferred, deferred
 
 
 def seed_everything(seed: int) -> None:
@@ -150,12 +152,6 @@ def resolve_model_config(cfg, tokenizer: Tokenizer) -> ModelConfig:
     return mc
 
 
-@dataclass
-class TrainState:
-    step: int = 0
-    tokens: int = 0
-
-
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
@@ -180,12 +176,10 @@ class Trainer:
                                              int(cfg.checkpoint.keep_last), bool(cfg.checkpoint.async_save))
         self.logger = None  # the run's MetricsLogger while fit() runs
         self.last_checkpoint: Optional[str] = None  # written or resumed from by this process
-        # optimizer step -> global batches discarded before it (train.nan_policy=rollback)
-        self.skipped_batches: dict[int, int] = {}
         self.rollbacks = 0
         self.tokenizer = self.build_tokenizer()
         self.model_cfg = self.build_model_config()
-        self.state = TrainState()
+        self.state = Progress()  # step, tokens, global batches skipped (train.nan_policy=rollback)
         self._stop_requested = False
         # A job scheduler asks for a stop by creating this file (slurm/common.sh does on USR1/TERM).
         self._stop_file = os.environ.get("KILN_STOP_FILE") or None
@@ -205,6 +199,10 @@ class Trainer:
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp
         self.tokens_per_step = self.global_batch * cfg.data.seq_len
         self.train_batches, self.val_batches = self.build_data()
+        self.checkpoints.track(FilePiece(self.save_model_state, self.load_model_state),
+                               {"progress": self.state, "data": DataPosition(self.train_batches, b),
+                                "rng": RNGStates(b)},
+                               self.write_run_files)
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.peak = peak_flops(b.device, cfg.train.peak_tflops)
 
@@ -217,9 +215,12 @@ class Trainer:
 
     def build_model(self) -> torch.nn.Module:
         """The Transformer; where the backend shards it, built without weights (each rank
-        initialises its own shard in ``backend.setup``: train/sharded_init.py)."""
+        initialises its own shard in ``backend.setup``), else built and initialised on the
+        training device (train/sharded_init.py)."""
+        if not builds_deferred(self.backend):
+            return build_on_device(Transformer, self.model_cfg, self.backend.device)
         with deferred(self.backend):
-            return Transformer(self.model_cfg, init_weights=not builds_deferred(self.backend))
+            return Transformer(self.model_cfg, init_weights=False)
 
     def load_initial_weights(self) -> None:
         """``init_from`` weights, read once on rank 0 and streamed into the set-up backend."""
@@ -303,29 +304,8 @@ class Trainer:
 
     def load_checkpoint(self, path: str) -> None:
         """Everything of a (verified) checkpoint into this trainer: weights, optimizer, step,
-        data position, skipped batches, RNG."""
-        meta = ckpt.read_meta(path)
-        self.load_model_state(path, meta)
-        ts = ckpt.read_trainer_state(path)
-        self.state = TrainState(step=ts["step"], tokens=ts["tokens"])
-        self.skipped_batches = {int(k): int(v) for k, v in ts.get("skipped_batches", {}).items()}
-        try:
-            note = restore_stream(self.train_batches, ts.get("data", []), self.backend.rank,
-                                  self.backend.data_parallel_size)
-        except ConfigError:  # a setting that does not fit the saved stream: the user's to change
-            raise
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
-            raise ckpt.CheckpointError(f"{os.path.join(path, ckpt.TRAINER_STATE)}: field 'data' does not restore "
-                                       f"this run's data stream ({type(e).__name__}: {e})") from None
-        if self.backend.is_main:
-            print(f"[kiln] resume: {note}", flush=True)
-        rngs = ts.get("rng", [])
-        if len(rngs) == self.backend.world_size:
-            try:
-                ckpt.set_rng_state(rngs[self.backend.rank])
-            except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as e:
-                raise ckpt.CheckpointError(f"{os.path.join(path, ckpt.TRAINER_STATE)}: field 'rng' of rank "
-                                           f"{self.backend.rank} is not an RNG state ({type(e).__name__}: {e})") from None
+        data position, skipped batches, RNG (the pieces given to the manager)."""
+        self.checkpoints.load(path)
 
     def save(self) -> Optional[str]:
         """Checkpoint the current step (every rank). Synchronous: returns the committed
@@ -334,23 +314,18 @@ class Trainer:
         b, cfg = self.backend, self.cfg
         self.finish_save()  # one save in flight at a time
         b.agree("the step being checkpointed", self.state.step)
-        data_states = data_state(self.train_batches, b)
-        rngs = b.all_gather_object(ckpt.rng_state())
-        trainer_state = {"step": self.state.step, "tokens": self.state.tokens, "data": data_states, "rng": rngs,
-                         "skipped_batches": {str(k): v for k, v in self.skipped_batches.items()}}
-
-        def write_files(tmp: str) -> None:  # rank 0's small files
-            ckpt.write_json_atomic(os.path.join(tmp, ckpt.TRAINER_STATE), trainer_state)
-            OmegaConf.save(cfg, os.path.join(tmp, ckpt.CONFIG), resolve=True)
-            OmegaConf.save(OmegaConf.structured(self.model_cfg), os.path.join(tmp, ckpt.MODEL_CONFIG))
-            shutil.copyfile(self.tokenizer.path, os.path.join(tmp, ckpt.TOKENIZER))
-            self.write_extra_files(tmp)
-
         meta = {"backend": b.name, "zero_stage": int(cfg.backend.zero_stage), "world_size": b.world_size,
                 "data_parallel_size": b.data_parallel_size, "tokens": self.state.tokens,
                 "model": OmegaConf.to_container(OmegaConf.structured(self.model_cfg)), "provenance": self.provenance}
-        self.checkpoints.start(self.state.step, self.save_model_state, write_files, meta)
+        self.checkpoints.start(self.state.step, meta)
         return None if cfg.checkpoint.async_save else self.finish_save()
+
+    def write_run_files(self, directory: str) -> None:
+        """Rank 0's files that describe the run, into a checkpoint being written."""
+        OmegaConf.save(self.cfg, os.path.join(directory, ckpt.CONFIG), resolve=True)
+        OmegaConf.save(OmegaConf.structured(self.model_cfg), os.path.join(directory, ckpt.MODEL_CONFIG))
+        shutil.copyfile(self.tokenizer.path, os.path.join(directory, ckpt.TOKENIZER))
+        self.write_extra_files(directory)
 
     def finish_save(self) -> Optional[str]:
         """Wait for the save in flight, if any, and report its commit."""
@@ -380,14 +355,26 @@ class Trainer:
     def model_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(input, target, extra forward kwargs) of a micro-batch on the training device.
         Extra kwargs (packing's doc_ids/position_ids, a classifier's last_index) come from
-        the batch's ``model_kwargs``; pretraining batches have none."""
+        the batch's ``model_kwargs``; a packed pretraining window gets its documents kept
+        apart (``document_inputs``) unless ``data.document_mask=false``."""
         dev = self.backend.device
 
         def put(t: torch.Tensor) -> torch.Tensor:  # pinned first: a pageable copy would block the host
             return (t.pin_memory() if dev.type == "cuda" else t).to(dev, non_blocking=True)
 
-        extra = {k: put(v) for k, v in batch.get("model_kwargs", {}).items()}
+        kwargs = batch.get("model_kwargs")
+        if kwargs is None and "doc_ids" in batch and self.document_mask():  # packed pretraining windows
+            kwargs = document_inputs(batch["doc_ids"])
+        extra = {k: put(v) for k, v in (kwargs or {}).items()}
         return put(batch["input"]), put(batch["target"]), extra
+
+    def document_mask(self) -> bool:
+        """Whether packed sequences keep their documents apart (``data.document_mask``)."""
+        return bool(self.cfg.data.document_mask)
+
+    def data_warning(self) -> Optional[str]:
+        """Why this run's data may starve its accelerator (printed in the header), or None."""
+        return starvation_warning(self.cfg, self.backend.device)
 
     @staticmethod
     def loss_tokens(batch: dict) -> int:
@@ -501,7 +488,7 @@ class Trainer:
 
         while self.state.step < t.max_steps:
             lr = lr_at(self.state.step, cfg.optim, t.max_steps)
-            for _ in range(self.skipped_batches.get(self.state.step + 1, 0)):  # poisoned: see rollback()
+            for _ in range(self.state.skipped_batches.get(self.state.step + 1, 0)):  # poisoned: see rollback()
                 [next(self.train_batches) for _ in range(t.grad_accum_steps)]
             micro_batches = [next(self.train_batches) for _ in range(t.grad_accum_steps)]
             loss, _, step_tokens = self.forward_backward(micro_batches)
@@ -586,10 +573,10 @@ class Trainer:
                 else f" after {self.rollbacks} rollbacks (train.max_rollbacks={t.max_rollbacks})")
             raise FloatingPointError(f"loss is {loss_val} at step {bad_step}{why}; lower optim.lr or check the data, "
                                      f"or set train.nan_policy=rollback; {source}.")
-        skipped = dict(self.skipped_batches)
+        skipped = dict(self.state.skipped_batches)
         skipped[bad_step] = skipped.get(bad_step, 0) + 1
         self.load_checkpoint(self.last_checkpoint)
-        self.skipped_batches = {**self.skipped_batches, **skipped}
+        self.state.skipped_batches = {**self.state.skipped_batches, **skipped}
         self.rollbacks += 1
         if self.backend.is_main:
             print(f"[kiln] loss is {loss_val} at step {bad_step}: rolled back to {self.last_checkpoint} (step "
@@ -650,7 +637,7 @@ class Trainer:
         g = torch.Generator(device=self.backend.device).manual_seed(seed)
         with self.autocast():
             out = generate(model, ids, max_new_tokens, temperature=0.8, top_k=40,
-                           eos_id=self.tokenizer.eos_id, generator=g)
+                           eos_id=self.tokenizer.eos_id, generator=g, device=self.backend.device)
         return prompt + self.tokenizer.decode(out[0].tolist())
 
     def _print_header(self, resumed: Optional[str]) -> None:
@@ -667,6 +654,12 @@ class Trainer:
         print(f"[kiln] backend={b.name} ({cfg.backend.chosen_because}) world_size={b.world_size} device={b.device} "
               f"precision={'bf16' if self.use_bf16 else 'fp32'} compile={cfg.train.compile} "
               f"activation_checkpointing={cfg.train.activation_checkpointing}", flush=True)
+        masking = "off" if not self.document_mask() else \
+            f"on ({'flex' if uses_flex(mc, b.device) else 'dense'})"
+        print(f"[kiln] document mask: {masking}", flush=True)
+        starving = self.data_warning()
+        if starving:
+            print(f"[kiln] warning: {starving}", flush=True)
         print(f"[kiln] global batch = micro {cfg.train.micro_batch_size} x accum {cfg.train.grad_accum_steps} "
               f"x data-parallel {b.data_parallel_size} = {self.global_batch} sequences = {self.tokens_per_step:,} "
               f"tokens/step; validation: {cfg.train.eval_sequences} held-out sequences at most, "

@@ -1,7 +1,8 @@
 """kiln's checkpoints: one package owns the directory layout, writing, verification,
 selection, pruning and the pieces of state. Its modules: ``layout`` (every name),
 ``reading`` (small files as untrusted input), ``manifest`` (what a checkpoint is, and
-verification), ``store`` (atomic saves, ``latest``, selection, pruning, clean-up), ``rng``,
+verification), ``store`` (atomic saves, ``latest``, selection, pruning, clean-up), ``state``
+(the pieces of a run's state, as objects with ``state_dict``/``load_state_dict``), ``rng``,
 ``full_state`` (the portable weights+moments form every backend reads and writes),
 ``safe_unpickle`` (the formats that pickle), ``convert`` (writers for other formats) and
 ``manager`` (the run's saves and resume, across ranks, synchronous or in the background).

@@ -1,9 +1,15 @@
 """A run's checkpoints across ranks: where it resumes from, and saves that do not stall
 training.
 
-Saving has two halves. ``start`` (every rank, on the training thread) takes the step's
-small state (trainer state, config, tokenizer: rank 0 writes them at once) and has the
-backend write the weights and optimizer, in the background where ``background`` is on
+The run hands the manager its pieces of state once (``track``: train/checkpoint/state.py):
+the weights and optimizer, which write their own files, the small ``Stateful`` pieces
+(progress, data position, RNG), whose fields make trainer_state.json, and rank 0's
+description files (config, tokenizer, task files). ``load`` puts a checkpoint back into
+every piece.
+
+Saving has two halves. ``start`` (every rank, on the training thread) collects the small
+pieces' state (rank 0 writes it and the description files at once) and has the weights
+piece write the weights and optimizer, in the background where ``background`` is on
 and the backend can (DCP's ``async_save`` under FSDP, a host copy written by a thread under
 single/DDP; DeepSpeed writes synchronously). Each rank then fsyncs and hashes the files it
 wrote, in a thread of its own, so no rank hashes another's shards. ``poll`` (every rank,
@@ -24,9 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
 
-from train.checkpoint.layout import CheckpointError, writer_rank
+from train.checkpoint.layout import TRAINER_STATE, CheckpointError, writer_rank
 from train.checkpoint.manifest import files_of, hash_entries, local_hashes
-from train.checkpoint.store import begin, clean_stale, commit, describe_skipped, resolve, select
+from train.checkpoint.reading import read_meta, read_trainer_state
+from train.checkpoint.state import FileState, Stateful
+from train.checkpoint.store import begin, clean_stale, commit, describe_skipped, resolve, select, write_json_atomic
 
 
 def share_of(rels: list[str], sizes: list[int], world: int) -> list[int]:
@@ -91,7 +99,42 @@ class CheckpointManager:
         self.b, self.root = backend, root
         self.verify_mode, self.keep_last, self.background = verify_mode, keep_last, background
         self.pending: Optional[_Pending] = None
-        self._hasher = None
+        self.weights: Optional[FileState] = None
+        self.states: dict[str, Stateful] = {}
+        self.describe: Callable[[str], None] = lambda directory: None
+
+    def track(self, weights: FileState, states: dict[str, Stateful], describe: Callable[[str], None]) -> None:
+        """The run's pieces of state: ``weights`` (weights and optimizer, files in the
+        backend's format), ``states`` (small pieces, each owning fields of
+        trainer_state.json; no field may have two owners) and ``describe(directory)``,
+        rank 0's files that describe the run (config, tokenizer, task files)."""
+        owners: dict[str, str] = {}
+        for name, piece in states.items():
+            for f in piece.fields:
+                if f in owners:
+                    raise ValueError(f"field {f!r} of trainer_state.json has two owners: {owners[f]!r} and {name!r}")
+                owners[f] = name
+        self.weights, self.states, self.describe = weights, dict(states), describe
+
+    def load(self, path: str) -> None:
+        """A (verified) checkpoint into every piece (every rank calls): weights and
+        optimizer first, then each small piece its own fields. A field that does not load
+        is a CheckpointError naming the file and field; a setting of this run that does not
+        fit it (train.data_sharding, ...) stays the ConfigError naming the key."""
+        from train.config import ConfigError  # train.config imports this package
+
+        self.weights.load(path, read_meta(path))
+        state = read_trainer_state(path)
+        file = os.path.join(path, TRAINER_STATE)
+        for piece in self.states.values():
+            try:
+                piece.load_state_dict({f: state[f] for f in piece.fields if f in state})
+            except ConfigError:
+                raise
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
+                named = ("field " if len(piece.fields) == 1 else "fields ") + ", ".join(f"'{f}'" for f in piece.fields)
+                raise CheckpointError(f"{file}: {named} does not restore into rank {self.b.rank} of this run "
+                                      f"({type(e).__name__}: {e})") from None
 
     # -- resume -----------------------------------------------------------------------
     def resume_point(self, resume: str) -> Optional[str]:
@@ -139,17 +182,21 @@ class CheckpointManager:
         return path
 
     # -- saving -----------------------------------------------------------------------
-    def start(self, step: int, write_state: Callable, write_files: Callable[[str], None], meta: dict) -> None:
-        """Begin the save of ``step`` (every rank): ``write_state(tmp, background)`` is the
-        backend's write (returns a ``Writing``), ``write_files(tmp)`` rank 0's small files.
-        A save still in flight is finished first: one at a time."""
+    def start(self, step: int, meta: dict) -> None:
+        """Begin the save of ``step`` (every rank): the small pieces' state and the
+        description files are written at once by rank 0, the weights piece writes in the
+        background where it can. A save still in flight is finished first: one at a time."""
         self.wait()
         b = self.b
         t0 = time.perf_counter()
+        fields: dict = {}
+        for piece in self.states.values():  # every rank: collecting some pieces is collective
+            fields.update(piece.state_dict())
         tmp = b.broadcast_object(begin(self.root, step) if b.is_main else None)
-        writing = write_state(tmp, self.background)
+        writing = self.weights.save(tmp, self.background)
         if b.is_main:
-            write_files(tmp)
+            write_json_atomic(os.path.join(tmp, TRAINER_STATE), fields)
+            self.describe(tmp)
         from train.backends.base import background_writer
 
         def hash_mine() -> tuple[dict, float]:

@@ -46,3 +46,22 @@ def _to_tuple(x):
     if isinstance(x, list):
         return tuple(_to_tuple(v) for v in x)
     return x
+
+
+class RNGStates:
+    """The ``Stateful`` of the ranks' random number generators: field ``rng`` holds one
+    state per rank. A checkpoint written by another number of ranks leaves this run's
+    generators as they are (their streams then differ from any earlier run anyway)."""
+
+    fields = ("rng",)
+
+    def __init__(self, backend):
+        self.b = backend
+
+    def state_dict(self) -> dict:
+        return {"rng": self.b.all_gather_object(rng_state())}
+
+    def load_state_dict(self, state: dict) -> None:
+        rngs = state.get("rng", [])
+        if len(rngs) == self.b.world_size:
+            set_rng_state(rngs[self.b.rank])

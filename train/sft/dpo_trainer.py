@@ -143,6 +143,10 @@ class DPOTrainer(SFTTrainer):
         beta, ref = float(self.cfg.dpo.beta), extra["ref_logps"].to(out.dtype)
         return beta * (out[:n] - ref[:n]), beta * (out[n:] - ref[n:])
 
+    def document_mask(self) -> bool:
+        """Preference pairs are never packed: one prompt and response per row."""
+        return False
+
     def build_data(self):
         cfg, b, t = self.cfg, self.backend, self.cfg.train
         self.prepare_pairs()

@@ -129,12 +129,24 @@ class SFTTrainer(Trainer):
         """Already done in ``build_model``: LoRA adapters and a head are built around the base
         weights, so every rank builds the whole model (no sharded initialisation for SFT)."""
 
+    def document_mask(self) -> bool:
+        """Packed SFT rows keep their examples apart (``sft.packing``: several examples per
+        row); continued pretraining follows ``data.document_mask`` as pretraining does."""
+        if self.task == "continued_pretraining":
+            return super().document_mask()
+        return bool(self.cfg.sft.packing) and not self.classification
+
+    def data_warning(self):
+        """Labelled records are read into memory once; only continued pretraining runs the
+        web data chain."""
+        return super().data_warning() if self.task == "continued_pretraining" else None
+
     def build_data(self):
         if self.task == "continued_pretraining":
             return super().build_data()
         cfg, b = self.cfg, self.backend
         t, s = cfg.train, cfg.sft
-        packed = bool(s.packing) and not self.classification
+        packed = self.document_mask()
         collate = make_collate(max(self.tokenizer.pad_id, 0), self.classification, packed)
         rows = RowStream(self.sft_data.train, int(cfg.data.seq_len), packed, int(s.seed))
         train = GlobalBatchSlicer(rows, t.micro_batch_size, t.grad_accum_steps, b.rank, b.data_parallel_size,
@@ -211,7 +223,8 @@ class SFTTrainer(Trainer):
         stop = [tok.eos_id, tok.control["<|end_of_turn|>"]]
         ids = [encode_prompt(tok, p) for p in prompts]
         with self.autocast():
-            out = generate(self.backend.raw_model, ids, max_new_tokens, temperature=0.0, eos_id=stop)
+            out = generate(self.backend.raw_model, ids, max_new_tokens, temperature=0.0, eos_id=stop,
+                           device=self.backend.device)
         answers = []
         for row in out.tolist():
             cut = next((i for i, t in enumerate(row) if t in stop), len(row))
