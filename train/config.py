@@ -252,6 +252,7 @@ def validate(cfg: Any) -> None:
     _check(b.name in BACKENDS, "backend.name", f"unknown backend {b.name!r} ({' | '.join(BACKENDS)})")
     resolve_backend(cfg)  # auto -> the launcher's backend; single under a multi-process launcher fails here
     _check(b.zero_stage in (0, 1, 2, 3), "backend.zero_stage", f"must be 0, 1, 2 or 3, got {b.zero_stage}")
+    validate_deepspeed(cfg)
     _check(b.dist_backend in ("auto", "nccl", "gloo"), "backend.dist_backend",
            f"unknown process-group backend {b.dist_backend!r} (auto | nccl | gloo)")
     r = str(cfg.resume)
@@ -264,6 +265,16 @@ def validate(cfg: Any) -> None:
     _check(tp is None or os.path.isfile(str(tp)), "tokenizer.path", f"file not found: {tp!r}")
     _check(cfg.tokenizer.vocab_size >= 300, "tokenizer.vocab_size",
            f"must be >= 300 (byte fallback needs 256 ids), got {cfg.tokenizer.vocab_size}")
+
+
+def validate_deepspeed(cfg: Any) -> None:
+    """backend=deepspeed: a launcher must have started the process, and a user's
+    backend.ds_config must agree with kiln's own keys. The rules belong to the DeepSpeed
+    backend (train/backends/deepspeed.py: check_start); they run here, before any heavy work."""
+    if cfg.backend.name == "deepspeed":
+        from train.backends.deepspeed import check_start
+
+        check_start(cfg)
 
 
 def exit_config_error(cfg: Any, e: ConfigError) -> None:

@@ -11,24 +11,42 @@ import math
 import torch
 
 
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's whole shape, whatever a backend has done to its storage: under
+    ZeRO-3's ``zero.Init`` ``p`` is an empty 1-D placeholder and the shape lives in
+    ``ds_shape``; FSDP2's DTensor already reports its global shape."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Whether AdamW decays parameter ``name``: matrices, except the token embedding (and
+    the output weight when tied to it, which ``named_parameters`` lists under the
+    embedding's name). Decided on the full shape, so every backend (single, DDP, FSDP,
+    ZeRO 1/2/3) decays the same parameters: a per-rank shard must not change the answer."""
+    return len(full_shape(p)) >= 2 and "tok_embeddings" not in name
+
+
+def decay_split(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """(decayed, not decayed) trainable parameter names, each tensor once (tied aliases
+    under their first name): the grouping ``param_groups`` gives the optimizer."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # each tensor once (remove_duplicate)
+        if p.requires_grad:
+            (decay if decays(name, p) else no_decay).append(name)
+    return decay, no_decay
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on 2-D weights except embeddings; none on norm gains.
 
     Decaying embeddings pulls rare tokens towards zero, and decaying norm gains fights the
     normalisation; both are left alone, as in Llama and GPT-NeoX.
     """
-    decay, no_decay, seen = [], [], set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        if p.dim() >= 2 and "tok_embeddings" not in name:
-            decay.append(p)
-        else:
-            no_decay.append(p)
+    params = dict(model.named_parameters())
+    decay, no_decay = decay_split(model)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [params[n] for n in decay], "weight_decay": weight_decay},
+        {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
     ]
 
 

@@ -1,8 +1,9 @@
 """DeepSpeed ZeRO stage 0-3, with optional optimizer / parameter CPU offload.
 
 The DeepSpeed JSON config is generated from the Hydra config (batch sizes, clipping,
-precision, ZeRO stage, offload); a user's own ``backend.ds_config`` file is merged over
-it, except for the batch keys, which must agree with kiln's or the run stops naming them.
+precision, ZeRO stage, offload; fp32 gradient reduction and accumulation); a user's own
+``backend.ds_config`` file is merged over it, but a value it sets for a key kiln decides
+must agree with kiln's, or the run stops naming both keys (``merge_user_config``).
 kiln keeps control of the learning rate (written into the param groups each step) and of
 gradient accumulation (DeepSpeed's micro-step counter is advanced per micro-batch, the
 loss arrives already scaled).
@@ -23,7 +24,7 @@ import os
 
 import torch
 
-from train.backends.base import Backend, Writing
+from train.backends.base import Backend, Writing, uses_bf16
 from train.checkpoint import DS_DIR, deepspeed_tag, ds_files, storage_format
 from train.checkpoint.full_state import MOMENTS, FullState, adamw_step, named_params, read_full_state
 from train.checkpoint.safe_unpickle import check_deepspeed_files
@@ -40,15 +41,22 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def build_ds_config(cfg, bf16: bool) -> dict:
+    """DeepSpeed's JSON config for this run, from kiln's keys; a user's ``backend.ds_config``
+    merged over it (``merge_user_config``: it may add DeepSpeed knobs, not change kiln's)."""
     b, t, o = cfg.backend, cfg.train, cfg.optim
-    zero: dict = {"stage": int(b.zero_stage)}
+    stage = int(b.zero_stage)
+    zero: dict = {"stage": stage}
+    if stage >= 2:
+        # Reduce each gradient bucket while backward goes on. DeepSpeed turns this on by
+        # itself only for stage 3; without it ZeRO-2 reduces everything after backward.
+        zero["overlap_comm"] = True
     if b.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if b.offload_params:
-        if b.zero_stage != 3:
-            raise ValueError("config error: backend.offload_params: parameter offload needs backend.zero_stage=3")
+        if stage != 3:
+            raise ConfigError("backend.offload_params", "parameter offload needs backend.zero_stage=3")
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    if b.zero_stage == 3:
+    if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     ds = {
         "train_micro_batch_size_per_gpu": int(t.micro_batch_size),
@@ -56,24 +64,113 @@ def build_ds_config(cfg, bf16: bool) -> dict:
         "gradient_clipping": float(o.grad_clip),
         "zero_optimization": zero,
         "bf16": {"enabled": bool(bf16)},
+        # Reduce and accumulate gradients in fp32, as FSDP does (reduce_dtype=float32): with
+        # bf16 on, DeepSpeed would otherwise do both in bf16 and drift from FSDP as ranks
+        # and accumulation steps grow. (ZeRO-1 with bf16 then runs as DeepSpeed's
+        # BF16_Optimizer, its stage-1 route for fp32 accumulation.)
+        "communication_data_type": "fp32",
+        "data_types": {"grad_accum_dtype": "fp32"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
     if b.ds_config:
-        with open(b.ds_config) as f:
-            user = json.load(f)
-        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
-            if key in user and key != "train_batch_size" and user[key] != ds[key]:
-                raise ValueError(f"config error: backend.ds_config: {key}={user[key]} in {b.ds_config} "
-                                 f"disagrees with kiln's {ds[key]} (set it through train.*)")
-        user.pop("train_batch_size", None)
-        for key in ("optimizer", "scheduler"):
-            if key in user:
-                raise ValueError(f"config error: backend.ds_config: {key!r} in {b.ds_config}: kiln builds the "
-                                 "optimizer and schedule from optim.*")
-        ds = deep_merge(ds, user)
+        ds = merge_user_config(ds, cfg, bf16)
     return ds
+
+
+def kiln_owned(cfg, bf16: bool) -> list[tuple[str, str, object]]:
+    """(DeepSpeed key, the kiln key that decides it, kiln's value) for every DeepSpeed
+    setting kiln derives from its own config: a user's file may repeat these, never change
+    them. Offload is compared as on/off (``offloaded``), so NVMe in place of the CPU agrees."""
+    b, t = cfg.backend, cfg.train
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    micro, accum = int(t.micro_batch_size), int(t.grad_accum_steps)
+    return [
+        ("train_micro_batch_size_per_gpu", "train.micro_batch_size", micro),
+        ("gradient_accumulation_steps", "train.grad_accum_steps", accum),
+        ("train_batch_size", f"train.micro_batch_size x train.grad_accum_steps x {world} ranks", micro * accum * world),
+        ("gradient_clipping", "optim.grad_clip", float(cfg.optim.grad_clip)),
+        ("zero_optimization.stage", "backend.zero_stage", int(b.zero_stage)),
+        ("zero_optimization.offload_optimizer.device", "backend.offload_optimizer",
+         "cpu" if b.offload_optimizer else "none"),
+        ("zero_optimization.offload_param.device", "backend.offload_params", "cpu" if b.offload_params else "none"),
+        ("bf16.enabled", "train.precision", bool(bf16)),
+        ("fp16.enabled", "train.precision", False),  # kiln trains in bf16 or fp32
+    ]
+
+
+def offloaded(device) -> bool:
+    """Whether a DeepSpeed offload ``device`` value moves anything off the accelerator."""
+    return device not in (None, "none")
+
+
+def merge_user_config(ds: dict, cfg, bf16: bool) -> dict:
+    """``ds`` with the user's ``backend.ds_config`` file merged over it. A value the file
+    sets for a key kiln decides (``kiln_owned``) must agree with kiln's ("auto" takes
+    kiln's), and the file may not bring its own optimizer or scheduler: otherwise the run
+    would silently train with other settings than the ones kiln prints and checkpoints."""
+    path = str(cfg.backend.ds_config)
+    user = read_user_config(path)
+    for key in ("optimizer", "scheduler"):
+        if key in user:
+            raise ConfigError("backend.ds_config", f"{key!r} in {path}: kiln builds the optimizer and schedule "
+                              "from optim.*")
+    for dotted, kiln_key, want in kiln_owned(cfg, bf16):
+        got = lookup(user, dotted)
+        if got is None or got == "auto":
+            continue
+        agrees = offloaded(got) == offloaded(want) if dotted.endswith(".device") else got == want
+        if not agrees:
+            raise ConfigError("backend.ds_config", f"{dotted}={got!r} in {path} disagrees with kiln's {kiln_key}, "
+                              f"which gives {dotted}={want!r}: set it through {kiln_key}, or drop it from the file")
+    user.pop("train_batch_size", None)  # agrees (checked above); DeepSpeed derives it from the other two
+    return deep_merge(ds, without_auto(user))
+
+
+def read_user_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            user = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError("backend.ds_config", f"cannot read {path} as JSON: {e}") from None
+    if not isinstance(user, dict):
+        raise ConfigError("backend.ds_config", f"{path} must hold a JSON object")
+    return user
+
+
+def lookup(d: dict, dotted: str):
+    """``d``'s value at the dotted key (``zero_optimization.stage``), None where unset."""
+    for name in dotted.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(name)
+    return d
+
+
+def without_auto(d: dict) -> dict:
+    """The user's file less its "auto" values (Hugging Face's convention for "the trainer
+    decides"): kiln's generated values stand there."""
+    return {k: without_auto(v) if isinstance(v, dict) else v for k, v in d.items() if v != "auto"}
+
+
+def planned_bf16(cfg) -> bool:
+    """``Backend.bf16`` before the backend exists (config validation): the same decision,
+    on the device the backend will pick."""
+    on_gpu = cfg.train.device != "cpu" and torch.cuda.is_available()
+    return uses_bf16(str(cfg.train.precision), torch.device("cuda" if on_gpu else "cpu"))
+
+
+def check_start(cfg) -> None:
+    """backend=deepspeed before any heavy work (``train.config.validate``): a launcher must
+    have started this process, and a user's ``backend.ds_config`` must agree with kiln's
+    keys. Raises ConfigError."""
+    if "RANK" not in os.environ:
+        raise ConfigError("backend.name", "backend=deepspeed joins the process group a launcher describes, and "
+                          "this process was started without one (no RANK in the environment): start it with "
+                          "`deepspeed --num_gpus N launch/...`, or use backend=single (one process) or "
+                          "backend=fsdp")
+    build_ds_config(cfg, planned_bf16(cfg))
 
 
 class DeepSpeedBackend(Backend):
@@ -140,12 +237,17 @@ class DeepSpeedBackend(Backend):
         if not self._is_last:
             self.engine.step()  # advances DeepSpeed's micro-step counter; no update
 
-    def step(self, lr: float, max_norm: float) -> float:
+    def step(self, lr: float, max_norm: float) -> torch.Tensor:
+        """The pre-clip global gradient norm as a tensor, left where DeepSpeed computed it:
+        the trainer reads it at logging steps only (a read syncs the GPU). DeepSpeed hands
+        a Python float only when it has no tensor (before any step, an overflow, norms off)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if isinstance(norm, torch.Tensor):
+            return norm.detach().clone()  # DeepSpeed may reuse its buffer by the time it is read
+        return torch.tensor(float("nan") if norm is None else norm)
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, directory: str, background: bool = False) -> Writing:
