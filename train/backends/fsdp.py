@@ -11,6 +11,7 @@ then materialised shard by shard, so no rank ever holds it whole.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -36,6 +37,35 @@ from train.optim import build_adamw
 from train.sharded_init import init_fsdp_shards, is_deferred
 
 
+def block_precision(bf16: bool) -> dict:
+    """Mixed precision of the transformer blocks: bf16 weights for the matmuls, fp32
+    gradient reduction, and the inputs left as the caller made them
+    (``cast_forward_inputs=False``, as torchtitan does): the rotary tables ``cos``/``sin``
+    and the residual stream stay fp32, as under single and DDP, where autocast casts only
+    at each matmul. FSDP's default would cast every block's inputs to bf16: rotary angles
+    rounded to bf16 and a bf16 residual stream, another model than the one single trains.
+
+    The root (embeddings, final norm, output) gets no policy at all, so its parameters are
+    gathered in fp32: the embedding lookup starts the residual stream in fp32 as under single
+    (a bf16 table would start it in bf16 whatever the blocks do), and autocast still runs the
+    output projection in bf16. The price is the root's one all-gather per step in fp32
+    instead of bf16 (it is not resharded after forward, see ``shard_root``)."""
+    if not bf16:
+        return {}
+    return {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                              cast_forward_inputs=False)}
+
+
+def shard_root(model: torch.nn.Module, mesh, offload: dict) -> None:
+    """``fully_shard`` on the root with ``reshard_after_forward`` left unset: torch then
+    keeps the root's parameters (the tied embedding/output weight, the final norm)
+    unsharded from forward to backward, where the first thing backward needs is the output
+    weight; passing True, even the same value as the blocks, would free them after forward
+    and gather them again, exposed, at the start of backward (torchtitan and OLMo-core keep
+    them too). No ``mp_policy``: the root's parameters stay fp32, see ``block_precision``."""
+    fully_shard(model, mesh=mesh, **offload)
+
+
 class FSDPBackend(Backend):
     name = "fsdp"
 
@@ -57,23 +87,38 @@ class FSDPBackend(Backend):
 
     def setup(self, model: torch.nn.Module) -> None:
         bcfg = self.cfg.backend
-        kwargs = {"mesh": self._mesh(), "reshard_after_forward": bcfg.reshard_after_forward}
-        if self.bf16:
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if bcfg.offload_params:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
+        mesh = self._mesh()
+        offload = {"offload_policy": CPUOffloadPolicy()} if bcfg.offload_params else {}
         deferred = is_deferred(model)
         if not bcfg.offload_params and not deferred:
             model = model.to(self.device)
         for block in model.layers:
-            fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)
+            fully_shard(block, mesh=mesh, reshard_after_forward=bcfg.reshard_after_forward,
+                        **block_precision(self.bf16), **offload)
+        shard_root(model, mesh, offload)
         if deferred:  # FSDP has allocated nothing yet: each rank makes and initialises its shard
             init_fsdp_shards(model, torch.device("cpu") if bcfg.offload_params else self.device, self.device)
         self.raw_model = self.model = model
         opt_device = torch.device("cpu") if bcfg.offload_params else self.device
         self.optimizer = build_adamw(model, self.cfg.optim, opt_device)
 
+    @contextlib.contextmanager
+    def micro_step_context(self, is_last: bool):
+        """HSDP (``backend.hybrid_shard``): every micro-batch still reduce-scatters within
+        the node (so each rank keeps only its shard of the gradient), but the all-reduce
+        across replicas waits for the last micro-batch, which sends the sum of all of them
+        once; the partial sums meanwhile live in FSDP (the parameters' ``.grad`` is set at
+        the last one). Plain FSDP keeps reduce-scattering each micro-batch: skipping that
+        (``set_requires_gradient_sync(False)``) would hold every block's unsharded gradient
+        until the last one, i.e. the whole model's gradient on each rank."""
+        if not self.cfg.backend.hybrid_shard:
+            yield
+            return
+        self.model.set_requires_all_reduce(is_last)
+        try:
+            yield
+        finally:  # a backward outside this context (or after an error) synchronises fully
+            self.model.set_requires_all_reduce(True)
 
     def save(self, directory: str, background: bool = False) -> Writing:
         msd, osd = get_state_dict(self.model, self.optimizer)
