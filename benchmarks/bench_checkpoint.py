@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -78,7 +79,7 @@ def _fsdp_run(run_dir: str, args, async_save: bool) -> dict:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = ["torchrun", "--nproc_per_node", str(args.nproc), "--master_port", str(random.randint(20000, 40000)),
            "launch/pretrain.py", f"model={args.model}", "backend=fsdp", f"run_dir={run_dir}", "train.max_steps=6",
-           "checkpoint.every=2", "checkpoint.keep_last=3", f"checkpoint.async_save={str(async_save).lower()}",
+           "checkpoint.every=2", "checkpoint.keep_last=2", f"checkpoint.async_save={str(async_save).lower()}",
            "train.micro_batch_size=1", "data.seq_len=64", "train.eval_every=0", "train.sample_tokens=0",
            "logger.plot=false", "train.log_every=1", *args.overrides]
     if args.layers:
@@ -103,6 +104,7 @@ def bench_save(args) -> None:
             t0 = time.perf_counter()
             ckpt.manifest(step_dir)  # rank 0 alone: every file, fsync and hash
             rows[mode]["rank0_alone_s"] = time.perf_counter() - t0
+            shutil.rmtree(run_dir)  # 1b: 12 GB a checkpoint; two runs' worth may not fit the disk
         sync, asyn = rows[False], rows[True]
     layers = f" with {args.layers} layers" if args.layers else ""
     print(f"model={args.model}{layers}, FSDP x {args.nproc} processes (gloo, CPU), checkpoint {size / 1e9:.2f} GB "

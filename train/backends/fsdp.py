@@ -17,6 +17,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -73,6 +74,8 @@ class FSDPBackend(Backend):
         super().__init__(cfg)
         init_distributed(self, required=True)  # the device mesh needs a group, even of one process
         self._ckpt_group = None  # background checkpoint writes: made at the first one
+        self._stager = None
+        self._staging = None  # the save in flight's copy of the state, until it is made
 
     def _mesh(self):
         dev = self.device.type
@@ -129,13 +132,40 @@ class FSDPBackend(Backend):
         if not background:
             dcp.save(state, checkpoint_id=path)
             return Writing()
-        # DCP stages the shards into host memory, then writes them from a thread whose
-        # collectives use a group of their own (never the training stream's).
+        # DCP copies the shards into host memory from a thread of its own while training goes
+        # on (``step`` waits for that copy before the optimizer changes what it reads), then
+        # writes them from another thread whose collectives use a group of their own (never
+        # the training stream's). Staging in the background is what torchtitan's async mode
+        # does: the forward and backward of the next step overlap the copy.
+        self.wait_for_staging()
         if self._ckpt_group is None:
             self._ckpt_group = dist.new_group(backend="gloo")
-        return Writing(dcp.async_save(state, checkpoint_id=path, process_group=self._ckpt_group))
+            cuda = self.device.type == "cuda"
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=True, use_non_blocking_copy=cuda))
+        response = dcp.async_save(state, checkpoint_id=path, process_group=self._ckpt_group,
+                                  async_stager=self._stager)
+        self._staging = response.staging_completion
+        return Writing(response.upload_completion)
+
+    def wait_for_staging(self) -> None:
+        """Block until the save in flight has its copy of the parameters and optimizer state:
+        before anything changes them (the optimizer step, a load)."""
+        if self._staging is not None:
+            self._staging.result()
+            self._staging = None
+
+    def step(self, lr: float, max_norm: float):
+        self.wait_for_staging()
+        return super().step(lr, max_norm)
+
+    def shutdown(self) -> None:
+        if self._stager is not None:
+            self._stager.close()
+        super().shutdown()
 
     def load(self, directory: str, meta: dict) -> None:
+        self.wait_for_staging()
         if storage_format(directory) == "dcp":
             msd, osd = get_state_dict(self.model, self.optimizer)
             if not osd.get("state"):
