@@ -8,12 +8,14 @@ at load) against the alternatives; the file is read from the page cache after a 
 pass, so the numbers are the hashing cost (a cold read adds the disk's throughput).
 
 ``save``: real 2-process FSDP runs (``torchrun``, gloo on CPU) of ``launch/pretrain.py``
-that save after steps 1 and 2, once with ``checkpoint.async_save=false`` and once with
-``true``. It prints the time training is blocked by the second save (from the run's own
-``checkpoint`` records: the whole save when synchronous; the copy out of the training
-tensors plus the commit when asynchronous), the time until that checkpoint was durable,
-and rank 0's hashing time when every rank hashes its own files, against rank 0 hashing
-the whole checkpoint alone (measured here, over the same files, fsync included).
+that save after steps 2, 4 and 6, once with ``checkpoint.async_save=false`` and once with
+``true`` (``--modes`` runs one). It prints the time training is blocked by the save of step
+4 (from the run's own ``checkpoint`` records: the whole save when synchronous; when
+asynchronous, starting it, the optimizer step's wait for the host copy, and the commit),
+the time until that checkpoint was durable, the training step time just after a save
+against before any (a background write competes with training for the host's cores), and
+rank 0's hashing time when every rank hashes its own files, against rank 0 hashing the
+whole checkpoint alone (measured here, over the same files, fsync included).
 """
 
 from __future__ import annotations
@@ -89,14 +91,25 @@ def _fsdp_run(run_dir: str, args, async_save: bool) -> dict:
     if p.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        saves = [r for r in map(json.loads, f) if r["kind"] == "checkpoint"]
-    return saves[1]  # step 4: not the first save (warm-up), not the last (waited for at the end)
+        records = [json.loads(line) for line in f]
+    saves = [r for r in records if r["kind"] == "checkpoint"]
+    train = {r["step"]: r for r in records if r["kind"] == "train"}
+    out = dict(saves[1])  # step 4: not the first save (warm-up), not the last (waited for at the end)
+    # Seconds of training per step (checkpointing excluded: the trainer's own accounting), for
+    # the steps just after a save (3 and 5: a background write in flight when async) and the
+    # steps before any save (2; step 1 warms up).
+    per_step = {s: (r["tokens"] - train.get(s - 1, {"tokens": 0})["tokens"]) / r["tokens_per_s"]
+                for s, r in train.items()}
+    out["step_s_after_save"] = (per_step[3] + per_step[5]) / 2
+    out["step_s_clean"] = per_step[2]
+    return out
 
 
 def bench_save(args) -> None:
+    modes = {"both": (False, True), "sync": (False,), "async": (True,)}[args.modes]
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         rows = {}
-        for mode in (False, True):
+        for mode in modes:
             run_dir = os.path.join(d, "async" if mode else "sync")
             rows[mode] = _fsdp_run(run_dir, args, mode)
             step_dir = rows[mode]["checkpoint"]
@@ -105,17 +118,19 @@ def bench_save(args) -> None:
             ckpt.manifest(step_dir)  # rank 0 alone: every file, fsync and hash
             rows[mode]["rank0_alone_s"] = time.perf_counter() - t0
             shutil.rmtree(run_dir)  # 1b: 12 GB a checkpoint; two runs' worth may not fit the disk
-        sync, asyn = rows[False], rows[True]
     layers = f" with {args.layers} layers" if args.layers else ""
     print(f"model={args.model}{layers}, FSDP x {args.nproc} processes (gloo, CPU), checkpoint {size / 1e9:.2f} GB "
           f"(weights + AdamW moments)")
-    print(f"  training blocked by a save     synchronous {sync['blocked_s']:7.2f} s   async {asyn['blocked_s']:7.2f} s"
-          f"   ({asyn['blocked_s'] / sync['blocked_s']:.0%} of synchronous)")
-    print(f"  save durable after             synchronous {sync['durable_after_s']:7.2f} s   "
-          f"async {asyn['durable_after_s']:7.2f} s")
-    per_rank = sync["hash_s_per_rank"]
-    print(f"  rank 0 hashing (fsync+xxh3)    per-rank {per_rank[0]:7.2f} s (ranks: "
-          f"{', '.join(f'{h:.2f}' for h in per_rank)})   rank 0 alone {sync['rank0_alone_s']:7.2f} s")
+    for mode, r in rows.items():
+        name = "async" if mode else "synchronous"
+        print(f"  {name:12s} training blocked by the save of step 4 {r['blocked_s']:7.2f} s; durable after "
+              f"{r['durable_after_s']:7.2f} s; training step after a save {r['step_s_after_save']:6.2f} s "
+              f"(before any save {r['step_s_clean']:6.2f} s)")
+        per_rank = r["hash_s_per_rank"]
+        print(f"  {'':12s} rank 0 hashing (fsync+xxh3) per-rank {per_rank[0]:7.2f} s (ranks: "
+              f"{', '.join(f'{h:.2f}' for h in per_rank)}); rank 0 alone {r['rank0_alone_s']:7.2f} s")
+    if len(rows) == 2:
+        print(f"  async blocked / synchronous blocked: {rows[True]['blocked_s'] / rows[False]['blocked_s']:.0%}")
 
 
 def main() -> None:
@@ -128,6 +143,7 @@ def main() -> None:
     s.add_argument("--layers", type=int, default=0, help="override model.n_layers (0: the model's own)")
     s.add_argument("--nproc", type=int, default=2)
     s.add_argument("--dir", default=None, help="where the runs write (default: the system temp dir)")
+    s.add_argument("--modes", choices=("both", "sync", "async"), default="both")
     s.add_argument("overrides", nargs="*", help="more Hydra overrides for the runs")
     args = ap.parse_args()
     bench_hash(args) if args.what == "hash" else bench_save(args)

@@ -36,6 +36,9 @@ COMMON = [
     "train.eval_sequences=8", "train.log_every=1", "train.sample_tokens=0", "logger.plot=false",
     "train.max_steps=10", "checkpoint.every=5", "optim.warmup_steps=2", "optim.lr=3e-3",
     "tokenizer.vocab_size=1024", "tokenizer.train_max_docs=120",
+    # A large decay: a backend that decays other parameters than the reference (ZeRO-3's
+    # 1-D partitions once decayed none) moves its losses far beyond TOL.
+    "optim.weight_decay=5.0",
 ]
 VAL_TOL = 1e-5  # step-0 validation: same weights, same windows; only the summation order differs
 BACKENDS = {  # name: (launcher, overrides, what the header must say)

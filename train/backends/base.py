@@ -70,6 +70,7 @@ class Writing:
 
     def __init__(self, future=None):
         self.future = future
+        self.blocked_s = 0.0  # training time spent waiting on this write outside the manager (FSDP staging)
 
     def done(self) -> bool:
         return self.future is None or self.future.done()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -76,6 +77,7 @@ class FSDPBackend(Backend):
         self._ckpt_group = None  # background checkpoint writes: made at the first one
         self._stager = None
         self._staging = None  # the save in flight's copy of the state, until it is made
+        self._staging_writing = None
 
     def _mesh(self):
         dev = self.device.type
@@ -146,14 +148,18 @@ class FSDPBackend(Backend):
         response = dcp.async_save(state, checkpoint_id=path, process_group=self._ckpt_group,
                                   async_stager=self._stager)
         self._staging = response.staging_completion
-        return Writing(response.upload_completion)
+        self._staging_writing = Writing(response.upload_completion)
+        return self._staging_writing
 
     def wait_for_staging(self) -> None:
         """Block until the save in flight has its copy of the parameters and optimizer state:
-        before anything changes them (the optimizer step, a load)."""
+        before anything changes them (the optimizer step, a load). The wait is training time
+        the save took: it is added to the save's ``blocked_s``."""
         if self._staging is not None:
+            t0 = time.perf_counter()
             self._staging.result()
-            self._staging = None
+            self._staging_writing.blocked_s += time.perf_counter() - t0
+            self._staging = self._staging_writing = None
 
     def step(self, lr: float, max_norm: float):
         self.wait_for_staging()

@@ -87,6 +87,7 @@ class _Pending:
     tmp: str
     meta: dict
     hashed: object  # Future of this rank's manifest entries
+    writing: object  # the backend's Writing (its own waits count as blocked time)
     started: float
     blocked_s: float = 0.0
     stats: dict = field(default_factory=dict)
@@ -207,7 +208,7 @@ class CheckpointManager:
             return hash_entries(tmp, mine), time.perf_counter() - h0
 
         hashed = background_writer().submit(hash_mine)
-        self.pending = _Pending(step, tmp, dict(meta), hashed, t0)
+        self.pending = _Pending(step, tmp, dict(meta), hashed, writing, t0)
         self.pending.blocked_s = time.perf_counter() - t0
 
     def poll(self) -> Optional[tuple[str, dict]]:
@@ -251,5 +252,6 @@ class CheckpointManager:
             final = commit(self.root, p.tmp, p.step, p.meta, self.keep_last, self.verify_mode, files)
         final = b.broadcast_object(final)
         stats = {"step": p.step, "hash_s_per_rank": [h for _, h, _ in parts],
-                 "blocked_s": p.blocked_s + (time.perf_counter() - t0), "durable_after_s": time.perf_counter() - p.started}
+                 "blocked_s": p.blocked_s + p.writing.blocked_s + (time.perf_counter() - t0),
+                 "durable_after_s": time.perf_counter() - p.started}
         return final, stats
