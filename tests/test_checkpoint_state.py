@@ -115,3 +115,41 @@ def test_a_field_that_does_not_load_is_named(tiny_cfg, tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"trainer_state.json: field 'counter' does not restore into "
                                                   r"rank 0 of this run \(KeyError"):
         _manager(b, root, {"progress": Progress(), "counter": Counter()}).load(path)
+
+
+def test_pruning_deletes_off_the_training_thread_and_a_crash_leftover_is_kiln_s_to_remove(tiny_cfg, tmp_path,
+                                                                                        monkeypatch):
+    """An asynchronous save's commit hands the pruned checkpoint's deletion to a thread:
+    the commit returns while the files are still being removed (held here), the pruned
+    checkpoint is no longer a checkpoint, and ``wait`` finishes the deletion. What a crash
+    mid-deletion leaves (``.pruned-step_N``) is removed by the next start, by exact name."""
+    import threading
+
+    from train.checkpoint import store
+
+    b = _trained_backend(tiny_cfg())
+    root = str(tmp_path / "ckpt")
+    progress = Progress()
+    m = CheckpointManager(b, root, "full", keep_last=1, background=True)
+    m.track(FilePiece(b.save, b.load), {"progress": progress}, lambda d: None)
+    progress.step = 1
+    m.start(1, _meta(b))
+    m.wait()
+    release, rmtree = threading.Event(), store.shutil.rmtree
+    monkeypatch.setattr(store.shutil, "rmtree", lambda p, **kw: (release.wait(30), rmtree(p, **kw)))
+    progress.step = 2
+    m.start(2, _meta(b))
+    while (committed := m.poll()) is None:
+        pass
+    assert committed[0].endswith("step_00000002")
+    assert [s for s, _ in ckpt.list_checkpoints(root)] == [2]  # step 1 is no checkpoint any more
+    assert os.path.isdir(os.path.join(root, ".pruned-step_00000001"))  # its files still being removed
+    release.set()
+    m.wait()
+    assert sorted(os.listdir(root)) == ["latest", "step_00000002"]
+
+    for name in (".pruned-step_00000001", ".pruned-step_1", "pruned-step_00000001", ".pruned-notes"):
+        os.makedirs(os.path.join(root, name))
+    assert [os.path.basename(p) for p in store.clean_stale(root)] == [".pruned-step_00000001"]
+    assert sorted(os.listdir(root)) == [".pruned-notes", ".pruned-step_1", "latest", "pruned-step_00000001",
+                                        "step_00000002"]

@@ -27,8 +27,14 @@ HASH = "xxh3_128"
 VERIFY_MODES = ("full", "size", "off")
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
 # The exact names of what kiln's own saves leave behind when interrupted (begin, commit's
-# replacement of a re-saved step, the atomic ``latest``): nothing else is ever cleaned.
-TEMP_NAME = re.compile(r"^(\.tmp-step_\d{8,}|\.latest\.tmp\d+|step_\d{8,}\.old\d+)$")
+# replacement of a re-saved step, the atomic ``latest``, a pruned checkpoint being deleted):
+# nothing else is ever cleaned.
+TEMP_NAME = re.compile(r"^(\.tmp-step_\d{8,}|\.latest\.tmp\d+|step_\d{8,}\.old\d+|\.pruned-step_\d{8,})$")
+
+
+def pruned_name(step_dir: str) -> str:
+    """What a pruned checkpoint is renamed to before it is deleted (``TEMP_NAME``)."""
+    return ".pruned-" + step_dir
 # Files a rank writes for itself: DCP's ``__R_N.distcp``, DeepSpeed's ``*zero_pp_rank_R_*``.
 WRITER = re.compile(r"(?:^|/)__(\d+)_\d+\.distcp$|zero_pp_rank_(\d+)_")
 DS_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")

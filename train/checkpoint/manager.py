@@ -34,7 +34,16 @@ from train.checkpoint.layout import TRAINER_STATE, CheckpointError, writer_rank
 from train.checkpoint.manifest import files_of, hash_entries, local_hashes
 from train.checkpoint.reading import read_meta, read_trainer_state
 from train.checkpoint.state import FileState, Stateful
-from train.checkpoint.store import begin, clean_stale, commit, describe_skipped, resolve, select, write_json_atomic
+from train.checkpoint.store import (
+    begin,
+    clean_stale,
+    commit,
+    describe_skipped,
+    resolve,
+    select,
+    wait_for_deletions,
+    write_json_atomic,
+)
 
 
 def share_of(rels: list[str], sizes: list[int], world: int) -> list[int]:
@@ -221,15 +230,21 @@ class CheckpointManager:
         return self._commit()
 
     def wait(self) -> Optional[tuple[str, dict]]:
-        """Finish the save in flight, if any (every rank calls)."""
+        """Finish the save in flight, if any, and the deletion of what its commit pruned
+        (every rank calls)."""
         if self.pending is None:
+            wait_for_deletions()
             return None
         from concurrent.futures import wait
 
         t0 = time.perf_counter()
         wait([self.pending.hashed])  # a writer's error is raised by _commit, on every rank
         self.pending.blocked_s += time.perf_counter() - t0
-        return self._commit()
+        path, stats = self._commit()
+        t1 = time.perf_counter()
+        wait_for_deletions()  # here the caller waits for the pruning too: training time the save took
+        stats["blocked_s"] += time.perf_counter() - t1
+        return path, stats
 
     def _commit(self) -> tuple[str, dict]:
         p, b = self.pending, self.b
