@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from model.llama import ModelConfig, Transformer, flops_per_token, generate, param_count
+from model.llama import ModelConfig, Transformer, flops_per_token, generate, param_count, uses_flex
 from tests.conftest import CONF
 
 
@@ -97,9 +97,10 @@ def test_flex_attention_block_mask_equals_the_dense_document_mask():
     # A mask that ignored documents would not match: the second document sees the first otherwise.
     assert not torch.allclose(plain, o2, atol=1e-3)
     # Training on the CPU, where torch has no flex backward, keeps the dense mask.
-    assert flex._use_flex(torch.device("cpu")) is False
+    cpu = torch.device("cpu")
+    assert uses_flex(flex.cfg, cpu, flex.training, torch.is_grad_enabled()) is False
     with torch.no_grad():
-        assert flex._use_flex(torch.device("cpu")) is True
+        assert uses_flex(flex.cfg, cpu, flex.training, torch.is_grad_enabled()) is True
 
 
 def test_loss_ignores_minus_100_targets():
