@@ -82,7 +82,6 @@ from train.checkpoint.reading import (  # noqa: F401
     read_yaml,
     torch_load,
 )
-from train.checkpoint.rng import rng_state, set_rng_state  # noqa: F401
 from train.checkpoint.store import (  # noqa: F401
     begin,
     clean_stale,
