@@ -4,8 +4,10 @@ A line holds the URL, the record id, the input file and the reader's position of
 record in it (the byte offset of a WARC record, the line of a JSONL file), the step and its
 reason, and, where the filter measured something, the statistic that decided and the
 threshold it crossed (``stat`` / ``limit``). Reader drops (records that are not pages,
-payloads too large, unreadable JSON) are included, so every input record is accounted for:
-a record is either in the output or in the audit. With ``data.audit_text=true`` a line also
+payloads too large, unreadable JSON) are included, so every page record is accounted for:
+it is either in the output or in the audit. WARC records that are not pages (warcinfo,
+request, metadata, revisit) are counted by type in the reader's stats instead
+(data_pipeline/readers/warc.py). With ``data.audit_text=true`` a line also
 carries the removed text (as datatrove writes the removed documents of each filter).
 
 ``python launch/why_dropped.py <output dir> <url>`` answers "why was this URL dropped?".

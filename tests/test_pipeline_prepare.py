@@ -3,6 +3,7 @@ trainer reads the result; and the run report."""
 
 from __future__ import annotations
 
+import collections
 import glob
 import importlib.util
 import json
@@ -149,10 +150,18 @@ def test_audit_accounts_for_every_record_and_why_dropped_answers_by_url(tmp_path
     stats = json.load(open(done))
     rows = list(read_audits([stats["audit"]["path"]]))
     removed = {name: st["removed"] for name, st, _ in stats["steps"]}
+    # Records that are not pages (the sample's warcinfo record) are counted by type, not audited.
+    by_type = {reason: n for reason, n in stats["steps"][0][1]["removed_by_reason"].items()
+               if reason.startswith("record_type:")}
+    with open(warc, "rb") as f:
+        types = collections.Counter(rec.rec_type for rec in ArchiveIterator(f))
+    assert by_type == {f"record_type:{t}": n for t, n in types.items() if t != "response"} != {}
+    removed["warc_reader"] -= sum(by_type.values())
     audited = {name: sum(r["step"] == name for r in rows) for name in removed}
     assert audited == removed and sum(audited.values()) > 100
     reader_seen = stats["steps"][0][1]["seen"]
-    assert reader_seen == stats["docs"] + len(rows)  # nothing unaccounted for
+    assert reader_seen == sum(types.values())  # every record of the file
+    assert reader_seen == stats["docs"] + len(rows) + sum(by_type.values())  # nothing unaccounted for
     assert audited["warc_reader"] > 0  # records the reader skips (not HTML, HTTP errors...) are audited too
     lang = [r for r in rows if r["reason"] == "lang_low_score"]
     assert lang and all(r["stat"] < r["limit"] == 0.65 for r in lang)

@@ -105,7 +105,7 @@ def test_sample_most_good_english_pages_survive(outcome):
     assert n_kept >= 140  # measured 153 (67%); >= 100 needed for the default training run
 
 
-def test_sample_reader_skips_non_html_and_empty_records(outcome):
+def test_sample_reader_skips_non_html_and_empty_records_and_counts_the_warcinfo_record(outcome):
     _, _, _, reader = outcome
-    assert dict(reader.stats.removed_by_reason) == {"non_html": 3, "empty": 1}
-    assert reader.stats.seen == 335
+    assert dict(reader.stats.removed_by_reason) == {"non_html": 3, "empty": 1, "record_type:warcinfo": 1}
+    assert reader.stats.seen == 336  # 335 response records and the file's warcinfo record

@@ -105,7 +105,7 @@ def test_wet_conversion_records_become_text_documents(tmp_path):
     docs = list(r)
     assert [(d.url, d.text) for d in docs] == [("https://a.org/1", "First page text. Ünïcödé."),
                                                ("https://a.org/2", "Second page text.")]
-    assert docs[0].raw is None and r.stats.removed_by_reason == {"empty": 1}
+    assert docs[0].raw is None and r.stats.removed_by_reason == {"empty": 1, "record_type:warcinfo": 1}
 
 
 def test_warc_skips_non_html_responses_and_counts_them(tmp_path):
@@ -117,7 +117,38 @@ def test_warc_skips_non_html_responses_and_counts_them(tmp_path):
     ])
     r = WarcReader(path)
     assert [d.url for d in r] == ["https://a.org/1", "https://a.org/2"]
-    assert dict(r.stats.removed_by_reason) == {"non_html": 1}
+    assert dict(r.stats.removed_by_reason) == {"non_html": 1, "record_type:request": 1}
+
+
+def test_warc_counts_every_record_by_type_and_audits_only_pages(tmp_path):
+    """Every record of the file is in the reader's ``seen``: documents, skipped responses
+    (audited) and the records that are not pages, counted by WARC-Type without an audit line."""
+    from data_pipeline.audit import RemovedBy
+
+    path = write_warc(tmp_path / "a.warc.gz", [
+        ("warcinfo", "", "application/warc-fields", b"software: test\r\n"),
+        ("request", "https://a.org/1", "application/http; msgtype=request", b"GET /1 HTTP/1.1\r\n\r\n"),
+        ("response", "https://a.org/1", "text/html", b"<html><body><p>one</p></body></html>"),
+        ("metadata", "https://a.org/1", "application/warc-fields", b"fetchTimeMs: 12\r\n"),
+        ("request", "https://a.org/2", "application/http; msgtype=request", b"GET /2 HTTP/1.1\r\n\r\n"),
+        ("response", "https://a.org/2", "image/png", b"\x89PNG..."),
+        ("revisit", "https://a.org/1", "application/http; msgtype=response", b""),
+    ])
+    r = WarcReader(path)
+
+    class Lines(RemovedBy):
+        def __init__(self):
+            self.rows = []
+
+        def dropped(self, step, reason, **kw):
+            self.rows.append((reason, kw.get("url")))
+
+    r.audit = audit = Lines()
+    assert [d.url for d in r] == ["https://a.org/1"]
+    assert r.stats.seen == 7 and r.stats.kept == 1
+    assert dict(r.stats.removed_by_reason) == {"record_type:warcinfo": 1, "record_type:request": 2,
+                                               "record_type:metadata": 1, "record_type:revisit": 1, "non_html": 1}
+    assert audit.rows == [("non_html", "https://a.org/2")]
 
 
 def test_warc_resumes_at_the_byte_offset_of_the_next_record(tmp_path):

@@ -58,15 +58,18 @@ def expand_paths(paths) -> list[str]:
 
 class Skip(str):
     """A reason a reader skipped a record, with where the record starts (and its URL when
-    known), for the audit; a plain string reason means "after the previous record"."""
+    known), for the audit; a plain string reason means "after the previous record".
+    ``audited=False`` counts the record in the reader's stats without an audit line: a
+    record that is not a page at all (a WARC request, metadata or warcinfo record), whose
+    URL would otherwise read as "dropped" beside the page kept from its response record."""
 
-    def __new__(cls, reason: str, offset: int, url: str = ""):
+    def __new__(cls, reason: str, offset: int, url: str = "", audited: bool = True):
         self = super().__new__(cls, reason)
-        self.offset, self.url = offset, url
+        self.offset, self.url, self.audited = offset, url, audited
         return self
 
     def __reduce__(self):
-        return (Skip, (str(self), self.offset, self.url))
+        return (Skip, (str(self), self.offset, self.url, self.audited))
 
 
 def _offset(position):
@@ -131,7 +134,7 @@ class Reader:
                     reason = str(item)
                     self.stats.removed += 1
                     self.stats.removed_by_reason[reason] += 1
-                    if self.audit is not None:
+                    if self.audit is not None and getattr(item, "audited", True):
                         where = item.offset if isinstance(item, Skip) else _offset(start)
                         self.audit.dropped(self.name, reason, file=path, offset=where, url=getattr(item, "url", ""))
             self.file_idx += 1

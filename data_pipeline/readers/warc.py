@@ -1,7 +1,12 @@
 """WARC / WET reader (gzip member per record, as Common Crawl ships them), via warcio.
 
 Only ``response`` records with an HTML payload (and ``conversion`` records of WET files)
-become documents; everything else is counted under a reason. Damaged input never ends the
+become documents; everything else is counted under a reason, so the reader's ``seen`` is
+every record of the file. Records of the other types (``warcinfo``, ``request``,
+``metadata``, ``revisit``, ``resource``...) are counted as ``record_type:<type>``
+(RECORD_TYPE_REASON) in the reader's stats and the report, without an audit line: they
+are not pages, and a Common Crawl WARC has a request and a metadata record for each page
+whose response may well be kept. Damaged input never ends the
 run: a record whose gzip member is corrupt is skipped (``corrupt_record``) and reading
 resumes at the next gzip member; a file that ends inside a record ends with ``truncated``,
 keeping the records before it. Payloads over ``max_payload_bytes`` are skipped without
@@ -22,6 +27,7 @@ from data_pipeline.readers.base import Reader, Skip, open_binary
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 GZIP_MAGIC = b"\x1f\x8b\x08"
 # What a damaged record can raise inside warcio / zlib / gzip.
+RECORD_TYPE_REASON = "record_type:"  # + the WARC-Type of a record that is not a page
 READ_ERRORS = (ArchiveLoadFailed, StatusAndHeadersParserException, zlib.error, EOFError, OSError,
                ValueError, UnicodeDecodeError)
 
@@ -67,11 +73,11 @@ class WarcReader(Reader):
                         if item is not None and getattr(rec.raw_stream, "limit", 0) > 0:
                             item = "truncated"  # the stream ended before Content-Length bytes
                         if isinstance(item, str):
-                            item = Skip(item, base + offset, rec.rec_headers.get_header("WARC-Target-URI") or "")
-                        elif item is not None:
+                            item = Skip(item, base + offset, rec.rec_headers.get_header("WARC-Target-URI") or "",
+                                        audited=not item.startswith(RECORD_TYPE_REASON))
+                        else:
                             item.metadata["offset"] = base + offset  # where the record starts in the file
-                        if item is not None:  # warcinfo/request/metadata records are not documents
-                            yield next_off, item
+                        yield next_off, item
                     f.seek(0, 2)
                     if f.tell() <= next_off:
                         return
@@ -102,7 +108,7 @@ class WarcReader(Reader):
             return Document(id=rid, text=raw.decode("utf-8", "replace"), url=url, source=self.source,
                             metadata={"file": path})
         if rtype != "response":
-            return None
+            return RECORD_TYPE_REASON + rtype
         http = rec.http_headers
         status = http.get_statuscode() if http else None
         if not status or not status.isdigit():
