@@ -126,6 +126,8 @@ def bench_save(args) -> None:
         print(f"  {name:12s} training blocked by the save of step 4 {r['blocked_s']:7.2f} s; durable after "
               f"{r['durable_after_s']:7.2f} s; training step after a save {r['step_s_after_save']:6.2f} s "
               f"(before any save {r['step_s_clean']:6.2f} s)")
+        parts = {k[len("blocked_"):-2]: v for k, v in r.items() if k.startswith("blocked_") and k != "blocked_s"}
+        print(f"  {'':12s} blocked, by part: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
         per_rank = r["hash_s_per_rank"]
         print(f"  {'':12s} rank 0 hashing (fsync+xxh3) per-rank {per_rank[0]:7.2f} s (ranks: "
               f"{', '.join(f'{h:.2f}' for h in per_rank)}); rank 0 alone {r['rank0_alone_s']:7.2f} s")

@@ -181,6 +181,20 @@ def test_first_five_steps_match_the_reference_on_every_backend(runs, name):
 
 
 @pytest.mark.parametrize("name", ["single", *BACKENDS])
+def test_a_saves_blocked_time_is_accounted_for_by_its_parts_on_every_backend(runs, name):
+    """The checkpoint record splits ``blocked_s`` into where it went (starting the save, the
+    writers, FSDP's staging copy, the commit, pruning), so a slow save can be traced."""
+    with open(runs["stopped"][name] / "metrics.jsonl") as f:
+        saves = [r for r in map(json.loads, f) if r["kind"] == "checkpoint"]
+    assert saves
+    for r in saves:
+        parts = {k: v for k, v in r.items() if k.startswith("blocked_") and k != "blocked_s"}
+        assert {"blocked_start_s", "blocked_staging_s", "blocked_commit_s"} <= set(parts), r
+        assert all(v >= 0 for v in parts.values()), r
+        assert abs(sum(parts.values()) - r["blocked_s"]) < 1e-6, r
+
+
+@pytest.mark.parametrize("name", ["single", *BACKENDS])
 def test_fresh_launch_resumes_and_steps_6_to_10_match_the_uninterrupted_run(runs, name):
     run_dir = runs["stopped"][name]
     if name == "single":

@@ -100,6 +100,9 @@ class _Pending:
     started: float
     blocked_s: float = 0.0
     stats: dict = field(default_factory=dict)
+    # Where the blocked time went (seconds): starting the save, waiting for its writers,
+    # committing it. The backend's own waits (FSDP staging) are added as "staging".
+    parts: dict = field(default_factory=dict)
 
 
 class CheckpointManager:
@@ -218,7 +221,7 @@ class CheckpointManager:
 
         hashed = background_writer().submit(hash_mine)
         self.pending = _Pending(step, tmp, dict(meta), hashed, writing, t0)
-        self.pending.blocked_s = time.perf_counter() - t0
+        self.pending.blocked_s = self.pending.parts["start"] = time.perf_counter() - t0
 
     def poll(self) -> Optional[tuple[str, dict]]:
         """Commit the save in flight if every rank has written and hashed its files (every
@@ -240,10 +243,12 @@ class CheckpointManager:
         t0 = time.perf_counter()
         wait([self.pending.hashed])  # a writer's error is raised by _commit, on every rank
         self.pending.blocked_s += time.perf_counter() - t0
+        self.pending.parts["write_wait"] = time.perf_counter() - t0
         path, stats = self._commit()
         t1 = time.perf_counter()
         wait_for_deletions()  # here the caller waits for the pruning too: training time the save took
         stats["blocked_s"] += time.perf_counter() - t1
+        stats["blocked_deletions_s"] = time.perf_counter() - t1
         return path, stats
 
     def _commit(self) -> tuple[str, dict]:
@@ -266,7 +271,10 @@ class CheckpointManager:
                 files.update(part)
             final = commit(self.root, p.tmp, p.step, p.meta, self.keep_last, self.verify_mode, files)
         final = b.broadcast_object(final)
+        commit_s = time.perf_counter() - t0
         stats = {"step": p.step, "hash_s_per_rank": [h for _, h, _ in parts],
-                 "blocked_s": p.blocked_s + p.writing.blocked_s + (time.perf_counter() - t0),
+                 "blocked_s": p.blocked_s + p.writing.blocked_s + commit_s,
+                 **{f"blocked_{k}_s": v for k, v in {**p.parts, "staging": p.writing.blocked_s,
+                                                     "commit": commit_s}.items()},
                  "durable_after_s": time.perf_counter() - p.started}
         return final, stats
