@@ -419,7 +419,8 @@ def generate(
     use_cache: bool = True,
     generator: Optional[torch.Generator] = None,
     device: Optional[torch.device] = None,
-) -> torch.Tensor:
+    return_logprobs: bool = False,
+):
     """Sample continuations of ``prompt``. temperature 0 = greedy.
 
     ``prompt`` is a (B, T) tensor, or a list of token-id lists of different lengths: those
@@ -433,13 +434,19 @@ def generate(
     with offloaded parameters passes its accelerator). Compiled blocks run eagerly here:
     every decoding step has new shapes (prompt length, then one token against a growing
     cache), which would recompile them for a few tokens of output.
+
+    ``return_logprobs``: also return, per new token, its log-probability under
+    softmax(logits / temperature) (the raw logits when greedy), before top-k / top-p
+    truncation: the distribution a training forward at that temperature computes (RLHF
+    rollouts record it at sampling time). Returns ``(tokens, logprobs)``, both (B, new).
     """
     with torch.compiler.set_stance("force_eager"):
         return _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator,
-                         device or model.tok_embeddings.weight.device)
+                         device or model.tok_embeddings.weight.device, return_logprobs)
 
 
-def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, device):
+def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, device,
+              return_logprobs=False):
     was_training = model.training
     model.eval()
     key_mask = pos = None
@@ -460,7 +467,7 @@ def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, 
     total = min(T + max_new_tokens, model.cfg.max_seq_len)
     caches = model.new_kv_caches(B, total) if use_cache else None
     seq = prompt
-    out = []
+    out, logps = [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
     inp, inp_pos = prompt, pos
     for _ in range(total - T):
@@ -468,7 +475,11 @@ def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, 
             logits, _ = model(inp, position_ids=inp_pos, kv_caches=caches, key_mask=key_mask)
         else:
             logits, _ = model(seq, position_ids=pos, key_mask=key_mask)
-        nxt = _sample(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+        last = logits[:, -1, :].float()
+        nxt = _sample(last, temperature, top_k, top_p, generator)
+        if return_logprobs:
+            scaled = last / temperature if temperature > 0 else last
+            logps.append(torch.log_softmax(scaled, -1).gather(-1, nxt[:, None]).squeeze(-1))
         if len(stop):
             nxt = torch.where(done, stop[0], nxt)
             done |= torch.isin(nxt, stop)
@@ -482,7 +493,10 @@ def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, 
         if len(stop) and bool(done.all()):
             break
     model.train(was_training)
-    return torch.stack(out, dim=1) if out else prompt.new_zeros(B, 0)
+    tokens = torch.stack(out, dim=1) if out else prompt.new_zeros(B, 0)
+    if return_logprobs:
+        return tokens, torch.stack(logps, dim=1) if logps else torch.zeros(B, 0, device=device)
+    return tokens
 
 
 def _sample(logits, temperature, top_k, top_p, generator):
