@@ -4,10 +4,10 @@ numbers; not a test). The sample's labels (data_pipeline/assets/sample_labels.js
 
     python benchmarks/bench_filter_recall.py
 
-Rows: the embedded default (conf/data/sample.yaml, four thresholds relaxed for code-heavy
-pages); the published thresholds of every step (the dataclass defaults); both again with
-``data.extract.mark_code=true``, where Gopher, C4 and FineWeb judge the prose and the code
-of <pre> blocks stays in the text; and the FineWeb preset (``data=fineweb``: the recipe's
+Rows: the embedded default (conf/data/sample.yaml: four thresholds relaxed for code-heavy
+pages, and ``data.extract.mark_code=true``, where Gopher, C4 and FineWeb judge the prose and
+the code of <pre> blocks stays in the text), and it without mark_code; the published
+thresholds of every step (the dataclass defaults), without and with mark_code; and the FineWeb preset (``data=fineweb``: the recipe's
 steps, thresholds and word tokenizer), alone and with mark_code.
 """
 
@@ -36,11 +36,12 @@ def data_cfg(overrides):
 PUBLISHED = ["data.gopher_repetition.dup_ngram_fracs=[0.15,0.14,0.13,0.12,0.11,0.10]",
              "data.gopher_quality.min_alpha_words_ratio=0.8",
              "data.c4_quality.filter_curly_bracket=true", "data.fineweb_quality.char_duplicates_ratio=0.01"]
-CONFIGS = {
-    "sample.yaml (relaxed)": [],
-    "published thresholds": PUBLISHED,
-    "sample.yaml + mark_code": ["data.extract.mark_code=true"],
-    "published + mark_code": PUBLISHED + ["data.extract.mark_code=true"],
+NO_CODE = ["data.extract.mark_code=false"]
+CONFIGS = {  # sample.yaml (the embedded default) has mark_code on
+    "sample.yaml (default)": [],
+    "sample.yaml, mark_code off": NO_CODE,
+    "published thresholds": PUBLISHED + NO_CODE,
+    "published + mark_code": PUBLISHED,
     "data=fineweb (recipe)": ["data=fineweb"],
     "data=fineweb + mark_code": ["data=fineweb", "data.extract.mark_code=true"],
 }
