@@ -36,9 +36,10 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.5", "moto[server]>=5"],  # moto: a local S3 server for the reader tests
+        # moto: a local S3 server for the reader tests; bitsandbytes: QLoRA's NF4 weights (tests/test_qlora.py, CPU too)
+        "dev": ["pytest>=8", "ruff>=0.5", "moto[server]>=5", "bitsandbytes>=0.46"],
         "s3": ["s3fs>=2023.6"],  # s3:// inputs (gs://: gcsfs, the same way)
-        "hf": ["transformers>=4.44", "peft>=0.12"],
+        "hf": ["transformers>=4.44", "peft>=0.12", "bitsandbytes>=0.46"],  # bitsandbytes: lora.quantize=4bit
         "tensorboard": ["tensorboard>=2.15"],
         "eval": ["lm_eval>=0.4.2"],  # lm-evaluation-harness on exported models (README)
         "fineweb": ["spacy>=3.8,<4"],  # data.words=spacy: the FineWeb recipe's word tokenizer (conf/data/fineweb.yaml)

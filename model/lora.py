@@ -21,12 +21,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import quant
+
 ATTN = ("wq", "wk", "wv", "wo")
 MLP = ("w1", "w2", "w3")
 
 
 class LoRALinear(nn.Linear):
-    """A bias-free Linear with named adapters; ``active`` (None = base only) picks one."""
+    """A bias-free Linear with named adapters; ``active`` (None = base only) picks one, or
+    ``mix`` (``model.adapter_mix``) weights several. ``weight`` may be 4-bit (QLoRA,
+    ``model.quant``): the forward and ``dense_weight`` handle both."""
 
     def __init__(self, base: nn.Linear):
         super().__init__(base.in_features, base.out_features, bias=False, device="meta")
@@ -36,6 +40,7 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.ModuleDict()
         self.scale: dict[str, float] = {}
         self.active: str | None = None
+        self.mix: tuple[tuple[str, float], ...] = ()  # (adapter, weight) pairs, used when active is None
 
     @property
     def adapters(self) -> list[str]:
@@ -62,14 +67,24 @@ class LoRALinear(nn.Linear):
         """The adapter's update to ``weight`` (out, in)."""
         return (self.B(name) @ self.A(name)) * self.scale[name]
 
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight (out, in) in its original dtype, dequantized if it is 4-bit."""
+        return quant.dequantize(self.weight)
+
+    def terms(self) -> list[tuple[str, float]]:
+        """The (adapter, weight) pairs this forward adds: the active adapter alone, else the mix."""
+        if self.active is not None:
+            return [(self.active, 1.0)]
+        return [(n, w) for n, w in self.mix if n in self.scale]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        name = self.active
-        if name is None:
-            return y
-        a, b = self.A(name), self.B(name)
-        h = self.lora_dropout[name](x).to(a.dtype)
-        return y + (F.linear(F.linear(h, a), b) * self.scale[name]).to(y.dtype)
+        w = self.weight
+        y = quant.linear(x, w) if quant.is_quantized(w) else F.linear(x, w)
+        for name, weight in self.terms():
+            a, b = self.A(name), self.B(name)
+            h = self.lora_dropout[name](x).to(a.dtype)
+            y = y + (F.linear(F.linear(h, a), b) * (self.scale[name] * weight)).to(y.dtype)
+        return y
 
 
 def target_modules(model: nn.Module, targets: Iterable[str]) -> list[tuple[str, nn.Module, str]]:
@@ -117,6 +132,7 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
         raise KeyError(f"no adapter named {name!r} (have {sorted({a for m in mods for a in m.adapters})})")
     for m in mods:
         m.active = name if name in m.scale else None
+        m.mix = ()
 
 
 def train_only(model: nn.Module, adapter: str, extra_prefixes: Iterable[str] = ()) -> list[str]:
@@ -140,16 +156,28 @@ def lora_param_count(cfg, rank: int, targets: Iterable[str]) -> int:
     return cfg.n_layers * sum(rank * sum(shapes[t]) for t in set(targets))
 
 
-def merged_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, adapter: str | dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Base-named weights with adapter ``adapter`` (default: the active one) folded in:
-    loads into a plain ``Transformer`` of the same config, with or without tied embeddings."""
-    adapter = adapter or next((m.active for m in lora_modules(model) if m.active), None)
-    state = {}
+    loads into a plain ``Transformer`` of the same config, with or without tied embeddings.
+    ``adapter`` may be a blend {name: weight} (``model.adapter_mix``): its deltas are added
+    with those weights. 4-bit base weights (QLoRA) are dequantized first, so the merged model
+    is the one the adapter was trained with: the NF4-rounded base plus the delta."""
+    if adapter is None:
+        adapter = next((m.active for m in lora_modules(model) if m.active), None)
+    blend = adapter if isinstance(adapter, dict) else ({adapter: 1.0} if adapter is not None else {})
     merged = {}
     for mod_name, mod in model.named_modules():
-        if isinstance(mod, LoRALinear) and adapter in mod.scale:
-            merged[f"{mod_name}.weight"] = (mod.weight.detach().float() + mod.delta(adapter).detach().float()).to(
-                mod.weight.dtype)
+        if not isinstance(mod, LoRALinear):
+            continue
+        terms = [(n, w) for n, w in blend.items() if n in mod.scale]
+        if not terms and not quant.is_quantized(mod.weight):
+            continue
+        dense = mod.dense_weight().detach()
+        w = dense.float()
+        for n, weight in terms:
+            w = w + weight * mod.delta(n).detach().float()
+        merged[f"{mod_name}.weight"] = w.to(dense.dtype)
+    state = {}
     for n, t in model.state_dict().items():
         if ".lora_" in n:
             continue
@@ -173,32 +201,19 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sav
 
 
 def qlora_unavailable_reason() -> str | None:
-    """None when 4-bit base weights can be used here, else why not."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return "bitsandbytes is not installed (pip install bitsandbytes)"
-    if not torch.cuda.is_available():
-        return "no CUDA device is visible (bitsandbytes 4-bit kernels run on GPUs)"
-    return None
+    """None when 4-bit base weights can be used here (on a CPU too), else why not."""
+    return quant.unavailable_reason()
 
 
-def quantize_base_4bit(model: nn.Module) -> None:
-    """QLoRA: replace the frozen base weight of every LoRA layer with an NF4 ``Params4bit``
-    (bitsandbytes), dequantised on the fly in the forward. Only for the single-device and
-    DDP backends; callers check ``qlora_unavailable_reason`` first."""
-    import bitsandbytes as bnb
-
+def quantize_base_4bit(model: nn.Module, double_quant: bool = True, adapter: str | None = None) -> int:
+    """QLoRA: replace the frozen base weight of every LoRA layer (with ``adapter``: of those
+    that hold it) with an NF4 ``Params4bit`` (``model.quant``; double quantization of the
+    scales by default), on the device the weight is on. The adapters stay fp32. Returns the
+    number of weights quantized. Only the single-device and DDP backends train such a model
+    (``train.sft.config`` refuses the others)."""
+    n = 0
     for m in lora_modules(model):
-        w = m.weight.detach()
-        m.weight = bnb.nn.Params4bit(w.to("cpu"), requires_grad=False, quant_type="nf4").cuda()
-
-        def forward(x, _m=m):
-            y = bnb.matmul_4bit(x, _m.weight.t(), quant_state=_m.weight.quant_state)
-            if _m.active is None:
-                return y
-            a, b = _m.A(_m.active), _m.B(_m.active)
-            return y + (F.linear(F.linear(_m.lora_dropout[_m.active](x).to(a.dtype), a), b)
-                        * _m.scale[_m.active]).to(y.dtype)
-
-        m.forward = forward
+        if (adapter is None or adapter in m.scale) and not quant.is_quantized(m.weight):
+            m.weight = quant.quantize(m.weight, double_quant)
+            n += 1
+    return n

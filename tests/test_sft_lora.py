@@ -1,6 +1,6 @@
 """LoRA: exact parameter count, starts as the base model, trains only adapters, merges exactly,
 small adapter-only checkpoints that resume with their optimizer state, several named adapters
-on one base, a classification head saved with its adapter, QLoRA refused with the key named."""
+on one base, a classification head saved with its adapter (QLoRA: tests/test_qlora.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import torch
 from model.llama import ModelConfig, Transformer
 from model.lora import add_lora, lora_param_count, merged_state_dict, set_active_adapter, train_only
 from tests.sft_helpers import chat_file, sft_cfg, tiny_checkpoint, write_jsonl
-from train.config import ConfigError
 
 CFG = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=64)
 LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8"]
@@ -151,18 +150,6 @@ def test_classification_head_is_saved_with_its_adapter(tmp_path, base):
     adapter = load_file(step / "adapter.safetensors")
     assert "score.weight" in adapter and adapter["score.weight"].shape == (2, 64)
     assert json.loads((step / "adapter_config.json").read_text())["labels"] == ["good", "spam"]
-
-
-def test_qlora_needs_bitsandbytes_and_cuda_and_says_which_key(tmp_path, base):
-    from model.lora import qlora_unavailable_reason
-
-    data = chat_file(tmp_path, 4)
-    if qlora_unavailable_reason() is None:  # a GPU machine with bitsandbytes: the config is accepted
-        sft_cfg(tmp_path / "q", base, [data], *LORA, "lora.quantize=4bit")
-        return
-    with pytest.raises(ConfigError, match=r"lora.quantize: 4bit needs bitsandbytes and a CUDA GPU") as e:
-        sft_cfg(tmp_path / "q", base, [data], *LORA, "lora.quantize=4bit")
-    assert e.value.key == "lora.quantize"
 
 
 def test_runs_say_where_their_weights_came_from_and_how_much_trains(base, tmp_path, tiny_cfg, capsys):

@@ -24,7 +24,7 @@ import sys
 import torch
 
 from model.llama import Transformer
-from model.lora import load_adapter_tensors, merged_state_dict, set_active_adapter
+from model.lora import load_adapter_tensors, merged_state_dict, quantize_base_4bit, set_active_adapter
 from train import checkpoint as ckpt
 from train.checkpoint import ADAPTER_CONFIG
 from train.checkpoint.full_state import FullState, load_init_weights, read_adapter_state
@@ -149,18 +149,25 @@ def load_base(step_dir: str, accept_base: bool = False) -> Transformer:
 def add_adapter_from(model: torch.nn.Module, step_dir: str, name: str | None = None) -> str:
     """Put the adapter of ``step_dir`` on ``model`` under ``name`` (default: its own name) and
     make it active. Several adapters can be added to one base and switched with
-    ``model.lora.set_active_adapter``."""
+    ``model.lora.set_active_adapter`` or blended (``model.adapter_mix``).
+
+    An adapter trained with ``lora.quantize=4bit`` (QLoRA) saw the NF4-rounded base, not the
+    full-precision one: its target projections are quantized again here (NF4 quantization
+    is deterministic), so generation and ``merge_checkpoint`` reproduce the trained model."""
     cfg = adapter_config(step_dir)
     name = name or cfg["name"]
     tensors = read_adapter_state(step_dir).model
     load_adapter_tensors(model, tensors, cfg["name"], name, cfg["rank"], cfg["alpha"], cfg["targets"])
+    if cfg.get("quantize") == "4bit":
+        quantize_base_4bit(model, adapter=name)
     set_active_adapter(model, name)
     return name
 
 
 def merge_checkpoint(step_dir: str, out_dir: str, accept_base: bool = False) -> str:
     """Write base + adapter, merged, as a consolidated kiln checkpoint directory. The base must
-    be the one the adapter was trained on (``check_base``; ``accept_base`` overrides)."""
+    be the one the adapter was trained on (``check_base``; ``accept_base`` overrides). A QLoRA
+    adapter is merged onto the dequantized NF4 base it was trained with (fp32 weights out)."""
     step_dir = ckpt.resolve(step_dir)
     if adapter_config(step_dir).get("task") == "classification":
         raise ValueError(f"{step_dir}: a classification adapter has a head, not a language model to export")

@@ -20,6 +20,11 @@ TASKS = ("instruction", "classification", "continued_pretraining", "preference",
 FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "classification")
 MASKS = ("assistant", "last_assistant", "all_turns", "all")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+# Why QLoRA runs under backend=single and ddp only: FSDP2 shards every parameter as a DTensor
+# and ZeRO flattens them, but a 4-bit weight is a packed uint8 tensor whose quant_state
+# (scales, shape, dtype) lives beside it and would be neither sharded nor gathered with it.
+QLORA_BACKENDS = ("4-bit base weights work with backend=single or ddp only: FSDP shards parameters as DTensors and "
+                  "DeepSpeed ZeRO flattens them, and a 4-bit weight's quant_state (its scales) would not follow")
 
 
 @dataclass
@@ -49,7 +54,7 @@ class LoraConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     name: str = "default"  # adapter name: several adapters can live on one base model
-    quantize: Optional[str] = None  # None | 4bit (QLoRA: needs bitsandbytes and CUDA)
+    quantize: Optional[str] = None  # None | 4bit (QLoRA: NF4 + double quantization, bitsandbytes, CPU or CUDA)
 
 
 @dataclass
@@ -146,4 +151,5 @@ def validate_sft(cfg: Any) -> None:
         from model.lora import qlora_unavailable_reason
 
         why = qlora_unavailable_reason()
-        _check(why is None, "lora.quantize", f"4bit needs bitsandbytes and a CUDA GPU: {why}")
+        _check(why is None, "lora.quantize", f"4bit needs bitsandbytes (CPU or CUDA): {why}")
+        _check(cfg.backend.name not in ("fsdp", "deepspeed"), "lora.quantize", QLORA_BACKENDS)
