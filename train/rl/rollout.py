@@ -56,7 +56,7 @@ class Rollout:
         """Each row's response through its first stop, as a list (what a reward function sees)."""
         return [row[m].tolist() for row, m in zip(self.responses, self.response_mask)]
 
-    def select(self, rows) -> "Rollout":
+    def select(self, rows) -> Rollout:
         return Rollout(self.tokens[rows], self.key_mask[rows], self.position_ids[rows], self.response_mask[rows],
                        self.logprobs[rows], self.prompt_len)
 

@@ -1,0 +1,92 @@
+"""The RLHF config: ``SFTConfig`` (init_from, sft.paths for the prompts, lora, optim, train,
+checkpoint, backend) plus the ``rl`` block, registered as ``rl_schema`` for conf/ppo.yaml and
+conf/grpo.yaml. One step (``train.max_steps`` counts them) is one rollout batch and the
+optimisation epochs over it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from train.config import ConfigError, _check
+from train.rl.losses import KL_ESTIMATORS
+from train.sft.config import SFTConfig
+
+ALGOS = ("ppo", "grpo")
+
+
+@dataclass
+class RLConfig:
+    algo: str = "ppo"  # ppo (critic, GAE) | grpo (G samples per prompt, group-normalised advantages, no critic)
+    # The reward: a kiln reward-model checkpoint (launch/reward.py's run dir, checkpoints root or
+    # step dir), or a Python function "module:function" (verifiable rewards) called as
+    # fn(prompts=list[str], responses=list[str], response_ids=list[list[int]]) -> list[float].
+    # Exactly one of the two is set.
+    reward_model: Optional[str] = None
+    reward_fn: Optional[str] = None
+    critic_init: str = "reward"  # ppo: the critic starts from the reward model (reward) or the policy (policy)
+    prompts_per_step: int = 8  # prompts sampled per rollout batch
+    group_size: int = 4  # grpo: samples per prompt (ppo samples each prompt once)
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    epochs: int = 2  # optimisation passes over each rollout batch
+    minibatches: int = 2  # per epoch; the rollout batch must split evenly
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2  # policy ratio clip
+    value_clip: float = 0.2  # critic: values move at most this far from the rollout's per step
+    kl_coef: float = 0.05  # ppo: per-token penalty -kl_coef * KL in the reward
+    kl_estimator: str = "k1"  # ppo's penalty: k1 | k2 | k3 (train/rl/losses.py)
+    beta: float = 0.04  # grpo: weight of the k3 KL to the reference in the loss
+    whiten_advantages: bool = True  # ppo: advantages whitened over the batch's valid tokens
+    critic_lr: Optional[float] = None  # ppo: the critic's peak lr (null: optim.lr)
+    eval_prompts: int = 16  # held-out prompts scored greedily before and after (0: none)
+    seed: int = 0  # the sampling generator's seed (its state is checkpointed)
+
+
+@dataclass
+class RLRunConfig(SFTConfig):
+    rl: RLConfig = field(default_factory=RLConfig)
+
+
+def register_rl_configs() -> None:
+    from train.sft.config import register_sft_configs
+
+    register_sft_configs()
+    ConfigStore.instance().store(name="rl_schema", node=RLRunConfig)
+
+
+def validate_rl(cfg: Any) -> None:
+    """The ``rl`` block's relations. Raises ConfigError naming the key."""
+    r = cfg.rl
+    _check(r.algo in ALGOS, "rl.algo", f"unknown algorithm {r.algo!r} ({' | '.join(ALGOS)})")
+    if bool(r.reward_model) == bool(r.reward_fn):
+        raise ConfigError("rl.reward_model", "set exactly one of rl.reward_model (a launch/reward.py checkpoint) "
+                          f"and rl.reward_fn (module:function); got {r.reward_model!r} and {r.reward_fn!r}")
+    if r.reward_fn:
+        _check(":" in str(r.reward_fn), "rl.reward_fn", f"must be module:function, got {r.reward_fn!r}")
+    _check(r.critic_init in ("reward", "policy"), "rl.critic_init", f"reward | policy, got {r.critic_init!r}")
+    _check(r.algo != "ppo" or r.critic_init == "policy" or bool(r.reward_model), "rl.critic_init",
+           "critic_init=reward needs rl.reward_model (with rl.reward_fn the critic starts from the policy)")
+    _check(r.kl_estimator in KL_ESTIMATORS, "rl.kl_estimator", f"unknown {r.kl_estimator!r} ({' | '.join(KL_ESTIMATORS)})")
+    for key in ("prompts_per_step", "max_new_tokens", "epochs", "minibatches"):
+        _check(int(r[key]) > 0, f"rl.{key}", f"must be positive, got {r[key]}")
+    _check(r.group_size >= (2 if r.algo == "grpo" else 1), "rl.group_size",
+           f"grpo needs at least 2 samples per prompt, got {r.group_size}")
+    rows = r.prompts_per_step * (r.group_size if r.algo == "grpo" else 1)
+    _check(rows % r.minibatches == 0, "rl.minibatches",
+           f"{r.minibatches} does not divide the {rows} rollouts of a step")
+    _check(r.temperature > 0, "rl.temperature", f"must be positive (sampling), got {r.temperature}")
+    _check(0.0 < r.top_p <= 1.0, "rl.top_p", f"must be in (0, 1], got {r.top_p}")
+    _check(0.0 <= r.gamma <= 1.0, "rl.gamma", f"must be in [0, 1], got {r.gamma}")
+    _check(0.0 <= r.lam <= 1.0, "rl.lam", f"must be in [0, 1], got {r.lam}")
+    _check(r.clip > 0, "rl.clip", f"must be positive, got {r.clip}")
+    _check(r.value_clip > 0, "rl.value_clip", f"must be positive, got {r.value_clip}")
+    _check(r.kl_coef >= 0, "rl.kl_coef", f"must be >= 0, got {r.kl_coef}")
+    _check(r.beta >= 0, "rl.beta", f"must be >= 0, got {r.beta}")
+    _check(cfg.backend.name == "single", "backend.name",
+           "RLHF runs on backend=single for now (sharded rollouts exist in train/rl/rollout.py; the loop does "
+           "not drive DDP/FSDP/ZeRO-3 yet)")
