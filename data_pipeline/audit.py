@@ -3,7 +3,11 @@
 A line holds the URL, the record id, the input file and the reader's position of the
 record in it (the byte offset of a WARC record, the line of a JSONL file), the step and its
 reason, and, where the filter measured something, the statistic that decided and the
-threshold it crossed (``stat`` / ``limit``). Reader drops (records that are not pages,
+threshold it crossed (``stat`` / ``limit``: C4's sentence count, Gopher's and FineWeb's
+ratios, the language score), and the facts a step noted: ``language`` and
+``language_score`` for every language drop, ``kept_id`` and ``kept_url`` (the document
+kept in its place) for a duplicate. Reason names are datatrove's where the rule is the
+same; audits written before a rename are read under the new name (RENAMED_REASONS). Reader drops (records that are not pages,
 payloads too large, unreadable JSON) are included, so every page record is accounted for:
 it is either in the output or in the audit. WARC records that are not pages (warcinfo,
 request, metadata, revisit) are counted by type in the reader's stats instead
@@ -21,6 +25,15 @@ import os
 from collections.abc import Iterator
 
 AUDIT_SUFFIX = ".audit.jsonl.gz"  # beside each output file of prepare_data
+# Old kiln reason -> datatrove's name for the same rule, so old audits and .done stats read
+# like new ones.
+RENAMED_REASONS = {"gopher_below_avg_word_length": "gopher_below_avg_threshold",
+                   "gopher_above_avg_word_length": "gopher_above_avg_threshold"}
+
+
+def current_reason(reason: str) -> str:
+    """A reason as this version names it (old audits may use a name since renamed)."""
+    return RENAMED_REASONS.get(reason, reason)
 
 
 class Audit:
@@ -33,10 +46,13 @@ class Audit:
         self.lines = 0
 
     def dropped(self, step: str, reason: str, *, url: str = "", doc_id: str = "", file: str = "",
-                offset=None, stat: float | None = None, limit: float | None = None, text: str | None = None) -> None:
+                offset=None, stat: float | None = None, limit: float | None = None, text: str | None = None,
+                details: dict | None = None) -> None:
         row = {"url": url, "id": doc_id, "file": file, "offset": offset, "step": step, "reason": reason}
         if stat is not None:
             row["stat"], row["limit"] = round(float(stat), 6), limit
+        if details:
+            row.update(details)
         if self.with_text and text:
             row["text"] = text
         self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -73,7 +89,9 @@ def read_audits(paths: list[str]) -> Iterator[dict]:
     for path in paths:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             for line in f:
-                yield json.loads(line)
+                row = json.loads(line)
+                row["reason"] = current_reason(row.get("reason", ""))
+                yield row
 
 
 def audit_files(directory: str) -> list[str]:

@@ -9,7 +9,10 @@ that runs for weeks. ``mode=global`` removes the bound, for offline preparation 
 process sees the whole shard set (``launch/prepare_data.py``).
 
 The first occurrence is kept. The index starts empty at every epoch, so a second pass
-over the same data yields the same documents as the first.
+over the same data yields the same documents as the first. With an audit attached
+(``prepare_data --audit``) each remembered document's id and URL are remembered too, so
+a duplicate's audit line names the document kept in its place (``kept_id``, ``kept_url``);
+without one nothing more is held.
 
 State (for trainer checkpoints) is the remembered keys in insertion order, packed as
 little-endian int64 and base64-encoded: compact, and it survives both the trainer's JSON
@@ -56,6 +59,7 @@ class ExactDedup(PipelineStep):
             raise ValueError(f"dedup mode must be streaming or global, got {mode!r}")
         self.capacity = None if mode == "global" else capacity
         self.seen: OrderedDict[int, None] = OrderedDict()
+        self.kept: dict[int, tuple[str, str]] = {}  # key -> (id, url) of its document, when audited
         self.evicted = 0
 
     @staticmethod
@@ -65,20 +69,25 @@ class ExactDedup(PipelineStep):
     def process(self, doc: Document):
         k = self.key(doc.text)
         if k in self.seen:
-            return "exact_duplicate"
+            kept_id, kept_url = self.kept.get(k, ("", ""))
+            return self.noted("exact_duplicate", kept_id=kept_id, kept_url=kept_url) if self.audit else "exact_duplicate"
         self._insert(k)
+        if self.audit is not None:
+            self.kept[k] = (doc.id, doc.url)
         return doc
 
     def _insert(self, k: int) -> None:
         self._record("_insert", k)
         self.seen[k] = None
         if self.capacity is not None and len(self.seen) > self.capacity:
-            self.seen.popitem(last=False)
+            old, _ = self.seen.popitem(last=False)
+            self.kept.pop(old, None)
             self.evicted += 1
 
     def new_epoch(self) -> None:
         self._record("new_epoch")
         self.seen.clear()
+        self.kept.clear()
 
     def state_dict(self) -> dict:
         if self.mirror_id is not None:
@@ -172,20 +181,22 @@ class MinHashDedup(PipelineStep):
     def _reset(self) -> None:
         self.buckets: dict[int, int] = {}  # band key -> seq of the doc that holds it
         self.docs: OrderedDict[int, tuple[list[int], np.ndarray | None]] = OrderedDict()
+        self.kept: dict[int, tuple[str, str]] = {}  # seq -> (id, url) of its document, when audited
         self.next_seq = 0
         self.evicted = 0
 
-    def _match(self, keys: list[int], sig: np.ndarray) -> bool:
+    def _match(self, keys: list[int], sig: np.ndarray) -> int | None:
+        """The seq of a remembered document this one duplicates, or None."""
         for k in keys:
             seq = self.buckets.get(k)
             if seq is None:
                 continue
             if self.threshold <= 0:
-                return True
+                return seq
             other = self.docs[seq][1]
             if float(np.mean(other == sig)) >= self.threshold:
-                return True
-        return False
+                return seq
+        return None
 
     def _add(self, keys: list[int], sig: np.ndarray | None) -> None:
         self._record("_add", keys, sig if self.threshold > 0 else None)
@@ -196,6 +207,7 @@ class MinHashDedup(PipelineStep):
             self.buckets.setdefault(k, seq)
         if self.capacity is not None and len(self.docs) > self.capacity:
             old, (old_keys, _) = self.docs.popitem(last=False)
+            self.kept.pop(old, None)
             for k in old_keys:
                 if self.buckets.get(k) == old:
                     del self.buckets[k]
@@ -206,8 +218,14 @@ class MinHashDedup(PipelineStep):
         if sig is None:
             return doc  # nothing to compare; empty texts are other filters' business
         keys = self.hasher.band_keys(sig)
-        if self._match(keys, sig):
-            return "near_duplicate"
+        seq = self._match(keys, sig)
+        if seq is not None:
+            if self.audit is None:
+                return "near_duplicate"
+            kept_id, kept_url = self.kept.get(seq, ("", ""))
+            return self.noted("near_duplicate", kept_id=kept_id, kept_url=kept_url)
+        if self.audit is not None:
+            self.kept[self.next_seq] = (doc.id, doc.url)
         self._add(keys, sig)
         return doc
 

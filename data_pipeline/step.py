@@ -43,10 +43,17 @@ class StepStats:
         }
 
     def merge(self, other: dict) -> None:
-        """Add the counts of another ``as_dict()`` (e.g. from another prepare_data task)."""
+        """Add the counts of another ``as_dict()`` (e.g. from another prepare_data task;
+        reasons renamed since it was written count under their new name)."""
+        from data_pipeline.audit import current_reason
+
         for k in ("seen", "kept", "removed", "bytes_seen", "bytes_kept"):
             setattr(self, k, getattr(self, k) + other.get(k, 0))
-        for k in ("removed_by_reason", "bytes_removed_by_reason", "kept_by_language", "removed_by_language"):
+        for k in ("removed_by_reason", "bytes_removed_by_reason"):
+            counts = getattr(self, k)
+            for reason, n in other.get(k, {}).items():
+                counts[current_reason(reason)] += n
+        for k in ("kept_by_language", "removed_by_language"):
             getattr(self, k).update(other.get(k, {}))
 
 
@@ -72,10 +79,17 @@ class PipelineStep:
     def __init__(self):
         self.stats = StepStats()
         self.decision: tuple[float, float] | None = None  # (statistic, threshold) of the last drop
+        self.details: dict | None = None  # other facts of the last drop for the audit (noted)
 
     def decided(self, reason: str, stat: float, limit: float) -> str:
         """Return ``reason``, remembering the statistic and the threshold it crossed (audit)."""
         self.decision = (stat, limit)
+        return reason
+
+    def noted(self, reason: str, **details) -> str:
+        """Return ``reason``, remembering facts about the drop for its audit line (the
+        language and its score; the document a duplicate duplicates)."""
+        self.details = details
         return reason
 
     def _record(self, method: str, *args) -> None:
@@ -97,7 +111,7 @@ class PipelineStep:
         size = doc_bytes(doc)
         s.seen += 1
         s.bytes_seen += size
-        self.decision = None
+        self.decision = self.details = None
         out = self.process(doc)
         lang = doc.metadata.get("language", "und")
         if isinstance(out, Document):
@@ -116,7 +130,8 @@ class PipelineStep:
         if self.audit is not None:
             stat, limit = self.decision or (None, None)
             self.audit.dropped(self.name, reason, url=doc.url, doc_id=doc.id, file=doc.metadata.get("file", ""),
-                               offset=doc.metadata.get("offset"), stat=stat, limit=limit, text=doc.text)
+                               offset=doc.metadata.get("offset"), stat=stat, limit=limit, text=doc.text,
+                               details=self.details)
         return None
 
     def new_epoch(self) -> None:

@@ -35,8 +35,10 @@ def kept_urls(directory: str, wanted) -> set[str]:
 
 def describe(row: dict) -> str:
     stat = f", {row['stat']} against {row['limit']}" if "stat" in row else ""
+    lang = f", language {row['language']} at {row['language_score']}" if "language" in row else ""
+    dup = f", duplicate of {row.get('kept_url') or '?'} (id {row.get('kept_id') or '?'})" if "kept_id" in row else ""
     where = f"{row['file']} at {row['offset']}" if row.get("file") else "?"
-    return f"dropped by {row['step']}: {row['reason']}{stat} ({where})"
+    return f"dropped by {row['step']}: {row['reason']}{stat}{lang}{dup} ({where})"
 
 
 def main(argv=None) -> int:

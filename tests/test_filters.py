@@ -55,9 +55,9 @@ def test_gopher_published_defaults():
 def test_gopher_mean_word_length_window():
     f = GopherQualityFilter()
     assert reason(f, prose(60, ["the", "and", "cat"])) is None  # mean exactly 3
-    assert reason(f, prose(60, ["the", "and", "ox"])) == "gopher_below_avg_word_length"
+    assert reason(f, prose(60, ["the", "and", "ox"])) == "gopher_below_avg_threshold"
     long_words = ["the", "and", "internationalisation", "characterisation"]  # mean 10.5
-    assert reason(f, prose(60, long_words)) == "gopher_above_avg_word_length"
+    assert reason(f, prose(60, long_words)) == "gopher_above_avg_threshold"
     assert reason(f, prose(60, ["the", "and", "extraordinarily", "incomprehensible"])) is None  # mean 9.5
 
 

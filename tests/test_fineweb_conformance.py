@@ -54,16 +54,13 @@ def data_cfg(*overrides):
         return compose(config_name="pretrain", overrides=["data=fineweb", *overrides]).data
 
 
-# kiln's reason names where datatrove's differ (kiln prefixes C4's and FineWeb's own).
-_REASON = {"gopher_below_avg_word_length": "gopher_below_avg_threshold",
-           "gopher_above_avg_word_length": "gopher_above_avg_threshold"}
-
-
 def recipe_reason(step: str, reason: str) -> str:
+    """kiln's reason as datatrove names it: the same name, but for the prefix kiln puts on
+    C4's and FineWeb's own reasons (datatrove's are bare: "too_few_sentences")."""
     for prefix in ("c4_", "fineweb_"):
         if step.startswith(prefix.rstrip("_")) and reason.startswith(prefix):
             reason = reason[len(prefix):]
-    return f"{step}:{_REASON.get(reason, reason)}"
+    return f"{step}:{reason}"
 
 
 def run(steps, text: str, doc_id: str, edited: list | None = None) -> str:

@@ -165,6 +165,19 @@ def test_audit_accounts_for_every_record_and_why_dropped_answers_by_url(tmp_path
     assert audited["warc_reader"] > 0  # records the reader skips (not HTML, HTTP errors...) are audited too
     lang = [r for r in rows if r["reason"] == "lang_low_score"]
     assert lang and all(r["stat"] < r["limit"] == 0.65 for r in lang)
+    # Every language drop names the language and its score, the wrong-language ones too.
+    foreign = [r for r in rows if r["step"] == "langid" and r["reason"] != "lang_low_score"]
+    assert len(foreign) >= 40 and all(r["reason"] == f"lang_{r['language']}" for r in foreign)
+    assert all(0 < r["language_score"] <= 1 for r in foreign + lang)
+    # C4 names the sentence count that fell short.
+    c4 = [r for r in rows if r["reason"] == "c4_too_few_sentences"]
+    assert c4 and all(r["stat"] < r["limit"] == 5 for r in c4)
+    # A duplicate names the document kept in its place: one that is in the output.
+    with gzip.open(stats["output"], "rt") as f:
+        output = {d["id"]: d["url"] for d in map(json.loads, f)}
+    dups = [r for r in rows if r["step"] in ("exact_dedup", "minhash_dedup")]
+    assert len(dups) >= 10
+    assert all(output[r["kept_id"]] == r["kept_url"] and r["kept_id"] != r["id"] for r in dups)
     with open(warc, "rb") as f:  # an offset is where the dropped record starts
         for r in [r for r in rows if r["url"]][:5]:
             f.seek(r["offset"])
@@ -179,6 +192,9 @@ def test_audit_accounts_for_every_record_and_why_dropped_answers_by_url(tmp_path
     said = why(adult, kept_url)
     assert said.returncode == 0, said.stderr
     assert f"{adult}: dropped by url_filter: url_adult_word" in said.stdout and f"{kept_url}: kept" in said.stdout
+    dup = dups[0]
+    said = why(dup["url"])
+    assert f"duplicate of {dup['kept_url']} (id {dup['kept_id']})" in said.stdout, said.stdout
     unseen = why("https://never.example/")
     assert unseen.returncode == 1 and "not seen by any audited task" in unseen.stdout
 
@@ -243,3 +259,25 @@ def test_bad_data_config_fails_naming_the_key_before_any_file_is_read(tmp_path, 
     assert e.value.code == 2
     assert "data.words" in capsys.readouterr().err
     assert not out.exists() or not os.listdir(out)
+
+
+def test_an_old_audit_and_old_stats_read_under_datatrove_reason_names(tmp_path):
+    """Gopher's average-word-length reasons are named as datatrove names them now; audits and
+    .done stats written under the old names read as the new ones."""
+    import gzip
+
+    from data_pipeline.audit import read_audits
+    from data_pipeline.document import Document
+    from data_pipeline.filters.quality import GopherQualityFilter
+    from data_pipeline.step import StepStats
+
+    path = tmp_path / "old.audit.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps({"url": "u", "step": "gopher_quality", "reason": "gopher_below_avg_word_length"}) + "\n")
+    assert [r["reason"] for r in read_audits([str(path)])] == ["gopher_below_avg_threshold"]
+    merged = StepStats()
+    merged.merge({"removed": 3, "removed_by_reason": {"gopher_above_avg_word_length": 1,
+                                                      "gopher_above_avg_threshold": 2}})
+    assert dict(merged.removed_by_reason) == {"gopher_above_avg_threshold": 3}
+    short_words = Document(id="s", text=" ".join(["the and ox"] * 30))
+    assert GopherQualityFilter(min_stop_words=None).reject(short_words) == "gopher_below_avg_threshold"

@@ -68,7 +68,8 @@ class LanguageFilter(Filter):
         doc.metadata["language"] = lang
         doc.metadata["language_score"] = round(score, 4)
         if self.languages and lang not in self.languages:
-            return f"lang_{lang}"
+            return self.noted(f"lang_{lang}", language=lang, language_score=round(score, 6))
         if score < self.min_score:
+            self.noted("lang_low_score", language=lang, language_score=round(score, 6))
             return self.decided("lang_low_score", score, self.min_score)
         return None

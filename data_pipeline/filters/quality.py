@@ -81,9 +81,9 @@ class GopherQualityFilter(Filter):
             return self.decided("gopher_long_doc", n, self.max_doc_words)
         avg = sum(len(w) * c for w, c in words.items()) / n
         if self.min_avg_word_length is not None and avg < self.min_avg_word_length:
-            return self.decided("gopher_below_avg_word_length", avg, self.min_avg_word_length)
+            return self.decided("gopher_below_avg_threshold", avg, self.min_avg_word_length)
         if self.max_avg_word_length is not None and avg > self.max_avg_word_length:
-            return self.decided("gopher_above_avg_word_length", avg, self.max_avg_word_length)
+            return self.decided("gopher_above_avg_threshold", avg, self.max_avg_word_length)
         n_tokens = len(tokens)
         if self.max_symbol_word_ratio is not None:
             if text.count("#") / n_tokens > self.max_symbol_word_ratio:
@@ -350,7 +350,7 @@ class C4QualityFilter(PipelineStep):
             sentences += tokenizer.sentences(line)
             kept.append(line)
         if sentences < self.min_num_sentences:
-            return "c4_too_few_sentences"
+            return self.decided("c4_too_few_sentences", sentences, self.min_num_sentences)
         doc.text = "\n".join(kept).strip()
         return doc
 
