@@ -1,0 +1,114 @@
+"""Adapter mixing: a blend is the weighted sum of the adapters' deltas, at run time, as one
+rank-concatenated adapter and merged into plain weights; switching per request needs no reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.adapter_mix import add_blended_adapter, current, set_blend, using
+from model.llama import ModelConfig, Transformer, generate
+from model.lora import add_lora, merged_state_dict, set_active_adapter
+
+CFG = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=64)
+X = torch.randint(4, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def two():
+    """A base with adapter ``a`` (rank 4, every projection) and ``b`` (rank 2, wq and wv only),
+    both trained-looking (B off zero); and the base's own weights, kept aside."""
+    torch.manual_seed(0)
+    model = Transformer(CFG).eval()
+    base = {n: t.clone() for n, t in model.state_dict().items()}
+    add_lora(model, "a", rank=4, alpha=8)
+    add_lora(model, "b", rank=2, alpha=8, targets=["wq", "wv"])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model, base
+
+
+def deltas(model, name):
+    """Each adapter's delta, from its factors and alpha/rank as the paper defines it."""
+    params = dict(model.named_parameters())
+    out = {}
+    for n in params:
+        if n.endswith(f".lora_A_{name}"):
+            a, b = params[n], params[n.replace("lora_A_", "lora_B_")]
+            out[n.replace(f".lora_A_{name}", ".weight")] = (b @ a).detach() * (8 / a.shape[0])
+    return out
+
+
+def plain_with(base, *weighted):
+    """A plain Transformer whose weights are the base plus sum_i w_i * delta_i."""
+    state = dict(base)
+    for w, d in weighted:
+        for n, t in d.items():
+            state[n] = state[n] + w * t
+    model = Transformer(CFG).eval()
+    model.load_state_dict(state)
+    return model
+
+
+@torch.no_grad()
+def test_weights_one_zero_is_adapter_a_alone(two):
+    model, _ = two
+    set_active_adapter(model, "a")
+    alone = model(X)[0]
+    set_blend(model, {"a": 1.0, "b": 0.0})
+    assert current(model) == {"a": 1.0, "b": 0.0}
+    assert torch.equal(model(X)[0], alone)
+    set_blend(model, {"a": 0.0, "b": 1.0})
+    assert (model(X)[0] - alone).abs().max() > 1e-3  # b is another model
+
+
+@torch.no_grad()
+def test_half_half_is_the_mean_of_the_deltas_at_run_time_merged_and_as_one_adapter(two):
+    model, base = two
+    mean = plain_with(base, (0.5, deltas(model, "a")), (0.5, deltas(model, "b")))(X)[0]
+    set_blend(model, {"a": 0.5, "b": 0.5})
+    torch.testing.assert_close(model(X)[0], mean, atol=1e-5, rtol=1e-5)
+
+    merged = Transformer(CFG).eval()
+    merged.load_state_dict(merged_state_dict(model, {"a": 0.5, "b": 0.5}), strict=True)
+    torch.testing.assert_close(merged(X)[0], mean, atol=1e-5, rtol=1e-5)
+
+    names = add_blended_adapter(model, "ab", {"a": 0.5, "b": 0.5})
+    ranks = {n: p.shape[0] for n, p in model.named_parameters() if n.endswith(".lora_A_ab")}
+    assert set(ranks) <= {n for n in names} and ranks["layers.0.attn.wq.lora_A_ab"] == 4 + 2  # concatenated
+    assert ranks["layers.0.attn.wk.lora_A_ab"] == 4  # b does not target wk
+    set_active_adapter(model, "ab")
+    torch.testing.assert_close(model(X)[0], mean, atol=1e-5, rtol=1e-5)
+    set_active_adapter(model, None)
+    assert (model(X)[0] - mean).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_switching_per_request_keeps_the_base_and_restores_the_routing(two):
+    model, base = two
+    want = {spec: plain_with(base, *w)(X)[0] for spec, w in
+            (("a", [(1.0, deltas(model, "a"))]), ("b", [(1.0, deltas(model, "b"))]), (None, []))}
+    ptr = model.layers[0].attn.wq.weight.data_ptr()
+    set_active_adapter(model, "b")
+    for spec in ("a", None, "b", "a"):
+        with using(model, spec):
+            torch.testing.assert_close(model(X)[0], want[spec], atol=1e-5, rtol=1e-5)
+        assert current(model) == "b"
+    with using(model, {"a": 2.0, "b": -1.0}):
+        two_minus_one = plain_with(base, (2.0, deltas(model, "a")), (-1.0, deltas(model, "b")))(X)[0]
+        torch.testing.assert_close(model(X)[0], two_minus_one, atol=1e-4, rtol=1e-4)
+    assert model.layers[0].attn.wq.weight.data_ptr() == ptr  # the base was never copied or reloaded
+    with pytest.raises(KeyError, match="no adapter named"):
+        set_blend(model, {"a": 0.5, "c": 0.5})
+
+
+@torch.no_grad()
+def test_generation_with_a_blend_is_the_merged_blends_generation(two):
+    model, base = two
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    plain = plain_with(base, (0.3, deltas(model, "a")), (0.7, deltas(model, "b")))
+    with using(model, {"a": 0.3, "b": 0.7}):
+        out = generate(model, prompts, 8, temperature=0.0)
+    assert torch.equal(out, generate(plain, prompts, 8, temperature=0.0))
