@@ -118,14 +118,6 @@ def check_overrides(config_name: str) -> None:
     run_dir.note_launch(*dirs)
 
 
-def print_validation(result: dict) -> None:
-    """The run's validation loss, first evaluation to last, as every training launcher reports it."""
-    vals = result["val_losses"]
-    if vals:
-        first, last = min(vals), max(vals)
-        print(f"[kiln] validation loss {vals[first]:.3f} (step {first}) -> {vals[last]:.3f} (step {last})")
-
-
 def leave(backend) -> None:
     """End a launch script's process once its work is done and saved. In a multi-process run
     the process exits at once after leaving the process group, without Python's interpreter

@@ -1,5 +1,6 @@
 """The part of launch/sft.py, launch/dpo.py and launch/reward.py after the trainer is built:
-say what data it read, train (stopping cleanly on SIGUSR1/SIGTERM), and summarise the run."""
+say what data the task read, train (stopping cleanly on SIGUSR1/SIGTERM), and summarise the
+run through kiln's log (train/log.py)."""
 
 import json
 import os
@@ -8,17 +9,18 @@ import time
 import _bootstrap
 
 from train.config import ConfigError, exit_config_error
+from train.log import logger, report_validation
 
 
-def train_and_report(trainer, data, label: str, t0: float, summary=None) -> None:
-    """``data``: an object with ``counts`` and ``skipped`` (or None); ``summary(result)``: the
-    task's own lines after the validation loss (rank 0)."""
-    b, cfg = trainer.backend, trainer.cfg
-    if b.is_main and data is not None:
-        print(f"[kiln] {label}: {json.dumps(dict(data.counts))}", flush=True)
+def train_and_report(trainer, t0: float, summary=None) -> None:
+    """``summary(result)``: the task's own lines after the validation loss (rank 0)."""
+    b, cfg, log = trainer.backend, trainer.cfg, logger()
+    read = trainer.task.data_summary()
+    if b.is_main and read is not None and read[1] is not None:
+        label, data = read
+        log.info(f"{label}: {json.dumps(dict(data.counts))}")
         if data.skipped and data.skipped.total:
-            print(f"[kiln] skipped bad records: {dict(data.skipped.reasons)} (first: {data.skipped.examples})",
-                  flush=True)
+            log.info(f"skipped bad records: {dict(data.skipped.reasons)} (first: {data.skipped.examples})")
     trainer.stop_on_signals()  # SIGUSR1/SIGTERM (Slurm time limit, preemption): checkpoint and exit
     try:
         result = trainer.fit()
@@ -26,15 +28,16 @@ def train_and_report(trainer, data, label: str, t0: float, summary=None) -> None
         exit_config_error(cfg, e)
     if b.is_main:
         run_dir = os.path.abspath(cfg.run_dir)
-        _bootstrap.print_validation(result)
+        report_validation(result)
         for line in (summary(result) if summary else []):
-            print(line)
+            log.info(line)
         if result.get("generations"):
-            print(result["generations"])
-        print(f"[kiln] done in {time.time() - t0:.0f}s. Run directory: {run_dir}")
-        print(f"         checkpoints: {trainer.ckpt_root}")
+            log.info(f"generations:\n{result['generations']}")
+        lines = [f"done in {time.time() - t0:.0f}s. Run directory: {run_dir}",
+                 f"         checkpoints: {trainer.ckpt_root}"]
         if result.get("generations_path"):
-            print(f"         generations: {os.path.abspath(result['generations_path'])}")
+            lines.append(f"         generations: {os.path.abspath(result['generations_path'])}")
         if result.get("plot"):
-            print(f"         loss plot:   {os.path.abspath(result['plot'])}")
+            lines.append(f"         loss plot:   {os.path.abspath(result['plot'])}")
+        log.info("\n".join(lines))
     _bootstrap.leave(b)

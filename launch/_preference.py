@@ -1,4 +1,4 @@
-"""What launch/dpo.py and launch/reward.py share: validate, build the trainer for the task,
+"""What launch/dpo.py and launch/reward.py share: validate, build the trainer with the task,
 train, and report the held-out reward accuracy and margin."""
 
 import time
@@ -13,26 +13,27 @@ def run(cfg, task: str, entry: str) -> None:
         validate(cfg)
     except ConfigError as e:
         exit_config_error(cfg, e)
-    from train.sft.dpo_trainer import DPOTrainer, RewardTrainer
     from train.sft.records import BadRecord
+    from train.tasks import for_config
+    from train.trainer import Trainer
 
     if cfg.task != task:
         exit_config_error(cfg, ConfigError("task", f"{entry} trains task={task}, got {cfg.task!r} "
                                                    "(launch/sft.py runs the instruction and classification tasks)"))
     t0 = time.time()
     try:
-        trainer = (DPOTrainer if task == "preference" else RewardTrainer)(cfg)
+        trainer = Trainer(cfg, for_config(cfg))
     except (ConfigError, BadRecord) as e:
         exit_config_error(cfg, e)
     from _finetune import train_and_report
 
     def rewards(_result) -> list[str]:
-        evals = trainer.eval_history
+        evals = trainer.task.eval_history
         if not evals:
             return []
         first, last = evals[0], evals[-1]
-        return [f"[kiln] held-out reward accuracy {first['reward_accuracy']:.3f} -> {last['reward_accuracy']:.3f}, "
+        return [f"held-out reward accuracy {first['reward_accuracy']:.3f} -> {last['reward_accuracy']:.3f}, "
                 f"margin {first['reward_margin']:.3f} -> {last['reward_margin']:.3f} "
                 f"(steps {first['step']} -> {last['step']})"]
 
-    train_and_report(trainer, trainer.pref, "preference data", t0, rewards)
+    train_and_report(trainer, t0, rewards)

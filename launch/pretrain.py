@@ -23,6 +23,7 @@ register_configs()
 @_bootstrap.exit_on_checkpoint_error
 def main(cfg: DictConfig) -> None:
     validate_or_exit(cfg)
+    from train.log import logger, report_validation
     from train.trainer import Trainer
 
     t0 = time.time()
@@ -36,23 +37,24 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:  # found at resume (a setting that changes what the saved state means)
         exit_config_error(cfg, e)
     b = trainer.backend
+    log = logger()
     stopped = result.get("stopped", False)  # the scheduler wants the job gone soon: no sample
     if result["final_step"] > result["start_step"] and cfg.train.sample_tokens > 0 and not stopped:
         text = trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens)  # every rank: weights may be sharded
-        if b.is_main:
-            print("[kiln] sample:", text, flush=True)
+        log.info(f"sample: {text}")
     if b.is_main:
-        _bootstrap.print_validation(result)
+        report_validation(result)
         run_dir = os.path.abspath(cfg.run_dir)
-        print(f"[kiln] done in {time.time() - t0:.0f}s. Run directory: {run_dir}")
-        print(f"         checkpoints: {os.path.join(run_dir, 'checkpoints')} (latest: {trainer.ckpt_root}/latest)")
-        print(f"         metrics:     {os.path.join(run_dir, 'metrics.jsonl')}")
+        lines = [f"done in {time.time() - t0:.0f}s. Run directory: {run_dir}",
+                 f"         checkpoints: {os.path.join(run_dir, 'checkpoints')} (latest: {trainer.ckpt_root}/latest)",
+                 f"         metrics:     {os.path.join(run_dir, 'metrics.jsonl')}"]
         if result.get("plot"):
-            print(f"         loss plot:   {os.path.abspath(result['plot'])}")
+            lines.append(f"         loss plot:   {os.path.abspath(result['plot'])}")
         if result.get("data_report"):
-            print(f"         data report: {os.path.abspath(result['data_report'])}")
-        print(f"         tokenizer:   {os.path.abspath(trainer.tokenizer.path)}")
-        print(f"         config:      {os.path.join(run_dir, '.hydra', 'config.yaml')}")
+            lines.append(f"         data report: {os.path.abspath(result['data_report'])}")
+        lines.append(f"         tokenizer:   {os.path.abspath(trainer.tokenizer.path)}")
+        lines.append(f"         config:      {os.path.join(run_dir, '.hydra', 'config.yaml')}")
+        log.info("\n".join(lines))
     _bootstrap.leave(b)
 
 

@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     from data_pipeline.tokenizer import Tokenizer
     from train import checkpoint as ckpt
     from train.checkpoint.full_state import read_full_state, shape_model
-    from train.sft.preference import RewardModel, collate_reward, encode_pair, to_preference
+    from model.reward import RewardModel
+    from train.sft.preference import collate_reward, encode_pair, to_preference
     from train.sft.records import BadRecord, raw_records
 
     step_dir = ckpt.resolve(a.checkpoint)

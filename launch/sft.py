@@ -31,21 +31,23 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:
         exit_config_error(cfg, e)
     from train.sft.records import BadRecord
-    from train.sft.trainer import SFTTrainer
+    from train.tasks import for_config
+    from train.trainer import Trainer
 
     t0 = time.time()
     try:
-        trainer = SFTTrainer(cfg)
+        trainer = Trainer(cfg, for_config(cfg))
     except (ConfigError, BadRecord) as e:
         exit_config_error(cfg, e)
     from _finetune import train_and_report
 
     def classification(result) -> list[str]:
         c = result.get("classification")
-        return [f"[kiln] held-out classification ({c['n']} examples): accuracy={c['accuracy']:.3f} "
+        return [f"held-out classification ({c['n']} examples): accuracy={c['accuracy']:.3f} "
                 f"macro_f1={c['macro_f1']:.3f}"] if c else []
 
-    train_and_report(trainer, trainer.sft_data, "sft data", t0, classification)
+    train_and_report(trainer, t0, classification)
+
 
 if __name__ == "__main__":
     _bootstrap.check_overrides("sft")

@@ -111,6 +111,23 @@ def test_a_stopped_run_resumes_exactly(tmp_path, base, pairs, reference):
     assert [got[s]["loss"] for s in (3, 4)] == [want[s]["loss"] for s in (3, 4)]
 
 
+def test_a_resumed_run_without_its_cache_recomputes_the_reference_and_resumes_exactly(tmp_path, base, pairs,
+                                                                                      reference):
+    """The recompute path: the first half writes dpo.reference_cache, the file is gone before
+    the second half, which must recompute the reference from the starting weights (not the
+    resumed ones: the pass runs before the checkpoint is loaded) and continue exactly."""
+    run_dir, cache = tmp_path / "recompute", tmp_path / "ref.json"
+    dpo(run_dir, base, pairs, "train.micro_batch_size=4", "train.stop_at_step=2", f"dpo.reference_cache={cache}")
+    first = json.load(open(cache))
+    os.remove(cache)
+    out = dpo(run_dir, base, pairs, "train.micro_batch_size=4", f"dpo.reference_cache={cache}")
+    assert "resumed from" in out and "reference log-probs read from" not in out
+    assert "computed from the starting weights" in out
+    assert json.load(open(cache))["ref"] == first["ref"]  # the same values, recomputed
+    got, want = metrics(run_dir, "train"), metrics(reference[0], "train")
+    assert [got[s]["loss"] for s in (3, 4)] == [want[s]["loss"] for s in (3, 4)]
+
+
 def test_lora_policy_uses_the_base_as_reference(tmp_path, base, pairs):
     run_dir = tmp_path / "lora"
     dpo(run_dir, base, pairs, "train.micro_batch_size=4", "lora.enabled=true", "lora.rank=4", "optim.lr=1e-2")

@@ -11,9 +11,12 @@ micro-batch holds the same number of tokens and the weight is exactly 1/accumula
 same arithmetic as a plain mean. ``backend.step`` then clips and applies AdamW at the
 scheduled learning rate.
 
-Subclasses (``train/sft/trainer.py``) change what is built -- tokenizer, model, data,
-checkpoint contents -- through the ``build_*`` and ``*_model_state`` hooks; the loop
-itself is shared. Checkpoints hold everything needed to continue as if nothing had
+What is trained -- tokenizer, model, data, the loss of a micro-batch, evaluation metrics,
+checkpoint contents -- is the job's ``Task`` (``train/tasks/base.py`` says when the loop
+calls which hook; ``train/tasks/`` holds pretraining, SFT, classification, DPO, reward);
+the loop itself is shared. ``Trainer(cfg)`` pretrains. ``fit`` is a few named steps:
+``_start`` (resume, header, logger), ``_train_step`` (one optimizer step),
+``_after_step`` (logging, evaluation, checkpoint, stop) and ``_finish``. Checkpoints hold everything needed to continue as if nothing had
 happened: weights, optimizer, step, tokens, the data stream position of every rank, and
 every RNG.
 """
@@ -34,29 +37,26 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from data_pipeline import pipeline as data
 from data_pipeline.report import write_report
 from data_pipeline.stream import document_inputs
-from data_pipeline.token_shards import file_digest
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
-from model import hf_interop
-from model.llama import ModelConfig, Transformer, flops_per_token, generate, param_count, uses_flex
+from model.llama import flops_per_token, generate, param_count, uses_flex
 from train import checkpoint as ckpt
 from train import run_lock
 from train.activation_checkpointing import apply_activation_checkpointing
 from train.backends import build_backend
-from train.backends.base import RanksDisagree
-from train.checkpoint.full_state import FullState, read_init_weights
 from train.checkpoint.manager import CheckpointManager
 from train.checkpoint.rng import RNGStates
 from train.checkpoint.state import FilePiece, Progress
 from train.compile import compile_blocks
 from train.config import ConfigError
-from train.data import DataPosition, build_train_stream, pipeline_steps, starvation_warning, validation_batches
-from train.metrics import MetricsLogger, peak_flops, peak_memory_gb, plot_losses
+from train.data import DataPosition, pipeline_steps
+from train.log import logger as log
+from train.log import setup as log_setup
+from train.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from train.optim import lr_at
 from train.run_dir import record_run_config
-from train.sharded_init import build_on_device, builds_deferred, deferred
+from train.tasks.base import Task
+from train.tasks.pretrain import PretrainTask
 
 
 def seed_everything(seed: int) -> None:
@@ -65,103 +65,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def ensure_tokenizer(cfg, backend) -> Tokenizer:
-    """The configured tokenizer, or one trained on the training split and cached in run_dir.
-
-    Every rank must end up with the same file: rank 0 trains it while the others wait, then
-    all ranks compare its digest, so a failed training run or a run_dir that another node
-    cannot see stops every rank with a message instead of a collective timeout."""
-    if data.is_token_data(cfg.data):  # tokenized shards fix the tokenizer: theirs, or a configured equal one
-        path = _token_data_tokenizer(cfg)
-    elif cfg.tokenizer.path:
-        path = str(cfg.tokenizer.path)
-    elif _hf_init_dir(cfg):  # an imported HF model brings its tokenizer (SentencePiece only)
-        try:
-            path = hf_interop.hf_sentencepiece_path(_hf_init_dir(cfg))
-        except FileNotFoundError as e:
-            raise ConfigError("init_from", str(e)) from None
-    else:
-        path = os.path.join(cfg.run_dir, ckpt.TOKENIZER)
-    error = None
-    if backend.is_main and not os.path.exists(path):
-        t0 = time.time()
-        try:
-            texts = data.iter_texts(cfg.data, cfg.tokenizer.train_max_docs)
-            tok = train_tokenizer(texts, path, vocab_size=cfg.tokenizer.vocab_size)
-            print(f"[kiln] trained tokenizer ({tok.vocab_size} pieces) in {time.time() - t0:.1f}s -> {path}",
-                  flush=True)
-        except Exception as e:  # told to the other ranks below, then raised here
-            error = e
-    backend.barrier()
-    seen = f"training failed: {error}" if error else _file_digest(path)
-    try:
-        backend.agree(f"the tokenizer file {path} (its digest, or why a rank has none: a run_dir on a "
-                      "file system the other nodes cannot see?)", seen)
-    except RanksDisagree as disagreement:
-        if error is not None:
-            raise error from disagreement
-        raise
-    if error is not None:
-        raise error
-    return Tokenizer(path)
-
-
-def _file_digest(path: str) -> str:
-    return file_digest(path) if os.path.isfile(path) else "missing"
-
-
-def _token_data_tokenizer(cfg) -> str:
-    """The tokenizer of tokenized-shard sources: ``tokenizer.path`` if set, else the copy the
-    shards carry; either way it must be the one every shard was written with."""
-    shards = data.token_shards(cfg.data)
-    path = str(cfg.tokenizer.path) if cfg.tokenizer.path else shards[0].tokenizer_path
-    if path is None:
-        raise ConfigError("tokenizer.path", f"the token shards {shards[0].files[0]}... carry no tokenizer.model; "
-                          "set tokenizer.path to the tokenizer they were written with")
-    digest = file_digest(path)
-    for sh in shards:
-        if sh.tokenizer_digest != digest:
-            raise ConfigError("tokenizer.path", f"{path} (digest {digest}) is not the tokenizer the token shards "
-                              f"{sh.files[0]}... were written with (digest {sh.tokenizer_digest}, "
-                              f"{sh.tokenizer_path or 'no copy beside them'})")
-    return path
-
-
-def resolve_model_config(cfg, tokenizer: Tokenizer) -> ModelConfig:
-    """The model config with ``vocab_size`` taken from the tokenizer when unset.
-
-    Rounded up to a multiple of 64 so the embedding and output matmuls hit tensor-core
-    friendly shapes; the extra rows are never produced by the tokenizer.
-    """
-    if _hf_init_dir(cfg):  # the architecture is the HF model's; only kiln-only knobs come from cfg.model
-        try:
-            mc = hf_interop.model_config_from_hf(hf_interop.read_hf_config(_hf_init_dir(cfg)),
-                                                 dropout=cfg.model.dropout)
-        except hf_interop.UnsupportedModelError as e:
-            raise ConfigError("init_from", str(e)) from None
-        if cfg.data.seq_len > mc.max_seq_len:
-            raise ConfigError("data.seq_len", f"{cfg.data.seq_len} exceeds the imported model's "
-                              f"max_position_embeddings={mc.max_seq_len}")
-    else:
-        mc = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
-    if mc.vocab_size is None:
-        mc.vocab_size = 64 * math.ceil(tokenizer.vocab_size / 64)
-    elif mc.vocab_size < tokenizer.vocab_size:
-        raise ConfigError("model.vocab_size", f"{mc.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size} pieces ({tokenizer.path})")
-    return mc
-
-
 class Trainer:
-    def __init__(self, cfg):
+    """The one loop. ``task`` (train/tasks/base.py) says what is trained; None: pretraining."""
+
+    def __init__(self, cfg, task: Optional[Task] = None):
         self.cfg = cfg
+        self.task = task if task is not None else PretrainTask(cfg)
+        self.task.attach(self)
         self.backend = build_backend(cfg)
         b = self.backend
+        log_setup(b.rank)
         seed_everything(cfg.train.seed)
         self.run_dir = cfg.run_dir
         os.makedirs(self.run_dir, exist_ok=True)
-        # One kiln process per run directory: rank 0 takes the lock for the life of the
-        # process (train/run_lock.py); a live holder is a config error (exit 2) on every rank.
+        self._take_run_lock()
+        self.ckpt_root = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+        self.checkpoints = CheckpointManager(b, self.ckpt_root, str(cfg.checkpoint.verify),
+                                             int(cfg.checkpoint.keep_last), bool(cfg.checkpoint.async_save))
+        self.logger = None  # the run's MetricsLogger while fit() runs
+        self.last_checkpoint: Optional[str] = None  # written or resumed from by this process
+        self.rollbacks = 0
+        self.state = Progress()  # step, tokens, global batches skipped (train.nan_policy=rollback)
+        self._stop_requested = False
+        # A job scheduler asks for a stop by creating this file (slurm/common.sh does on USR1/TERM).
+        self._stop_file = os.environ.get("KILN_STOP_FILE") or None
+        self._build_model()
+        self.use_bf16 = b.bf16
+        dp = b.data_parallel_size
+        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp
+        self.tokens_per_step = self.global_batch * cfg.data.seq_len
+        self.train_batches, self.val_batches = self.task.build_data()
+        self._track_checkpoint_pieces()
+        self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
+        self.peak = peak_flops(b.device, cfg.train.peak_tflops)
+
+    # -- set-up steps -------------------------------------------------------------------------
+    def _take_run_lock(self) -> None:
+        """One kiln process per run directory: rank 0 takes the lock for the life of the
+        process (train/run_lock.py); a live holder is a config error (exit 2) on every rank."""
+        b = self.backend
         self.run_lock, lock_error = None, None
         if b.is_main:
             try:
@@ -171,72 +113,35 @@ class Trainer:
         lock_error = b.broadcast_object(lock_error)
         if lock_error is not None:
             raise run_lock.RunLockError(lock_error)
-        self.ckpt_root = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
-        self.checkpoints = CheckpointManager(b, self.ckpt_root, str(cfg.checkpoint.verify),
-                                             int(cfg.checkpoint.keep_last), bool(cfg.checkpoint.async_save))
-        self.logger = None  # the run's MetricsLogger while fit() runs
-        self.last_checkpoint: Optional[str] = None  # written or resumed from by this process
-        self.rollbacks = 0
-        self.tokenizer = self.build_tokenizer()
-        self.model_cfg = self.build_model_config()
-        self.state = Progress()  # step, tokens, global batches skipped (train.nan_policy=rollback)
-        self._stop_requested = False
-        # A job scheduler asks for a stop by creating this file (slurm/common.sh does on USR1/TERM).
-        self._stop_file = os.environ.get("KILN_STOP_FILE") or None
 
+    def _build_model(self) -> None:
+        """Tokenizer, architecture, the task's records, then the model, set up on the backend
+        with its starting weights."""
+        cfg, task = self.cfg, self.task
+        self.tokenizer = task.build_tokenizer()
+        self.model_cfg = task.build_model_config()
+        task.load_data()
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = self.build_model()
+        model = task.build_model()
         self.provenance = self.weights_provenance(model)  # before sharding: whole parameter counts
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         if cfg.train.compile:
-            compile_blocks(model)
-        b.setup(model)
-        self.load_initial_weights()
+            compile_blocks(model, self.backend.compile_outside_hooks)
+        self.backend.setup(model)
+        task.load_initial_weights()
 
-        self.use_bf16 = b.bf16
-        dp = b.data_parallel_size
-        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp
-        self.tokens_per_step = self.global_batch * cfg.data.seq_len
-        self.train_batches, self.val_batches = self.build_data()
-        self.checkpoints.track(FilePiece(self.save_model_state, self.load_model_state),
-                               {"progress": self.state, "data": DataPosition(self.train_batches, b),
-                                "rng": RNGStates(b)},
-                               self.write_run_files)
-        self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
-        self.peak = peak_flops(b.device, cfg.train.peak_tflops)
-
-    # -- what is trained: hooks for subclasses ----------------------------------------------
-    def build_tokenizer(self) -> Tokenizer:
-        return ensure_tokenizer(self.cfg, self.backend)
-
-    def build_model_config(self) -> ModelConfig:
-        return resolve_model_config(self.cfg, self.tokenizer)
-
-    def build_model(self) -> torch.nn.Module:
-        """The Transformer; where the backend shards it, built without weights (each rank
-        initialises its own shard in ``backend.setup``), else built and initialised on the
-        training device (train/sharded_init.py)."""
-        if not builds_deferred(self.backend):
-            return build_on_device(Transformer, self.model_cfg, self.backend.device)
-        with deferred(self.backend):
-            return Transformer(self.model_cfg, init_weights=False)
-
-    def load_initial_weights(self) -> None:
-        """``init_from`` weights, read once on rank 0 and streamed into the set-up backend."""
-        if self.cfg.init_from:
-            b, path = self.backend, str(self.cfg.init_from)
-            b.import_full(b.on_main(f"reading init_from={path}",
-                                    lambda: FullState(model=read_init_weights(
-                                        path, self.model_cfg, str(self.cfg.checkpoint.verify)))))
-
-    def build_data(self):
-        """(endless training micro-batches of this rank, list of validation micro-batches)."""
-        cfg, b = self.cfg, self.backend
-        dp = b.data_parallel_size
-        train = build_train_stream(cfg, self.tokenizer, b.rank, dp)
-        val = validation_batches(cfg, self.tokenizer, b.rank, dp)
-        return train, val
+    def _track_checkpoint_pieces(self) -> None:
+        """What a checkpoint holds: the task's weights (and optimizer) piece; progress, data
+        position, RNG and the task's own small pieces in trainer_state.json; run files."""
+        b = self.backend
+        pieces = {"progress": self.state, "data": DataPosition(self.train_batches, b), "rng": RNGStates(b)}
+        extra = self.task.checkpoint_pieces()
+        clash = sorted(set(extra) & set(pieces))
+        if clash:
+            raise ValueError(f"task {self.task.name}: checkpoint piece names {clash} are the loop's own")
+        self.checkpoints.track(FilePiece(self.task.save_model_state, self.task.load_model_state),
+                               {**pieces, **extra}, self.write_run_files)
 
     def weights_provenance(self, model: torch.nn.Module) -> dict:
         """Where the starting weights came from, and how many parameters train: printed at
@@ -256,17 +161,6 @@ class Trainer:
         trained = sum(n for n, grad in sizes if grad)
         return {**source, "parameters": total, "trainable_parameters": trained,
                 "trainable_share": trained / max(total, 1)}
-
-    def save_model_state(self, directory: str, background: bool = False):
-        """Weights and optimizer into a checkpoint being written (all ranks call); returns
-        the backend's ``Writing``."""
-        return self.backend.save(directory, background)
-
-    def load_model_state(self, directory: str, meta: dict) -> None:
-        self.backend.load(directory, meta)
-
-    def write_extra_files(self, directory: str) -> None:
-        """Rank 0 adds task files (chat template, adapter config, ...) to a checkpoint."""
 
     # -- checkpoints ----------------------------------------------------------------------
     def resume(self) -> Optional[str]:
@@ -325,7 +219,7 @@ class Trainer:
         OmegaConf.save(self.cfg, os.path.join(directory, ckpt.CONFIG), resolve=True)
         OmegaConf.save(OmegaConf.structured(self.model_cfg), os.path.join(directory, ckpt.MODEL_CONFIG))
         shutil.copyfile(self.tokenizer.path, os.path.join(directory, ckpt.TOKENIZER))
-        self.write_extra_files(directory)
+        self.task.write_extra_files(directory)
 
     def finish_save(self) -> Optional[str]:
         """Wait for the save in flight, if any, and report its commit."""
@@ -369,12 +263,13 @@ class Trainer:
         return put(batch["input"]), put(batch["target"]), extra
 
     def document_mask(self) -> bool:
-        """Whether packed sequences keep their documents apart (``data.document_mask``)."""
-        return bool(self.cfg.data.document_mask)
+        """Whether packed sequences keep their documents apart: the task decides
+        (pretraining: ``data.document_mask``; packed SFT rows: ``sft.packing``)."""
+        return self.task.document_mask()
 
     def data_warning(self) -> Optional[str]:
         """Why this run's data may starve its accelerator (printed in the header), or None."""
-        return starvation_warning(self.cfg, self.backend.device)
+        return self.task.data_warning()
 
     @staticmethod
     def loss_tokens(batch: dict) -> int:
@@ -396,24 +291,17 @@ class Trainer:
             for batch in self.val_batches:
                 x, y, extra = self.model_inputs(batch)
                 with self.autocast():
-                    out, loss = model(x, y, **extra)
+                    out, loss = self.task.forward(model, x, y, extra)
                 n = self.loss_tokens(batch)
                 if n:
                     yield out, loss, n, y, extra
         finally:
             model.train()
 
-    @torch.no_grad()
     def evaluate(self) -> Optional[float]:
-        """Validation loss: the token-weighted mean over every rank's validation batches."""
-        if not self.val_batches:
-            return None
-        loss_sum, count = torch.zeros((), dtype=torch.float64, device=self.backend.device), 0
-        for _, loss, n, _, _ in self.validation_outputs():
-            loss_sum += loss.detach().double() * n
-            count += n
-        (count,) = self.backend.all_reduce_sum([count])
-        return float(self.backend.all_reduce_tensor(loss_sum)) / count
+        """The validation loss the task computes (default: the token-weighted mean over every
+        rank's validation batches), or None without validation batches."""
+        return self.task.evaluate()
 
     def forward_backward(self, micro_batches: list[dict]) -> tuple[torch.Tensor, int, int]:
         """Accumulate the gradients of one optimizer step; returns (loss, global loss
@@ -434,7 +322,7 @@ class Trainer:
             x, y, extra = self.model_inputs(batch)
             with b.micro_step_context(i == last):
                 with self.autocast():
-                    _, loss = self.backend.model(x, y, **extra)
+                    _, loss = self.task.forward(b.model, x, y, extra)
                 if n == 0:  # nothing to learn here (loss is 0), but every rank must still run backward
                     b.backward(loss * 0.0)
                     continue
@@ -445,101 +333,132 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to ``train.max_steps`` (or a stop request); returns the run's result
+        (losses, validation losses, final step, ...; the task's ``after_fit`` adds its own)."""
+        result = self._start()
+        if "final_step" not in result:  # else there was nothing to train
+            window = _Window(self.state.step)
+            while self.state.step < self.cfg.train.max_steps:
+                lr = self._train_step(window)
+                if self._after_step(window, lr, result):
+                    break
+            self._finish(result)
+        self.task.after_fit(result)
+        return result
+
+    def _start(self) -> dict:
+        """Before the first step: the task's preparation, the resume point loaded, the run
+        directory's config recorded, the header, the metrics logger, evaluation at step 0."""
         cfg, b, t = self.cfg, self.backend, self.cfg.train
+        self.task.before_fit()
         resumed = self.last_checkpoint = self.resume()
         if b.is_main:  # the start succeeded: only now is the run directory written (train/run_dir.py)
             record_run_config(cfg, self.run_dir)
-        if b.is_main:
             self._print_header(resumed)
         logger = self.logger = MetricsLogger(cfg, self.run_dir, b.is_main, t.max_steps, self.state.step)
         logger.log(self.state.step, {**self.provenance, "resumed_from": resumed}, kind="run")
         result = {"resumed_from": resumed, "start_step": self.state.step, "losses": {}, "val_losses": {}}
         if self.state.step >= t.max_steps:
             if b.is_main:
-                print(f"[kiln] run already at step {self.state.step} >= train.max_steps={t.max_steps}: nothing "
-                      "to train. Raise train.max_steps, or start afresh with resume=none or another run_name.",
-                      flush=True)
+                log().info(f"run already at step {self.state.step} >= train.max_steps={t.max_steps}: nothing "
+                           "to train. Raise train.max_steps, or start afresh with resume=none or another run_name.")
+            self.logger = None
             logger.close()
             result["final_step"] = self.state.step
             return result
         if resumed is None and t.eval_every > 0:
-            self._evaluate_and_log(0, logger, result)
-        model = b.model
-        model.train()
-        window_t0, window_tokens = time.perf_counter(), 0
-        paused = 0.0  # seconds of evaluation and checkpointing inside the window: not training time
-        last_ckpt_step = self.state.step
-        window: list[tuple[int, torch.Tensor, object]] = []  # (step, loss, grad norm) not read yet
+            self._evaluate_and_log(0, result)
+        b.model.train()
+        return result
 
-        def read_window() -> Optional[tuple[int, float, float]]:
-            """Read the window's losses and norms (the one device sync of a logging step) into
-            the result and the progress bar; returns the last (step, loss, grad norm), or None
-            after a rollback because one was not finite."""
-            nonlocal window
-            steps, window = window, []
-            values = [(s, float(loss), float(norm)) for s, loss, norm in steps]
-            for s, loss_val, _ in values:
-                if not math.isfinite(loss_val):
-                    self.rollback(loss_val, s)  # raises unless train.nan_policy=rollback allows another
-                    return None
-                result["losses"][s] = loss_val
-                logger.advance(1, loss_val)
-            return values[-1]
+    def _train_step(self, window: _Window) -> float:
+        """One optimizer step on the task's next micro-batches; returns its learning rate.
+        The loss and grad norm stay on the device (in ``window``) until a step reads them."""
+        cfg, t = self.cfg, self.cfg.train
+        lr = lr_at(self.state.step, cfg.optim, t.max_steps)
+        for _ in range(self.state.skipped_batches.get(self.state.step + 1, 0)):  # poisoned: see rollback()
+            self.task.next_batches(t.grad_accum_steps)
+        micro_batches = self.task.next_batches(t.grad_accum_steps)
+        loss, _, step_tokens = self.forward_backward(micro_batches)
+        grad_norm = self.backend.step(lr, cfg.optim.grad_clip)
+        self.state.step += 1
+        self.state.tokens += step_tokens
+        window.tokens += step_tokens
+        window.pending.append((self.state.step, loss, grad_norm))
+        return lr
 
-        while self.state.step < t.max_steps:
-            lr = lr_at(self.state.step, cfg.optim, t.max_steps)
-            for _ in range(self.state.skipped_batches.get(self.state.step + 1, 0)):  # poisoned: see rollback()
-                [next(self.train_batches) for _ in range(t.grad_accum_steps)]
-            micro_batches = [next(self.train_batches) for _ in range(t.grad_accum_steps)]
-            loss, _, step_tokens = self.forward_backward(micro_batches)
-            grad_norm = b.step(lr, cfg.optim.grad_clip)
-            self.state.step += 1
-            self.state.tokens += step_tokens
-            window_tokens += step_tokens
-            step = self.state.step
-            window.append((step, loss, grad_norm))
-            log_now = step % t.log_every == 0 or step == t.max_steps
-            eval_now = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps)
-            save_now = step % cfg.checkpoint.every == 0 or step == t.max_steps
-            stop_now = self.should_stop()
-            # Losses are read at logging steps, and before anything that must not see a NaN
-            # model: an evaluation, a checkpoint, a stop.
-            last = read_window() if log_now or eval_now or save_now or stop_now else ()
-            if last is None:  # rolled back
-                window_t0, window_tokens, paused = time.perf_counter(), 0, 0.0
-                last_ckpt_step = self.state.step
-                continue
-            if log_now:
-                if b.device.type == "cuda":
-                    torch.cuda.synchronize(b.device)
-                dt = time.perf_counter() - window_t0 - paused
-                tps = window_tokens / dt
-                _, loss_val, norm_val = last
-                metrics = {"loss": loss_val, "lr": lr, "grad_norm": norm_val, "tokens": float(self.state.tokens),
-                           "tokens_per_s": tps, "tokens_per_s_per_device": tps / b.world_size,
-                           "mem_gb": peak_memory_gb(b.device)}
-                if self.peak:
-                    metrics["mfu"] = self.flops_per_token * tps / b.world_size / self.peak
-                logger.log(step, metrics)
-                window_t0, window_tokens, paused = time.perf_counter(), 0, 0.0
-            t_pause = time.perf_counter()
-            if eval_now:
-                self._evaluate_and_log(step, logger, result)
-            if save_now:
+    def _after_step(self, window: _Window, lr: float, result: dict) -> bool:
+        """Logging, evaluation, checkpoint and stop after a step; True when the run stops."""
+        cfg, t = self.cfg, self.cfg.train
+        step = self.state.step
+        log_now = step % t.log_every == 0 or step == t.max_steps
+        eval_now = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps)
+        save_now = step % cfg.checkpoint.every == 0 or step == t.max_steps
+        stop_now = self.should_stop()
+        # Losses are read at logging steps, and before anything that must not see a NaN
+        # model: an evaluation, a checkpoint, a stop.
+        last = self._read_window(window, result) if log_now or eval_now or save_now or stop_now else ()
+        if last is None:  # rolled back
+            window.restart(self.state.step)
+            return False
+        if log_now:
+            self._log_train(window, lr, last)
+        t_pause = time.perf_counter()
+        if eval_now:
+            self._evaluate_and_log(step, result)
+        if save_now:
+            self.save()
+            window.last_ckpt_step = step
+        self.poll_save()
+        window.paused += time.perf_counter() - t_pause
+        if stop_now:
+            if window.last_ckpt_step != step:
                 self.save()
-                last_ckpt_step = step
-            self.poll_save()
-            paused += time.perf_counter() - t_pause
-            if stop_now:
-                if last_ckpt_step != step:
-                    self.save()
-                self.finish_save()
-                if b.is_main:
-                    print(f"[kiln] stop requested: checkpointed at step {step}", flush=True)
-                result["stopped"] = True
-                break
+            self.finish_save()
+            if self.backend.is_main:
+                log().info(f"stop requested: checkpointed at step {step}")
+            result["stopped"] = True
+            return True
+        return False
+
+    def _read_window(self, window: _Window, result: dict) -> Optional[tuple[int, float, float]]:
+        """Read the window's losses and norms (the one device sync of a logging step) into
+        the result and the progress bar; returns the last (step, loss, grad norm), or None
+        after a rollback because one was not finite."""
+        steps, window.pending = window.pending, []
+        values = [(s, float(loss), float(norm)) for s, loss, norm in steps]
+        for s, loss_val, _ in values:
+            if not math.isfinite(loss_val):
+                self.rollback(loss_val, s)  # raises unless train.nan_policy=rollback allows another
+                return None
+            result["losses"][s] = loss_val
+            self.logger.advance(1, loss_val)
+        return values[-1]
+
+    def _log_train(self, window: _Window, lr: float, last: tuple[int, float, float]) -> None:
+        """The "train" record of a logging step: loss, lr, norm, throughput, memory, MFU and
+        the task's own values; the window restarts."""
+        b = self.backend
+        if b.device.type == "cuda":
+            torch.cuda.synchronize(b.device)
+        dt = time.perf_counter() - window.t0 - window.paused
+        tps = window.tokens / dt
+        _, loss_val, norm_val = last
+        metrics = {"loss": loss_val, "lr": lr, "grad_norm": norm_val, "tokens": float(self.state.tokens),
+                   "tokens_per_s": tps, "tokens_per_s_per_device": tps / b.world_size,
+                   "mem_gb": peak_memory_gb(b.device)}
+        if self.peak:
+            metrics["mfu"] = self.flops_per_token * tps / b.world_size / self.peak
+        metrics.update(self.task.train_metrics())
+        self.logger.log(self.state.step, metrics)
+        window.restart(window.last_ckpt_step)
+
+    def _finish(self, result: dict) -> None:
+        """After the last step: the save in flight committed, the logger closed, data workers
+        stopped; rank 0 writes the data report and the plot."""
+        cfg, b = self.cfg, self.backend
         self.finish_save()
-        self.logger = None
+        logger, self.logger = self.logger, None
         logger.close()
         if hasattr(self.train_batches, "close"):  # background data workers
             self.train_batches.close()
@@ -553,7 +472,6 @@ class Trainer:
                              f"({self.train_batches_epoch()} full passes over the input)")
                 result["data_report"] = os.path.join(report_dir, "report.md")
             result["plot"] = self.plot() if cfg.logger.plot else None
-        return result
 
     def rollback(self, loss_val: float, bad_step: int) -> None:
         """A non-finite loss at ``bad_step`` (the first of the steps read since the last check;
@@ -579,32 +497,28 @@ class Trainer:
         self.state.skipped_batches = {**self.state.skipped_batches, **skipped}
         self.rollbacks += 1
         if self.backend.is_main:
-            print(f"[kiln] loss is {loss_val} at step {bad_step}: rolled back to {self.last_checkpoint} (step "
-                  f"{self.state.step}); {skipped[bad_step]} global batch(es) of step {bad_step} will be skipped "
-                  f"(rollback {self.rollbacks} of at most {t.max_rollbacks})", flush=True)
+            log().warning(f"loss is {loss_val} at step {bad_step}: rolled back to {self.last_checkpoint} (step "
+                          f"{self.state.step}); {skipped[bad_step]} global batch(es) of step {bad_step} will be "
+                          f"skipped (rollback {self.rollbacks} of at most {t.max_rollbacks})")
 
     def train_batches_epoch(self) -> int:
         packed = getattr(self.train_batches, "windows", None) or getattr(self.train_batches, "stream", None)
         return int(getattr(getattr(packed, "docs", None), "epoch", 0))
 
     def plot(self) -> Optional[str]:
-        return plot_losses(os.path.join(self.run_dir, "metrics.jsonl"), os.path.join(self.run_dir, "loss.png"),
-                           title=f"kiln: {self.cfg.run_name}")
+        """The task's loss plot (rank 0)."""
+        return self.task.plot()
 
-    def _evaluate_and_log(self, step: int, logger: MetricsLogger, result: dict) -> None:
+    def _evaluate_and_log(self, step: int, result: dict) -> None:
         self.backend.agree("the number of validation batches (each is a forward with collectives under "
                            "FSDP / ZeRO-3)", len(self.val_batches))
         val = self.evaluate()
         if val is None:
             return
-        metrics = {"val_loss": val, "val_ppl": math.exp(min(val, 50)), **self.extra_eval_metrics()}
-        logger.log(step, metrics, kind="eval")
+        metrics = {"val_loss": val, "val_ppl": math.exp(min(val, 50)), **self.task.eval_metrics()}
+        self.logger.log(step, metrics, kind="eval")
         result["val_losses"][step] = val
         result.setdefault("eval_metrics", {})[step] = metrics
-
-    def extra_eval_metrics(self) -> dict:
-        """Task metrics logged beside the validation loss (classification: accuracy, macro-F1)."""
-        return {}
 
     def should_stop(self) -> bool:
         """True when the run must checkpoint and exit now: ``train.stop_at_step`` reached, or
@@ -641,34 +555,45 @@ class Trainer:
         return prompt + self.tokenizer.decode(out[0].tolist())
 
     def _print_header(self, resumed: Optional[str]) -> None:
+        """The run's header (rank 0): weights, model, backend, masking, batch."""
+        out = log()
         cfg, b, mc = self.cfg, self.backend, self.model_cfg
         pv = self.provenance
         where = {"fresh init": f"fresh init (seed {pv.get('seed')})", "hf": f"Hugging Face directory {pv.get('path')}",
                  "kiln checkpoint": f"kiln checkpoint {pv.get('path')} (step {pv.get('step')})"}[pv["weights_from"]]
-        print(f"[kiln] starting weights: {where}; trainable parameters: {pv['trainable_parameters']:,} of "
-              f"{pv['parameters']:,} ({pv['trainable_share']:.2%})", flush=True)
+        out.info(f"starting weights: {where}; trainable parameters: {pv['trainable_parameters']:,} of "
+              f"{pv['parameters']:,} ({pv['trainable_share']:.2%})")
         n = param_count(mc)
-        print(f"[kiln] model: {n / 1e6:.2f}M parameters ({param_count(mc, include_embeddings=False) / 1e6:.2f}M "
+        out.info(f"model: {n / 1e6:.2f}M parameters ({param_count(mc, include_embeddings=False) / 1e6:.2f}M "
               f"without embeddings), d_model={mc.d_model} layers={mc.n_layers} heads={mc.n_heads}/{mc.kv_heads} "
-              f"vocab={mc.vocab_size} seq_len={cfg.data.seq_len}", flush=True)
-        print(f"[kiln] backend={b.name} ({cfg.backend.chosen_because}) world_size={b.world_size} device={b.device} "
+              f"vocab={mc.vocab_size} seq_len={cfg.data.seq_len}")
+        out.info(f"backend={b.name} ({cfg.backend.chosen_because}) world_size={b.world_size} device={b.device} "
               f"precision={'bf16' if self.use_bf16 else 'fp32'} compile={cfg.train.compile} "
-              f"activation_checkpointing={cfg.train.activation_checkpointing}", flush=True)
+              f"activation_checkpointing={cfg.train.activation_checkpointing}")
         masking = "off" if not self.document_mask() else \
             f"on ({'flex' if uses_flex(mc, b.device) else 'dense'})"
-        print(f"[kiln] document mask: {masking}", flush=True)
+        out.info(f"document mask: {masking}")
         starving = self.data_warning()
         if starving:
-            print(f"[kiln] warning: {starving}", flush=True)
-        print(f"[kiln] global batch = micro {cfg.train.micro_batch_size} x accum {cfg.train.grad_accum_steps} "
+            out.warning(starving)
+        out.info(f"global batch = micro {cfg.train.micro_batch_size} x accum {cfg.train.grad_accum_steps} "
               f"x data-parallel {b.data_parallel_size} = {self.global_batch} sequences = {self.tokens_per_step:,} "
               f"tokens/step; validation: {cfg.train.eval_sequences} held-out sequences at most, "
-              f"{len(self.val_batches)} batches per rank", flush=True)
+              f"{len(self.val_batches)} batches per rank")
         if resumed:
-            print(f"[kiln] resumed from {resumed} at step {self.state.step}", flush=True)
+            out.info(f"resumed from {resumed} at step {self.state.step}")
 
 
-def _hf_init_dir(cfg) -> str | None:
-    """The local directory of ``init_from=hf:<dir>``, else None."""
-    init = str(cfg.init_from) if cfg.init_from else ""
-    return init[3:] if init.startswith("hf:") else None
+class _Window:
+    """What ``fit`` carries between steps: the steps whose loss and norm are not read yet,
+    and the logging window's start, tokens and paused seconds (evaluation, checkpointing:
+    not training time)."""
+
+    def __init__(self, last_ckpt_step: int):
+        self.pending: list[tuple[int, torch.Tensor, object]] = []  # (step, loss, grad norm)
+        self.last_ckpt_step = last_ckpt_step
+        self.restart(last_ckpt_step)
+
+    def restart(self, last_ckpt_step: int) -> None:
+        self.t0, self.tokens, self.paused = time.perf_counter(), 0, 0.0
+        self.last_ckpt_step = last_ckpt_step

@@ -71,6 +71,9 @@ class DPOConfig:
     loss: str = "dpo"  # dpo | cdpo (conservative: label_smoothing) | ipo
     beta: float = 0.1  # strength of the pull towards the reference (larger: stay closer)
     label_smoothing: float = 0.0  # cdpo: the assumed share of flipped preference labels, in [0, 0.5)
+    # ipo: log-probs averaged over each reply's tokens before the loss, as TRL computes IPO
+    # (mean, the default), or summed over the reply (sum). dpo and cdpo always use sums.
+    ipo_logps: str = "mean"
     # The reference log-probs are those of the starting weights, computed once before training
     # by every rank with the model as set up (sharded or not): no second model is ever held.
     # With LoRA the reference is the base: the adapters start at zero.
@@ -115,13 +118,14 @@ def validate_sft(cfg: Any) -> None:
         for i, p in enumerate(list(s.paths) + list(s.val_paths)):
             _check(os.path.exists(str(p)), f"sft.paths[{i}]", f"not found: {p!r}")
     if cfg.task == "preference":
-        from train.sft.preference import LOSSES
+        from train.sft.preference import IPO_LOGPS, LOSSES
 
         d = cfg.dpo
         _check(d.loss in LOSSES, "dpo.loss", f"unknown loss {d.loss!r} ({' | '.join(LOSSES)})")
         _check(d.beta > 0, "dpo.beta", f"must be positive, got {d.beta}")
         _check(0.0 <= d.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {d.label_smoothing}")
         _check(d.label_smoothing == 0.0 or d.loss == "cdpo", "dpo.label_smoothing", "only dpo.loss=cdpo uses it")
+        _check(d.ipo_logps in IPO_LOGPS, "dpo.ipo_logps", f"unknown {d.ipo_logps!r} ({' | '.join(IPO_LOGPS)})")
     if cfg.task == "reward":
         _check(cfg.dpo.margin >= 0, "dpo.margin", f"must be >= 0, got {cfg.dpo.margin}")
     _check(s.source in ("auto", "jsonl", "parquet", "hf"), "sft.source",

@@ -12,9 +12,14 @@ h = (pi_c - ref_c) - (pi_r - ref_r):
 - ``dpo``  (Rafailov et al. 2023): -log sigmoid(beta h)
 - ``cdpo`` (conservative DPO, labels flipped with probability ``label_smoothing``):
   -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)
-- ``ipo``  (Azar et al. 2023): (h - 1 / (2 beta))^2
-The implicit rewards are beta (pi - ref); reward accuracy is the share of pairs whose chosen
-reward exceeds the rejected one, the margin their mean difference.
+- ``ipo``  (Azar et al. 2023): (h - 1 / (2 beta))^2, by default on log-probs *averaged*
+  over each reply's tokens (``dpo.ipo_logps=mean``, as TRL computes IPO: policy and
+  reference log-probs are divided by the reply's token count before h is formed), or on
+  the summed log-probs (``dpo.ipo_logps=sum``). With the averaged form an IPO ``beta``
+  tuned with TRL means the same here; ``dpo`` and ``cdpo`` always use sums, as TRL does.
+The implicit rewards are beta (pi - ref), of the log-probs the loss uses; reward accuracy
+is the share of pairs whose chosen reward exceeds the rejected one, the margin their mean
+difference.
 """
 
 from __future__ import annotations
@@ -27,10 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.llama import Transformer
 from train.sft.chat import ROLE_TOKEN, control_ids, encode_chat
 
 LOSSES = ("dpo", "cdpo", "ipo")
+IPO_LOGPS = ("mean", "sum")  # dpo.ipo_logps: per-reply-token average (TRL's IPO) | sum
 
 
 @dataclass
@@ -101,6 +106,17 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     logp = torch.log_softmax(logits.float(), dim=-1)
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * mask).sum(-1)
+
+
+def loss_logprobs(logps: torch.Tensor, targets: torch.Tensor, kind: str, ipo_logps: str = "mean") -> torch.Tensor:
+    """The sequence log-probs a loss compares: for ``ipo`` with ``ipo_logps=mean`` each row's
+    sum divided by its number of reply tokens (targets not -100), else the sums as given.
+    Apply it to the policy's and the reference's log-probs alike."""
+    if ipo_logps not in IPO_LOGPS:
+        raise ValueError(f"unknown ipo_logps {ipo_logps!r} ({' | '.join(IPO_LOGPS)})")
+    if kind != "ipo" or ipo_logps == "sum":
+        return logps
+    return logps / (targets != -100).sum(-1).clamp(min=1).to(logps.dtype)
 
 
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -274,65 +290,6 @@ def collate_with_reference(pairs: list[PreferencePair], pad_id: int) -> dict:
     batch["loss_tokens"] = len(pairs)
     batch["tokens"] = sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) - 2 for p in pairs)
     return batch
-
-
-# ---- the trained model ------------------------------------------------------------------
-
-class PreferencePolicy(Transformer):
-    """The language model trained on preference pairs. A subclass, like the classifier, so
-    every backend shards it as the LM and checkpoints keep the LM's names. Called with
-    ``ref_logps`` (rows: chosen then rejected) it returns (sequence log-probs, loss);
-    without, it is the plain LM (generation, the reference pass)."""
-
-    def __init__(self, cfg, beta: float = 0.1, kind: str = "dpo", label_smoothing: float = 0.0, **kw):
-        super().__init__(cfg, **kw)
-        self.beta, self.kind, self.label_smoothing = beta, kind, label_smoothing
-
-    def forward(self, tokens, targets=None, ref_logps=None, **kw):
-        if ref_logps is None:
-            return super().forward(tokens, targets, **kw)
-        logits, _ = super().forward(tokens, **kw)
-        logps = sequence_logprobs(logits, targets)
-        half = len(tokens) // 2
-        ref = ref_logps.to(logps.dtype)
-        loss = preference_loss_only(logps[:half], logps[half:], ref[:half], ref[half:], self.beta, self.kind,
-                                    self.label_smoothing)
-        return logps.detach(), loss
-
-
-class RewardModel(Transformer):
-    """A scalar reward on the last real token of prompt + reply (Bradley-Terry reward model).
-
-    A Transformer subclass, like the classifier: backends shard it as the LM and an SFT
-    checkpoint loads by the same names, ``value.weight`` being the one new parameter. The
-    LM output layer is unused (frozen unless tied). Called with rows chosen-then-rejected and
-    ``last_index``, it returns (rewards, loss) with loss -log sigmoid(r_c - r_r - margin)."""
-
-    def __init__(self, cfg, margin: float = 0.0, **kw):
-        super().__init__(cfg, **kw)
-        self.margin = margin
-        self.value = torch.nn.Linear(cfg.d_model, 1, bias=False)
-        torch.nn.init.normal_(self.value.weight, mean=0.0, std=cfg.init_std)
-        if not cfg.tie_embeddings:
-            self.output.weight.requires_grad = False
-
-    @staticmethod
-    def extra_parameter_names() -> set[str]:
-        return {"value.weight"}
-
-    def forward(self, tokens, targets=None, last_index=None, pairs: bool = True, **kw):
-        if kw.get("kv_caches") is not None or (targets is None and last_index is None):
-            return super().forward(tokens, targets, **kw)  # the plain LM (generation)
-        h = super().forward(tokens, return_hidden=True, **kw)
-        B, T = tokens.shape
-        if last_index is None:
-            last_index = torch.full((B,), T - 1, device=tokens.device)
-        rewards = self.value(h[torch.arange(B, device=tokens.device), last_index]).squeeze(-1).float()
-        if not pairs:
-            return rewards, None
-        half = B // 2
-        loss = -F.logsigmoid(rewards[:half] - rewards[half:] - self.margin).mean()
-        return rewards.detach(), loss
 
 
 def collate_reward(pairs: list[PreferencePair], pad_id: int) -> dict:

@@ -1,0 +1,245 @@
+"""What every fine-tuning task shares: it starts from the ``init_from`` checkpoint.
+
+- tokenizer and architecture come from that checkpoint (the tokenizer travels with it as
+  ``tokenizer.model``), from any backend and world size (``read_full_state``), or from an
+  ``hf:`` directory;
+- the network is the task's (``new_model``: the LM, a classifier, a reward model), built
+  whole on every rank with the checkpoint's weights, optionally with a LoRA adapter (only the
+  adapter, and a head, train);
+- checkpoints: the usual full state, or for LoRA runs the adapter (+ head) and its AdamW
+  moments only, gathered through the backend so ZeRO-3 never writes an empty adapter;
+  plus ``adapter_config.json`` (with the base's path and digest);
+- a before/after table of greedy generations for fixed prompts (``eval.prompts``,
+  ``eval.report``) for the tasks that generate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import fields
+from typing import Optional
+
+import torch
+
+from data_pipeline.tokenizer import Tokenizer
+from model.llama import ModelConfig, Transformer, generate
+from model.lora import add_lora, quantize_base_4bit, train_only
+from train import checkpoint as ckpt
+from train.backends.base import Writing
+from train.checkpoint import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_OPTIM_FILE
+from train.checkpoint.full_state import FullState, load_weights, read_adapter_state, read_init_weights
+from train.config import ConfigError
+from train.metrics import plot_runs
+from train.sft.chat import control_ids, encode_prompt
+from train.tasks.base import Task
+from train.tasks.pretrain import ensure_tokenizer, resolve_model_config
+
+
+def init_step_dir(cfg) -> Optional[str]:
+    """The step directory ``init_from`` names (None for ``hf:`` models)."""
+    init = str(cfg.init_from)
+    if init.startswith("hf:"):
+        return None
+    try:
+        return ckpt.resolve(init, str(cfg.checkpoint.verify))  # the run's one verification of it
+    except FileNotFoundError as e:
+        raise ConfigError("init_from", f"{e}. Make the default one with `python launch/pretrain.py`") from None
+
+
+class FinetuneTask(Task):
+    """Base of the tasks that start from a checkpoint; subclasses give ``new_model``,
+    ``load_data``, ``build_data`` and what they evaluate."""
+
+    name = "finetune"
+    uses_chat_template = False  # the tokenizer must hold the chat control tokens
+    extra_trainable = ()  # parameter-name prefixes that train beside a LoRA adapter (a head)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.lora = bool(cfg.lora.enabled)
+        self.init_dir = init_step_dir(cfg)
+        self._base_digest: Optional[str] = None
+
+    # -- what is built --------------------------------------------------------------------
+    def build_tokenizer(self) -> Tokenizer:
+        cfg = self.cfg
+        if cfg.tokenizer.path:
+            tok = Tokenizer(cfg.tokenizer.path)
+        elif self.init_dir is None:
+            tok = ensure_tokenizer(cfg, self.backend)  # hf: its tokenizer.model
+        else:
+            path = os.path.join(self.init_dir, ckpt.TOKENIZER)
+            if not os.path.isfile(path):
+                raise ConfigError("init_from", f"{self.init_dir} has no tokenizer.model; set tokenizer.path")
+            tok = Tokenizer(path)
+        if self.uses_chat_template:
+            control_ids(tok)  # the chat template needs the reserved tokens
+        return tok
+
+    def build_model_config(self) -> ModelConfig:
+        """The checkpoint's architecture (``model.dropout`` from this config); written back
+        into cfg.model so the saved config.yaml describes the model really trained."""
+        cfg, tok = self.cfg, self.trainer.tokenizer
+        if self.init_dir is None:
+            mc = resolve_model_config(cfg, tok)
+        else:
+            mc = ckpt.read_model_config(self.init_dir)
+            mc.dropout = float(cfg.model.dropout)
+        if cfg.data.seq_len > mc.max_seq_len:
+            raise ConfigError("data.seq_len", f"{cfg.data.seq_len} exceeds the checkpoint's max_seq_len={mc.max_seq_len}")
+        if mc.vocab_size < tok.vocab_size:
+            raise ConfigError("tokenizer.path", f"{tok.vocab_size} pieces but the checkpoint has "
+                              f"{mc.vocab_size} embedding rows")
+        for f in fields(ModelConfig):
+            cfg.model[f.name] = getattr(mc, f.name)
+        return mc
+
+    def new_model(self, mc: ModelConfig) -> torch.nn.Module:
+        """The network being fine-tuned, before its weights are loaded."""
+        return Transformer(mc)
+
+    def build_model(self) -> torch.nn.Module:
+        cfg, mc = self.cfg, self.trainer.model_cfg
+        model = self.new_model(mc)
+        # Read (and, for a DeepSpeed checkpoint, converted) once on rank 0, streamed to the others.
+        b, path = self.backend, str(cfg.init_from)
+        src, mode = (self.init_dir, "off") if self.init_dir else (path, str(cfg.checkpoint.verify))  # verified once
+        base = b.on_main(f"reading init_from={path}", lambda: FullState(model=read_init_weights(src, mc, mode)))
+        load_weights(model, b.full_state_from_main(base).model, path)
+        if self.lora:
+            lo = cfg.lora
+            add_lora(model, lo.name, lo.rank, lo.alpha, lo.dropout, list(lo.targets))
+            train_only(model, lo.name, extra_prefixes=self.extra_trainable)
+            if lo.quantize == "4bit":
+                if cfg.backend.name not in ("single", "ddp"):
+                    raise ConfigError("lora.quantize", "4-bit base weights work with backend=single or ddp only")
+                quantize_base_4bit(model.to(self.backend.device))
+        return model
+
+    # load_initial_weights: already done in build_model. LoRA adapters and a head are built
+    # around the base weights, so every rank builds the whole model (no sharded initialisation).
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_model_state(self, directory: str, background: bool = False) -> Writing:
+        if not self.lora:
+            return super().save_model_state(directory, background)
+        st = self.backend.export_full(trainable_only=True)  # every rank: gathering is collective under ZeRO-3/FSDP
+        if self.backend.is_main:
+            if not st.model:
+                raise RuntimeError("LoRA checkpoint: the backend returned no trained parameter")
+            st.save(directory, ADAPTER_FILE, ADAPTER_OPTIM_FILE)  # adapters are small: written at once
+        return Writing()
+
+    def load_model_state(self, directory: str, meta: dict) -> None:
+        if not self.lora:
+            return super().load_model_state(directory, meta)
+        self.backend.import_full(read_adapter_state(directory), partial=True)
+
+    def adapter_labels(self) -> Optional[list[str]]:
+        """The class names an adapter's config records (classification), else None."""
+        return None
+
+    def write_extra_files(self, directory: str) -> None:
+        if self.lora:
+            # The base by path and by identity: load_base refuses a base whose digest differs
+            # (retrained or replaced at that path since). Computed once, at the first save.
+            from train.sft.adapters import init_digest
+
+            lo, base = self.cfg.lora, self.init_dir or str(self.cfg.init_from)
+            if self._base_digest is None:
+                self._base_digest = init_digest(base)
+            info = {"name": lo.name, "rank": lo.rank, "alpha": lo.alpha, "dropout": lo.dropout,
+                    "targets": list(lo.targets), "base": base, "base_digest": self._base_digest,
+                    "task": self.cfg.task, "labels": self.adapter_labels()}
+            with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+                json.dump(info, f, indent=1)
+
+    # -- the before/after generations ------------------------------------------------------------
+    def eval_prompts(self) -> list[str]:
+        """Prompts of the before/after generation table; none unless the task generates."""
+        return []
+
+    def base_generations_file(self) -> str:
+        return os.path.join(self.trainer.run_dir, "generations_base.json")
+
+    def before_fit(self) -> None:
+        """The starting model's answers to ``eval_prompts``, once per run directory (a fresh
+        start: decided on rank 0 and broadcast, generation being collective when sharded)."""
+        cfg, b = self.cfg, self.backend
+        prompts, base_file = self.eval_prompts(), self.base_generations_file()
+        fresh = str(cfg.resume) == "none" or ckpt.find_latest(self.trainer.ckpt_root) is None
+        if b.broadcast_object(bool(prompts) and fresh and not os.path.exists(base_file)):
+            before = self.generate_answers(prompts, cfg.eval.max_new_tokens)
+            if b.is_main:
+                with open(base_file, "w", encoding="utf-8") as f:
+                    json.dump({"init_from": str(cfg.init_from), "answers": dict(zip(prompts, before))}, f, indent=1)
+            b.barrier()
+
+    def after_fit(self, result: dict) -> None:
+        """The trained model's answers beside the starting model's (``eval.report``)."""
+        cfg, b = self.cfg, self.backend
+        prompts, base_file = self.eval_prompts(), self.base_generations_file()
+        if b.broadcast_object(bool(prompts) and os.path.exists(base_file) and not result.get("stopped")
+                              and result["final_step"] > result["start_step"]):
+            after = self.generate_answers(prompts, cfg.eval.max_new_tokens)
+            if b.is_main:
+                with open(base_file, encoding="utf-8") as f:
+                    before = json.load(f)["answers"]
+                result["generations"] = write_generation_table(cfg.eval.report, prompts, before, after,
+                                                               str(cfg.init_from), result["final_step"])
+                result["generations_path"] = cfg.eval.report
+        summary = self.data_summary()
+        if summary is not None:
+            data = summary[1]
+            result["data_counts"] = dict(data.counts)
+            if data.skipped is not None:
+                result["skipped_by_reason"] = dict(data.skipped.reasons)
+
+    def generate_answers(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy replies through the chat template (every rank: weights may be sharded)."""
+        t = self.trainer
+        tok = t.tokenizer
+        stop = [tok.eos_id, tok.control["<|end_of_turn|>"]]
+        ids = [encode_prompt(tok, p) for p in prompts]
+        with t.autocast():
+            out = generate(self.backend.raw_model, ids, max_new_tokens, temperature=0.0, eos_id=stop,
+                           device=self.backend.device)
+        answers = []
+        for row in out.tolist():
+            cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+            answers.append(tok.decode(row[:cut]))
+        return answers
+
+    def plot(self) -> Optional[str]:
+        """Pretraining (the init run's metrics.jsonl, when found) and fine-tuning in one PNG."""
+        runs = []
+        if self.init_dir:
+            pre = os.path.join(os.path.dirname(os.path.dirname(self.init_dir)), "metrics.jsonl")
+            if os.path.exists(pre):
+                runs.append(("pretraining", pre))
+        run_dir = self.trainer.run_dir
+        runs.append((f"fine-tuning ({self.cfg.task})", os.path.join(run_dir, "metrics.jsonl"), self.loss_unit()))
+        return plot_runs(runs, os.path.join(run_dir, "loss.png"), title=f"kiln: {self.cfg.run_name}")
+
+    def loss_unit(self) -> str:
+        """What one loss unit is, for the plot's axis: a token (LM tasks) or an example."""
+        return "token"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ").strip() or "*(empty)*"
+
+
+def write_generation_table(path: str, prompts: list[str], before: dict, after: list[str], base: str,
+                           step: int) -> str:
+    lines = [f"# Generations before and after fine-tuning (step {step})", "",
+             f"Greedy decoding through the chat template; base = `{base}`.", "",
+             "| prompt | base model | fine-tuned |", "| --- | --- | --- |"]
+    for p, a in zip(prompts, after):
+        lines.append(f"| {_cell(p)} | {_cell(before.get(p, ''))} | {_cell(a)} |")
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return text
