@@ -123,9 +123,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask: Optional[torch.Tensor], kv_cache: Optional[KVCache] = None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        # Heads counted from the projections' width (-1), not the config: under tensor
+        # parallelism (train/parallel/) each rank's projections hold only its own heads.
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
@@ -176,8 +178,8 @@ class KVCache:
         self.pos = 0
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
-        if self.k is None:
-            self.k = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
+        if self.k is None:  # heads from the keys: a tensor-parallel rank caches its own heads only
+            self.k = torch.zeros((self.shape[0], k.shape[1], *self.shape[2:]), device=k.device, dtype=k.dtype)
             self.v = torch.zeros_like(self.k)
         t = k.shape[2]
         self.k[:, :, self.pos : self.pos + t] = k

@@ -128,6 +128,9 @@ class BackendConfig:
     ds_config: Optional[str] = None  # a user's DeepSpeed JSON, merged over the generated one
     reshard_after_forward: bool = True
     hybrid_shard: bool = False
+    # fsdp: tensor-parallel ranks per model replica (a mesh of data x tensor parallelism,
+    # train/parallel/); must divide the world size, model.n_heads and model.n_kv_heads.
+    tp: int = 1
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     timeout_minutes: int = 30
 
@@ -253,6 +256,9 @@ def validate(cfg: Any) -> None:
     resolve_backend(cfg)  # auto -> the launcher's backend; single under a multi-process launcher fails here
     _check(b.zero_stage in (0, 1, 2, 3), "backend.zero_stage", f"must be 0, 1, 2 or 3, got {b.zero_stage}")
     validate_deepspeed(cfg)
+    from train.parallel.mesh import layout
+
+    layout(cfg, int(os.environ.get("WORLD_SIZE", "1") or 1))  # backend.tp and hybrid shard fit the ranks
     _check(b.dist_backend in ("auto", "nccl", "gloo"), "backend.dist_backend",
            f"unknown process-group backend {b.dist_backend!r} (auto | nccl | gloo)")
     r = str(cfg.resume)

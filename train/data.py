@@ -197,7 +197,7 @@ def data_state(stream, backend) -> list[dict]:
         return [merge_shard_states(parts)] if backend.is_main else []
     if is_global_stream(stream):
         return [stream.state_dict()] if backend.is_main else []
-    return backend.all_gather_object(stream.state_dict())
+    return backend.one_per_data_rank(backend.all_gather_object(stream.state_dict()))
 
 
 def shard_validation(rows: list, micro: int, rank: int, world: int, collate_fn=collate) -> list[dict]:
@@ -302,7 +302,8 @@ class DataPosition:
         return {"data": data_state(self.stream, self.b)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.note = restore_stream(self.stream, state.get("data", []), self.b.rank, self.b.data_parallel_size)
+        self.note = restore_stream(self.stream, state.get("data", []), self.b.data_parallel_rank,
+                                   self.b.data_parallel_size)
         if self.b.is_main:
             print(f"[kiln] resume: {self.note}", flush=True)
 

@@ -110,23 +110,39 @@ def is_deferred(model: torch.nn.Module) -> bool:
 def init_fsdp_shards(model: torch.nn.Module, device: torch.device, buffer_device: torch.device) -> None:
     """Materialise a meta-built, ``fully_shard``-ed model on ``device`` (the CPU when
     parameters are offloaded) with its buffers on ``buffer_device``, and initialise each
-    rank's row shard (FSDP2 shards dim 0 in chunks of ceil(rows / ranks))."""
+    rank's part of every parameter: FSDP2 shards dim 0 in chunks of ceil(rows / ranks);
+    under tensor parallelism (train/parallel/) a part is a block of rows and columns
+    (``local_block``)."""
     model.to_empty(device=device)
     for name, p in model.named_parameters():
-        offset = 0
-        for mesh_dim, placement in enumerate(p.placements):
-            if placement.is_shard():
-                if placement.dim != 0:
-                    raise ValueError(f"{name}: sharded on dim {placement.dim}; kiln's init fills dim-0 shards")
-                ranks = p.device_mesh.size(mesh_dim)
-                offset = p.device_mesh.get_coordinate()[mesh_dim] * math.ceil(p.shape[0] / ranks)
-        first = min(offset, p.shape[0]) * math.prod(p.shape[1:])
-        fill_slice(model, name, tuple(p.shape), p.to_local().view(-1), first)
+        local = p.to_local()
+        if local.numel() == 0:
+            continue
+        (r0, c0), (rows, cols) = local_block(p)
+        if c0 == 0 and cols == math.prod(p.shape[1:]):  # whole rows: fill the flat range directly
+            fill_slice(model, name, tuple(p.shape), local.view(-1), r0 * cols)
+            continue
+        block = init_rows(model.init_seed, name, tuple(p.shape), model.init_std(name), r0, r0 + rows)
+        with torch.no_grad():
+            local.copy_(block.reshape(rows, -1)[:, c0:c0 + cols].reshape(local.shape))
     for module in model.modules():
         for key, buf in module._buffers.items():
             if buf is not None:
                 module._buffers[key] = buf.to(buffer_device)
     model.reset_buffers()
+
+
+def local_block(p) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((first row, first column), (rows, columns)) of the part of DTensor parameter ``p``
+    this rank holds, columns counted over the flattened trailing dims. DTensor's own layout
+    arithmetic (which also knows FSDP's strided shards of a tensor-parallel split) decides."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if len(p.shape) > 2 and any(offset[2:]):
+        raise ValueError("parameters of more than 2 dims are sharded on dim 0 or 1 only by kiln's init")
+    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return (offset[0], offset[1] if len(offset) > 1 else 0), (shape[0], cols)
 
 
 def init_zero3_partitions(model: torch.nn.Module) -> None:

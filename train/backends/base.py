@@ -118,7 +118,20 @@ class Backend:
 
     @property
     def data_parallel_size(self) -> int:
+        """Ranks that read different micro-batches (the ranks of one tensor-parallel group
+        read the same one)."""
         return self.world_size
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """This rank's index among the ``data_parallel_size`` data-parallel ranks: which
+        micro-batches it reads (train/data.py)."""
+        return self.rank
+
+    def one_per_data_rank(self, values: list) -> list:
+        """Of one value per rank (``all_gather_object``), those of one rank per
+        data-parallel rank, in data-parallel order."""
+        return values
 
     def setup(self, model: torch.nn.Module) -> None:
         """Place/wrap the model and build the optimizer."""
@@ -136,17 +149,23 @@ class Backend:
         """Clip, apply the optimizer at ``lr``, zero grads. Returns the pre-clip grad norm (a
         tensor or a float)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = self.clip_gradients(params, max_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()  # a tensor: read at logging steps only (reading it syncs the GPU)
+
+    def clip_gradients(self, params: list, max_norm: float) -> torch.Tensor:
+        """Scale the gradients of ``params`` to global norm ``max_norm`` at most (0: never);
+        returns the pre-clip norm as a plain tensor."""
         if max_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if hasattr(norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
             norm = norm.full_tensor()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()  # a tensor: read at logging steps only (reading it syncs the GPU)
+        return norm
 
     # -- collectives ------------------------------------------------------------------
     # Host numbers and objects travel over a gloo group even when the default group is NCCL:
@@ -166,18 +185,26 @@ class Backend:
         dist.all_reduce(t, group=self._host())
         return float(t.item()) / self.world_size
 
+    def _data_groups(self):
+        """(host group, device group) of this rank's data-parallel ranks: all ranks (None
+        for the device: the default group) unless tensor parallelism groups them."""
+        return self._host(), None
+
     def all_reduce_sum(self, values: list[float]) -> list[float]:
-        """Sums over ranks of a few host numbers in one collective (float64: token counts stay exact)."""
-        if self.world_size == 1 or not dist.is_initialized():
+        """Sums over data-parallel ranks of a few host numbers about this rank's batches, in
+        one collective (float64: token counts stay exact). A tensor-parallel group reads one
+        batch: it is counted once."""
+        if self.data_parallel_size == 1 or not dist.is_initialized():
             return [float(v) for v in values]
         t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-        dist.all_reduce(t, group=self._host())
+        dist.all_reduce(t, group=self._data_groups()[0])
         return t.tolist()
 
     def all_reduce_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of a device tensor over ranks, left on the device (no host read)."""
-        if self.world_size > 1 and dist.is_initialized():
-            dist.all_reduce(t)
+        """Sum of a device tensor about this rank's batches over data-parallel ranks, left on
+        the device (no host read)."""
+        if self.data_parallel_size > 1 and dist.is_initialized():
+            dist.all_reduce(t, group=self._data_groups()[1])
         return t
 
     def all_gather_object(self, obj: Any) -> list:

@@ -36,6 +36,8 @@ from train.checkpoint import DCP_DIR, storage_format
 from train.checkpoint.full_state import MOMENTS, FullState, read_full_state
 from train.checkpoint.safe_unpickle import dcp_load
 from train.optim import build_adamw
+from train.parallel.mesh import build_mesh, data_mesh, layout, tp_mesh
+from train.parallel.tensor_parallel import apply_tensor_parallel, clip_grads
 from train.sharded_init import init_fsdp_shards, is_deferred
 
 
@@ -73,34 +75,64 @@ class FSDPBackend(Backend):
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        self.layout = layout(cfg, self.world_size)  # a ConfigError before any process group
         init_distributed(self, required=True)  # the device mesh needs a group, even of one process
+        self.mesh = None
         self._ckpt_group = None  # background checkpoint writes: made at the first one
         self._stager = None
         self._staging = None  # the save in flight's copy of the state, until it is made
         self._staging_writing = None
 
     def _mesh(self):
-        dev = self.device.type
-        if self.cfg.backend.hybrid_shard:
-            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
-            if self.world_size % per_node:
-                raise ValueError(f"config error: backend.hybrid_shard: world size {self.world_size} is not a "
-                                 f"multiple of the {per_node} ranks per node")
-            return init_device_mesh(dev, (self.world_size // per_node, per_node),
-                                    mesh_dim_names=("replicate", "shard"))
-        return init_device_mesh(dev, (self.world_size,), mesh_dim_names=("shard",))
+        """The device mesh of ``backend.tp`` and ``backend.hybrid_shard`` (train/parallel/mesh.py)."""
+        return build_mesh(self.device.type, self.layout)
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.layout.dp
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.layout.dp_rank(self.rank)
+
+    def one_per_data_rank(self, values: list) -> list:
+        return values[:: self.layout.tp]  # tp innermost: the first rank of each tensor-parallel group
+
+    def _data_groups(self):
+        """Under tensor parallelism, the ranks with this rank's tensor-parallel index (one per
+        data-parallel rank): made in ``setup``, by every rank."""
+        if self.layout.tp == 1:
+            return super()._data_groups()
+        return self._dp_groups
+
+    def _make_data_groups(self) -> None:
+        lay = self.layout
+        ranks = [[d * lay.tp + t for d in range(lay.dp)] for t in range(lay.tp)]
+        device, _ = dist.new_subgroups_by_enumeration(ranks)
+        host = device if dist.get_backend() != "nccl" else dist.new_subgroups_by_enumeration(ranks, backend="gloo")[0]
+        self._dp_groups = (host, device)
+
+    def clip_gradients(self, params: list, max_norm: float) -> torch.Tensor:
+        if self.layout.tp == 1:
+            return super().clip_gradients(params, max_norm)
+        return clip_grads(params, max_norm)  # parameters on two meshes: see train/parallel/tensor_parallel.py
 
     def setup(self, model: torch.nn.Module) -> None:
         bcfg = self.cfg.backend
-        mesh = self._mesh()
+        mesh = self.mesh = self._mesh()
+        if self.layout.tp > 1:
+            self._make_data_groups()
         offload = {"offload_policy": CPUOffloadPolicy()} if bcfg.offload_params else {}
         deferred = is_deferred(model)
         if not bcfg.offload_params and not deferred:
             model = model.to(self.device)
+        if tp_mesh(mesh) is not None:  # split the blocks' projections first; FSDP then shards each part
+            apply_tensor_parallel(model, tp_mesh(mesh))
+        shard_mesh = data_mesh(mesh)
         for block in model.layers:
-            fully_shard(block, mesh=mesh, reshard_after_forward=bcfg.reshard_after_forward,
+            fully_shard(block, mesh=shard_mesh, reshard_after_forward=bcfg.reshard_after_forward,
                         **block_precision(self.bf16), **offload)
-        shard_root(model, mesh, offload)
+        shard_root(model, shard_mesh, offload)
         if deferred:  # FSDP has allocated nothing yet: each rank makes and initialises its shard
             init_fsdp_shards(model, torch.device("cpu") if bcfg.offload_params else self.device, self.device)
         self.raw_model = self.model = model
