@@ -97,16 +97,22 @@ def target_modules(model: nn.Module, targets: Iterable[str]) -> list[tuple[str, 
     return out
 
 
+def lora_layer(parent: nn.Module, attr: str) -> LoRALinear:
+    """``parent.<attr>`` as a LoRALinear (wrapping the plain Linear there, once)."""
+    mod = getattr(parent, attr)
+    if not isinstance(mod, LoRALinear):
+        mod = LoRALinear(mod)
+        setattr(parent, attr, mod)
+    return mod
+
+
 def add_lora(model: nn.Module, name: str, rank: int, alpha: float, dropout: float = 0.0,
              targets: Iterable[str] = ATTN + MLP) -> list[str]:
     """Add adapter ``name`` on the target projections (making them LoRALinear) and activate it.
     Returns the new parameter names."""
     names = []
     for parent_name, parent, attr in target_modules(model, targets):
-        mod = getattr(parent, attr)
-        if not isinstance(mod, LoRALinear):
-            mod = LoRALinear(mod)
-            setattr(parent, attr, mod)
+        mod = lora_layer(parent, attr)
         if name in mod.scale:
             raise ValueError(f"adapter {name!r} already exists on {parent_name}.{attr}")
         mod.add_adapter(name, rank, alpha, dropout)

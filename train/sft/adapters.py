@@ -180,3 +180,28 @@ def merge_checkpoint(step_dir: str, out_dir: str, accept_base: bool = False) -> 
     FullState(model=plain.state_dict()).save(out_dir)
     ckpt.copy_carried(step_dir, out_dir, (ckpt.MODEL_CONFIG, ckpt.TOKENIZER, ckpt.CHAT_TEMPLATE, ckpt.CONFIG))
     return out_dir
+
+
+def export_peft(step_dir: str, out_dir: str, accept_base: bool = False) -> dict:
+    """Write the adapter of the LoRA checkpoint ``step_dir`` as a PEFT adapter directory
+    (``model.peft_interop``) for ``PeftModel.from_pretrained`` on the base's HF export
+    (``launch/export_hf.py <base> <hf dir>``). Returns the PEFT config written. A QLoRA
+    adapter was trained on the NF4-rounded base; on the full-precision HF base it computes
+    a slightly different model (the rounding), so this says so on stderr."""
+    from model.peft_interop import save_peft_adapter
+
+    step_dir = ckpt.resolve(step_dir)
+    cfg = adapter_config(step_dir)
+    if cfg.get("task") == "classification":
+        raise ValueError(f"{step_dir}: a classification adapter has a head, which a PEFT causal-LM adapter cannot hold")
+    base = check_base(step_dir, accept_base)
+    with torch.device("meta"):  # the base weights are not needed: only the adapter's factors are written
+        model = Transformer(ckpt.read_model_config(step_dir))
+    load_adapter_tensors(model, read_adapter_state(step_dir).model, cfg["name"], cfg["name"], cfg["rank"],
+                         cfg["alpha"], cfg["targets"])
+    if cfg.get("quantize") == "4bit":
+        print(f"[kiln] warning: {step_dir} was trained on 4-bit (NF4) base weights; PEFT applies it to the "
+              "full-precision base, which differs by the rounding (merge_lora.py merges onto the NF4 base)",
+              file=sys.stderr, flush=True)
+    return save_peft_adapter(model, cfg["name"], out_dir, base_model_name_or_path=base,
+                             dropout=float(cfg.get("dropout", 0.0)))
