@@ -99,6 +99,10 @@ class RanksDisagree(RuntimeError):
 
 class Backend:
     name = "base"
+    # Whether the backend gathers parameters in hooks that dynamo cannot trace (ZeRO-3's are
+    # ``torch.compiler.disable``d): then only the blocks' ``forward`` is compiled, with the
+    # hooks left to run eagerly around it (train/compile.py).
+    compile_outside_hooks = False
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -188,6 +188,10 @@ class DeepSpeedBackend(Backend):
         deepspeed.init_distributed(dist_backend=choice, auto_mpi_discovery=False)
         self._is_last = True
 
+    @property
+    def compile_outside_hooks(self) -> bool:
+        return int(self.cfg.backend.zero_stage) == 3
+
     def setup(self, model: torch.nn.Module) -> None:
         import deepspeed
 
@@ -206,6 +210,11 @@ class DeepSpeedBackend(Backend):
             opt = torch.optim.AdamW(param_groups(model, o.weight_decay), **adamw_kwargs(o, self.device))
         if any(hasattr(p, "ds_tensor") for p in model.parameters()):  # built under zero.Init
             init_zero3_partitions(model)
+        if self.compile_outside_hooks and self.cfg.train.compile:
+            from deepspeed.utils import set_z3_leaf_modules
+
+            # One gathering hook per block, outside its compiled forward (train/compile.py).
+            set_z3_leaf_modules(model, [type(block) for block in model.layers])
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.ds_config)
         self.engine = engine
         self.model = engine
