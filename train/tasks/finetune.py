@@ -112,9 +112,18 @@ class FinetuneTask(Task):
             add_lora(model, lo.name, lo.rank, lo.alpha, lo.dropout, list(lo.targets))
             train_only(model, lo.name, extra_prefixes=self.extra_trainable)
             if lo.quantize == "4bit":
+                from model.quant import weight_memory
+                from train.sft.config import QLORA_BACKENDS
+
                 if cfg.backend.name not in ("single", "ddp"):
-                    raise ConfigError("lora.quantize", "4-bit base weights work with backend=single or ddp only")
-                quantize_base_4bit(model.to(self.backend.device))
+                    raise ConfigError("lora.quantize", QLORA_BACKENDS)
+                model = model.to(self.backend.device)
+                n = quantize_base_4bit(model)
+                mem = weight_memory(model)
+                if self.backend.is_main:
+                    print(f"[kiln] QLoRA: {n} base weights in NF4 (double quantization); model weights "
+                          f"{mem['held'] / 2**20:.2f} MiB held, {mem['bf16'] / 2**20:.2f} MiB in bf16, "
+                          f"{mem['fp32'] / 2**20:.2f} MiB in fp32", flush=True)
         return model
 
     # load_initial_weights: already done in build_model. LoRA adapters and a head are built
@@ -151,7 +160,7 @@ class FinetuneTask(Task):
                 self._base_digest = init_digest(base)
             info = {"name": lo.name, "rank": lo.rank, "alpha": lo.alpha, "dropout": lo.dropout,
                     "targets": list(lo.targets), "base": base, "base_digest": self._base_digest,
-                    "task": self.cfg.task, "labels": self.adapter_labels()}
+                    "task": self.cfg.task, "labels": self.adapter_labels(), "quantize": lo.quantize}
             with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
                 json.dump(info, f, indent=1)
 
