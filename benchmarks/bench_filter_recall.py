@@ -8,7 +8,9 @@ Rows: the embedded default (conf/data/sample.yaml: four thresholds relaxed for c
 pages, and ``data.extract.mark_code=true``, where Gopher, C4 and FineWeb judge the prose and
 the code of <pre> blocks stays in the text), and it without mark_code; the published
 thresholds of every step (the dataclass defaults), without and with mark_code; and the FineWeb preset (``data=fineweb``: the recipe's
-steps, thresholds and word tokenizer), alone and with mark_code.
+steps, thresholds and word tokenizer), alone and with mark_code. Then the learned quality
+filter, alone on its held-out pages and in the chain after or in place of the heuristics.
+``--only-quality-model`` prints only that part.
 """
 
 from __future__ import annotations
@@ -57,6 +59,38 @@ def outcome(overrides):
     return removed.step, kept_text
 
 
+def quality_model_rows(workdir: str, labels: list[dict]) -> None:
+    """The learned quality filter (launch/train_quality_model.py on the shipped labels, seed
+    0) after the heuristics of sample.yaml and in their place, counted on the pages it did
+    not train or choose its threshold on (its test split), and on every junk page."""
+    import subprocess
+
+    from data_pipeline.labelled_pages import sample_pages
+
+    model = os.path.join(workdir, "quality.safetensors")
+    p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "train_quality_model.py"), "--out", model],
+                       capture_output=True, text=True, check=True)
+    said = json.loads(p.stdout.strip().splitlines()[-1])
+    h = said["held_out"]
+    print(f"\nquality model alone, test split: threshold {said['threshold']:.3f}, good kept {h['recall_keep']:.1%} "
+          f"of {h['good']}, precision {h['precision_keep']:.1%}, junk kept {h['junk_kept']} of {sum(h['junk'].values())} "
+          f"{h['junk_kept_by_label']}")
+    pages = sample_pages()
+    test_ids = {pages[i]["id"] for i in said["test_indices"]}
+    good = [lab for lab in labels if lab["kind"] == "good" and lab["lang"] == "en" and lab["record_id"] in test_ids]
+    junk = [lab for lab in labels if lab["kind"] in JUNK]
+    qm = ["data.quality_model.enabled=true", f"data.quality_model.model_path={model}"]
+    print(f"{'chain with the quality model':<40} {'good English kept (test split)':>30} {'junk kept (all)':>16}")
+    for name, overrides in (("after the heuristics (sample.yaml)", qm),
+                            ("in place of the heuristics", qm + ["data.quality_model.replace_heuristics=true"])):
+        fate, kept = outcome(overrides)
+        kept_good = sum(lab["record_id"] in kept for lab in good)
+        kept_junk = [lab["kind"] for lab in junk if lab["record_id"] in kept]
+        lost = collections.Counter(fate.get(lab["record_id"], "?") for lab in good if lab["record_id"] not in kept)
+        print(f"{name:<40} {kept_good:>16} of {len(good):<12} {len(kept_junk):>6} of {len(junk):<3} "
+              f"lost to: {dict(lost.most_common())}", flush=True)
+
+
 def main() -> None:
     with open(os.path.join(REPO, "data_pipeline", "assets", "sample_labels.jsonl")) as f:
         labels = [json.loads(line) for line in f]
@@ -64,7 +98,7 @@ def main() -> None:
     junk = [lab for lab in labels if lab["kind"] in JUNK]
     print(f"{'configuration':<26} {'good English kept':>18} {'junk kept':>10} {'kept text with code lines':>26}  "
           "good pages dropped by (top 4)")
-    for name, overrides in CONFIGS.items():
+    for name, overrides in ({} if "--only-quality-model" in sys.argv else CONFIGS).items():
         fate, kept = outcome(overrides)
         kept_good = [lab for lab in good if lab["record_id"] in kept]
         kept_junk = [lab for lab in junk if lab["record_id"] in kept]
@@ -73,6 +107,10 @@ def main() -> None:
         top = ", ".join(f"{k} {v}" for k, v in lost.most_common(4))
         print(f"{name:<26} {len(kept_good):>8} of {len(good):<8} {len(kept_junk):>5} of {len(junk):<3} "
               f"{with_code:>14} pages      {top}", flush=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        quality_model_rows(d, labels)
 
 
 if __name__ == "__main__":

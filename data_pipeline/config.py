@@ -111,7 +111,13 @@ class QualityModelConfig:
     # A learned keep/remove classifier (launch/train_quality_model.py writes the model).
     enabled: bool = False
     model_path: str | None = None
-    threshold: float = 0.5  # keep when P(keep) >= threshold
+    # Keep when P(keep) >= threshold; null: the threshold stored in the model file (chosen on
+    # its validation split by launch/train_quality_model.py), 0.5 for a model without one.
+    threshold: float | None = None
+    # false: the model runs after the heuristics; true: in their place (gopher_repetition,
+    # gopher_quality, c4_quality, fineweb_quality and bad_words are left out; the URL filter,
+    # extraction, language ID, dedup and PII scrubbing still run).
+    replace_heuristics: bool = False
 
 
 @dataclass

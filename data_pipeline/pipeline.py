@@ -89,12 +89,19 @@ STEP_ORDER = (
 COUNTS_WORDS = (GopherRepetitionFilter, GopherQualityFilter, C4QualityFilter, FineWebQualityFilter)
 
 
+# What a learned quality model replaces with data.quality_model.replace_heuristics=true.
+HEURISTICS = ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality", "bad_words")
+
+
 def build_steps(cfg: DataConfig) -> list[PipelineStep]:
-    """The processing steps in their fixed order; disabled ones are left out."""
+    """The processing steps in their fixed order; disabled ones are left out, and the
+    heuristics too when the quality model replaces them."""
     steps: list[PipelineStep] = []
+    qm = getattr(cfg, "quality_model", None)
+    replaced = HEURISTICS if qm is not None and qm.enabled and qm.replace_heuristics else ()
     for key, cls in STEP_ORDER:
         block = getattr(cfg, key, None)
-        if block is not None and block.enabled:
+        if block is not None and block.enabled and key not in replaced:
             kwargs = _kwargs(block)
             if cls in COUNTS_WORDS:
                 kwargs["words"] = cfg.words

@@ -188,7 +188,8 @@ def validate_data(d: Any) -> None:
     qm = d.quality_model
     _check(not qm.enabled or (qm.model_path and os.path.isfile(str(qm.model_path))), "data.quality_model.model_path",
            f"the quality_model step needs a model file (launch/train_quality_model.py), got {qm.model_path!r}")
-    _check(0.0 <= qm.threshold <= 1.0, "data.quality_model.threshold", f"must be in [0, 1], got {qm.threshold}")
+    _check(qm.threshold is None or 0.0 <= qm.threshold <= 1.0, "data.quality_model.threshold",
+           f"must be in [0, 1] or null (the model's own), got {qm.threshold}")
     bad = [c for c in d.url_filter.categories if c not in URL_CATEGORIES]
     _check(not bad, "data.url_filter.categories", f"unknown {bad} (shipped: {' | '.join(URL_CATEGORIES)})")
 

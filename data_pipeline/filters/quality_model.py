@@ -1,14 +1,18 @@
 """A learned quality filter: a fastText-style linear classifier over hashed word n-grams.
 
-The heuristics catch what their authors thought of; a model trained on pages labelled keep
-or remove (a curated sample, or the decisions of a stricter pipeline on a small slice:
-``data_pipeline/assets/sft/pipeline_keep.jsonl``) generalises from examples. Like fastText
-(Joulin et al. 2017) it is a linear model on hashed unigrams and bigrams of the lower-cased
-words: here a logistic regression on the set of a document's n-grams, scaled by 1/sqrt(their
-number) so long and short pages weigh alike (a plain mean was less stable: held-out accuracy
-0.61-0.77 over five seeds on the shipped set, against 0.76-0.83). Fast enough for every page
-of a crawl on a CPU, trained in seconds with ``launch/train_quality_model.py``.
-The model file is a safetensors file (weights and settings), so loading it runs no code.
+The heuristics catch what their authors thought of; a model trained on pages people
+labelled (the shipped sample's labels: ``data_pipeline/labelled_pages.py``; or any JSONL of
+text + label) generalises from their judgements, as FineWeb-Edu's and DCLM's classifiers
+do, instead of reproducing a filter chain's decisions. Like fastText (Joulin et al. 2017)
+it is a linear model on hashed unigrams and bigrams of the lower-cased words: here a
+logistic regression on the set of a document's n-grams, scaled by 1/sqrt(their number) so
+long and short pages weigh alike. Why this model: it trains in seconds and scores every
+page of a crawl on a CPU, needs no download (kiln never fetches weights), and on the
+shipped labels it already separates every junk page from every good one on held-out
+pages (README, "A learned quality filter"), so a small embedding model would buy nothing
+measurable here. ``launch/train_quality_model.py`` trains it, chooses the threshold on a
+validation split and stores it in the model file, a safetensors file (weights and
+settings), so loading it runs no code.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ from data_pipeline.text import words_of
 
 class QualityModel:
     def __init__(self, buckets: int = 1 << 18, ngrams: int = 2, weights: np.ndarray | None = None,
-                 bias: float = 0.0):
+                 bias: float = 0.0, threshold: float | None = None):
         self.buckets, self.ngrams = buckets, ngrams
         self.weights = np.zeros(buckets, dtype=np.float32) if weights is None else weights.astype(np.float32)
         self.bias = float(bias)
+        self.threshold = threshold  # P(keep) to keep at, chosen on a validation split when trained
 
     def features(self, text: str) -> np.ndarray:
         """The distinct bucket ids of the document's word n-grams (n = 1 .. ngrams)."""
@@ -45,15 +50,21 @@ class QualityModel:
         return 1.0 / (1.0 + np.exp(-self._logit(self.features(text))))
 
     def fit(self, texts: list[str], labels: list[int], epochs: int = 20, lr: float = 0.5,
-            seed: int = 0) -> QualityModel:
-        """Plain SGD on the logistic loss, documents in a seeded random order each epoch."""
+            seed: int = 0, balanced: bool = False) -> QualityModel:
+        """Plain SGD on the logistic loss, documents in a seeded random order each epoch.
+        ``balanced`` weighs each class by the inverse of its share, so that a few junk pages
+        among many good ones (the shipped sample: 20 against 228) are not outvoted."""
         feats = [self.features(t) for t in texts]
         y = np.asarray(labels, dtype=np.float64)
+        w = np.ones(len(y))
+        if balanced and 0 < y.sum() < len(y):
+            pos = y.mean()
+            w = np.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))
         rng = np.random.default_rng(seed)
         for _ in range(epochs):
             for i in rng.permutation(len(feats)):
                 f = feats[i]
-                g = 1.0 / (1.0 + np.exp(-self._logit(f))) - y[i]
+                g = (1.0 / (1.0 + np.exp(-self._logit(f))) - y[i]) * w[i]
                 if len(f):  # the ids are distinct: plain indexing adds once per id
                     self.weights[f] -= np.float32(lr * g / np.sqrt(len(f)))
                 self.bias -= lr * g
@@ -64,7 +75,7 @@ class QualityModel:
 
         save_file({"weights": self.weights}, path,
                   metadata={"kiln_quality_model": json.dumps({"buckets": self.buckets, "ngrams": self.ngrams,
-                                                              "bias": self.bias})})
+                                                              "bias": self.bias, "threshold": self.threshold})})
 
     @classmethod
     def load(cls, path: str) -> QualityModel:
@@ -74,20 +85,24 @@ class QualityModel:
             meta = json.loads((f.metadata() or {}).get("kiln_quality_model", "null") or "null")
             if meta is None:
                 raise ValueError(f"{path} is not a kiln quality model (launch/train_quality_model.py writes one)")
-            return cls(meta["buckets"], meta["ngrams"], f.get_tensor("weights"), meta["bias"])
+            return cls(meta["buckets"], meta["ngrams"], f.get_tensor("weights"), meta["bias"], meta.get("threshold"))
 
 
 class QualityModelFilter(Filter):
-    """Drops documents the quality model scores below ``threshold`` (P(keep))."""
+    """Drops documents the quality model scores below ``threshold`` (P(keep)); None: the
+    threshold stored in the model (chosen on its validation split), else 0.5."""
 
     name = "quality_model"
 
-    def __init__(self, model_path: str | None = None, threshold: float = 0.5):
+    def __init__(self, model_path: str | None = None, threshold: float | None = None,
+                 replace_heuristics: bool = False):
         super().__init__()
         if not model_path:
             raise ValueError("config error: data.quality_model.model_path: the step needs a model "
                              "(make one with launch/train_quality_model.py)")
         self.model = QualityModel.load(model_path)
+        if threshold is None:
+            threshold = self.model.threshold if self.model.threshold is not None else 0.5
         self.threshold = threshold
 
     def reject(self, doc: Document) -> str | None:
