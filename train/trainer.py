@@ -1,4 +1,4 @@
-"""The one training loop, for every backend and every task (pretraining, SFT, classification).
+"""The one training loop, for every backend and every task (pretraining, SFT, classification, DPO, reward).
 
 Per optimizer step the loop takes this rank's ``grad_accum_steps`` micro-batches, counts
 their loss tokens (targets that are not -100, or a batch's own ``loss_tokens``), and
@@ -15,10 +15,10 @@ What is trained -- tokenizer, model, data, the loss of a micro-batch, evaluation
 checkpoint contents -- is the job's ``Task`` (``train/tasks/base.py`` says when the loop
 calls which hook; ``train/tasks/`` holds pretraining, SFT, classification, DPO, reward);
 the loop itself is shared. ``Trainer(cfg)`` pretrains. ``fit`` is a few named steps:
-``_start`` (resume, header, logger), ``_train_step`` (one optimizer step),
-``_after_step`` (logging, evaluation, checkpoint, stop) and ``_finish``. Checkpoints hold everything needed to continue as if nothing had
-happened: weights, optimizer, step, tokens, the data stream position of every rank, and
-every RNG.
+``_start`` (resume, header, logger), ``_train_step`` (one optimizer step), ``_after_step``
+(logging, evaluation, checkpoint, stop) and ``_finish``. Checkpoints hold everything needed
+to continue as if nothing had happened: weights, optimizer, step, tokens, the data stream
+position of every rank, every RNG, and the task's own pieces.
 """
 
 from __future__ import annotations
