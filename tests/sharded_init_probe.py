@@ -13,12 +13,13 @@ import torch  # noqa: E402
 from model.llama import Transformer  # noqa: E402
 from tests.conftest import compose  # noqa: E402
 from train.checkpoint.full_state import load_model, named_params  # noqa: E402
+from train.tasks.pretrain import PretrainTask  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
 out_path, overrides = args[0], args[1:]
 built = {}
-original = Trainer.build_model
+original = PretrainTask.build_model
 
 
 def recording_build_model(self):
@@ -29,7 +30,7 @@ def recording_build_model(self):
     return model
 
 
-Trainer.build_model = recording_build_model
+PretrainTask.build_model = recording_build_model
 cfg = compose(overrides)
 trainer = Trainer(cfg)
 got = trainer.backend.export_full().model
