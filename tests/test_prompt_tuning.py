@@ -6,6 +6,7 @@ training must change the table only, and checkpoints hold the table alone and re
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model.classifier import TransformerClassifier
@@ -70,3 +71,72 @@ def test_training_changes_only_the_virtual_token_table():
             assert (p - before[n]).abs().max() > 1e-3
         else:
             assert torch.equal(p, before[n]), n
+
+
+PT = ["prompt_tuning.enabled=true", "prompt_tuning.n_tokens=6", "prompt_tuning.init_text=Answer briefly.",
+      "sft.packing=false", "data.seq_len=32"]
+
+
+@pytest.fixture(scope="module")
+def pt_runs(tmp_path_factory, tokenizer_path):
+    """Prompt-tuned fine-tunes of the tiny base: straight to step 4, and stopped at 2 then resumed."""
+    from tests.sft_helpers import chat_file, sft_cfg, tiny_checkpoint
+    from train.sft.trainer import SFTTrainer
+
+    root = tmp_path_factory.mktemp("prompt_tuning")
+    base = tiny_checkpoint(tmp_path_factory, tokenizer_path)
+    data = chat_file(root, 24)
+
+    def run(name, *extra):
+        tr = SFTTrainer(sft_cfg(root / name, base, [data], *PT, "train.max_steps=4", "checkpoint.every=2", *extra))
+        return tr, tr.fit()
+
+    straight_tr, straight = run("straight")
+    _, first = run("resumed", "train.stop_at_step=2")
+    _, second = run("resumed")
+    return {"root": root, "base": base, "trainer": straight_tr, "straight": straight, "first": first,
+            "second": second}
+
+
+def test_a_run_trains_the_table_only_and_checkpoints_it_alone(pt_runs):
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    model = pt_runs["trainer"].backend.raw_model
+    start = load_file(os.path.join(pt_runs["base"], "checkpoints", "step_00000002", "model.safetensors"))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained == [PROMPT]
+    for n, p in model.named_parameters():
+        if n != PROMPT:
+            assert torch.equal(p.detach(), start[n]), n
+    tok = pt_runs["trainer"].tokenizer
+    init = start["tok_embeddings.weight"][[tok.encode("Answer briefly.")[i % len(tok.encode("Answer briefly."))]
+                                          for i in range(6)]]
+    assert (model.tok_embeddings.prompt.detach() - init).abs().max() > 1e-4  # it moved from the text's rows
+    step = pt_runs["root"] / "straight" / "checkpoints" / "step_00000004"
+    table = load_file(step / "adapter.safetensors")
+    assert list(table) == [PROMPT] and table[PROMPT].shape == (6, 64)
+    assert "model.safetensors" not in os.listdir(step)
+    assert json.loads((step / "prompt_tuning.json").read_text())["n_tokens"] == 6
+
+
+def test_a_prompt_tuning_run_resumes_exactly(pt_runs):
+    first, second, straight = pt_runs["first"], pt_runs["second"], pt_runs["straight"]
+    assert second["start_step"] == 2 and second["resumed_from"].endswith("step_00000002")
+    assert {**first["losses"], **second["losses"]} == straight["losses"]
+
+
+def test_classification_with_prompt_tuning_trains_table_and_head(pt_runs, tmp_path):
+    from tests.sft_helpers import sft_cfg, write_jsonl
+    from train.sft.trainer import SFTTrainer
+
+    rows = [{"text": f"{w} page number {i}", "label": w} for i in range(12) for w in ("good", "spam")]
+    data = write_jsonl(tmp_path / "c.jsonl", rows)
+    tr = SFTTrainer(sft_cfg(tmp_path / "cls", pt_runs["base"], [data], *PT[:3], "data.seq_len=32", "task=classification",
+                            "train.max_steps=2", "checkpoint.every=2", "sft.val_fraction=0.3", "train.eval_every=2"))
+    res = tr.fit()
+    assert sorted(n for n, p in tr.backend.raw_model.named_parameters() if p.requires_grad) == [
+        "score.weight", PROMPT]
+    assert 0.0 <= res["classification"]["accuracy"] <= 1.0 and "macro_f1" in res["classification"]

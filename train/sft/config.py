@@ -58,6 +58,17 @@ class LoraConfig:
 
 
 @dataclass
+class PromptTuningConfig:
+    """Prompt tuning (model/prompt_tuning.py): n_tokens trained virtual-token embeddings
+    before every input, the base frozen; checkpoints hold the table (and a head) only."""
+
+    enabled: bool = False
+    n_tokens: int = 20
+    init_text: str = ""  # initialise from this text's token embeddings (cycled to n_tokens); empty: vocabulary rows
+    seed: int = 0  # which vocabulary rows, when init_text is empty
+
+
+@dataclass
 class SFTEvalConfig:
     prompts: list[str] = field(default_factory=list)  # fixed prompts for the before/after generation table
     max_new_tokens: int = 48
@@ -90,6 +101,7 @@ class SFTConfig(PretrainConfig):
     sft: SFTDataConfig = field(default_factory=SFTDataConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
     eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)
 
 
@@ -149,6 +161,16 @@ def validate_sft(cfg: Any) -> None:
         _check(bool(lo.name) and lo.name.replace("_", "").isalnum(), "lora.name",
                f"must be a non-empty identifier, got {lo.name!r}")
         _check(cfg.task != "continued_pretraining", "lora.enabled", "LoRA is for instruction/classification tasks")
+    pt = cfg.get("prompt_tuning")
+    if pt is not None and pt.enabled:
+        _check(pt.n_tokens >= 1, "prompt_tuning.n_tokens", f"must be at least 1, got {pt.n_tokens}")
+        _check(not lo.enabled, "prompt_tuning.enabled", "prompt tuning and lora.enabled=true are exclusive")
+        _check(cfg.task in ("instruction", "classification"), "prompt_tuning.enabled",
+               f"prompt tuning is for task=instruction or classification, not {cfg.task}")
+        _check(cfg.task == "classification" or not s.packing, "prompt_tuning.enabled",
+               "needs sft.packing=false: the virtual tokens go before each example, and a packed row holds several")
+        _check(cfg.backend.name not in ("fsdp", "deepspeed"), "prompt_tuning.enabled",
+               "runs with backend=single or ddp (not tested under sharding backends)")
     _check(lo.quantize in (None, "4bit"), "lora.quantize", f"unknown quantization {lo.quantize!r} (null | 4bit)")
     if lo.quantize:
         _check(lo.enabled, "lora.quantize", "4-bit base weights (QLoRA) need lora.enabled=true")

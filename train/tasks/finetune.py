@@ -58,6 +58,9 @@ class FinetuneTask(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.lora = bool(cfg.lora.enabled)
+        pt = cfg.get("prompt_tuning")
+        self.prompt_tuning = bool(pt is not None and pt.enabled)
+        self.partial = self.lora or self.prompt_tuning  # checkpoints hold the trained part only
         self.init_dir = init_step_dir(cfg)
         self._base_digest: Optional[str] = None
 
@@ -124,24 +127,50 @@ class FinetuneTask(Task):
                     print(f"[kiln] QLoRA: {n} base weights in NF4 (double quantization); model weights "
                           f"{mem['held'] / 2**20:.2f} MiB held, {mem['bf16'] / 2**20:.2f} MiB in bf16, "
                           f"{mem['fp32'] / 2**20:.2f} MiB in fp32", flush=True)
+        if self.prompt_tuning:
+            self.add_prompt_tuning(model)
         return model
+
+    def add_prompt_tuning(self, model: torch.nn.Module) -> None:
+        """The virtual-token table (model/prompt_tuning.py), initialised from prompt_tuning.init_text's
+        embeddings or vocabulary rows; everything but it (and a head) frozen."""
+        from model.prompt_tuning import add_prompt_tuning, train_only_prompt
+
+        pt, mc = self.cfg.prompt_tuning, self.trainer.model_cfg
+        if pt.n_tokens + self.cfg.data.seq_len > mc.max_seq_len:
+            raise ConfigError("prompt_tuning.n_tokens", f"{pt.n_tokens} virtual tokens + data.seq_len="
+                              f"{self.cfg.data.seq_len} exceed the checkpoint's max_seq_len={mc.max_seq_len}")
+        ids = self.trainer.tokenizer.encode(str(pt.init_text)) if pt.init_text else None
+        add_prompt_tuning(model, int(pt.n_tokens), init_ids=ids, seed=int(pt.seed))
+        train_only_prompt(model, extra_prefixes=self.extra_trainable)
+
+    def forward(self, model, x: torch.Tensor, y: torch.Tensor, extra: dict):
+        """Prompt tuning puts the virtual tokens before every example (``prompt_tuning.prepend``)."""
+        if not self.prompt_tuning:
+            return super().forward(model, x, y, extra)
+        from model.classifier import TransformerClassifier
+        from model.prompt_tuning import prepend
+
+        raw = self.backend.raw_model
+        x, y, extra = prepend(raw, x, y, isinstance(raw, TransformerClassifier), **extra)
+        return model(x, y, **extra)
 
     # load_initial_weights: already done in build_model. LoRA adapters and a head are built
     # around the base weights, so every rank builds the whole model (no sharded initialisation).
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_model_state(self, directory: str, background: bool = False) -> Writing:
-        if not self.lora:
+        if not self.partial:
             return super().save_model_state(directory, background)
         st = self.backend.export_full(trainable_only=True)  # every rank: gathering is collective under ZeRO-3/FSDP
         if self.backend.is_main:
             if not st.model:
-                raise RuntimeError("LoRA checkpoint: the backend returned no trained parameter")
+                raise RuntimeError("adapter checkpoint: the backend returned no trained parameter")
             st.save(directory, ADAPTER_FILE, ADAPTER_OPTIM_FILE)  # adapters are small: written at once
         return Writing()
 
     def load_model_state(self, directory: str, meta: dict) -> None:
-        if not self.lora:
+        if not self.partial:
             return super().load_model_state(directory, meta)
         self.backend.import_full(read_adapter_state(directory), partial=True)
 
@@ -150,6 +179,14 @@ class FinetuneTask(Task):
         return None
 
     def write_extra_files(self, directory: str) -> None:
+        if self.prompt_tuning:
+            from model.prompt_tuning import PROMPT_CONFIG
+
+            pt = self.cfg.prompt_tuning
+            with open(os.path.join(directory, PROMPT_CONFIG), "w") as f:
+                json.dump({"n_tokens": int(pt.n_tokens), "init_text": str(pt.init_text), "seed": int(pt.seed),
+                           "base": self.init_dir or str(self.cfg.init_from), "task": self.cfg.task,
+                           "labels": self.adapter_labels()}, f, indent=1)
         if self.lora:
             # The base by path and by identity: load_base refuses a base whose digest differs
             # (retrained or replaced at that path since). Computed once, at the first save.
@@ -211,6 +248,10 @@ class FinetuneTask(Task):
         tok = t.tokenizer
         stop = [tok.eos_id, tok.control["<|end_of_turn|>"]]
         ids = [encode_prompt(tok, p) for p in prompts]
+        if self.prompt_tuning:
+            from model.prompt_tuning import with_virtual_ids
+
+            ids = with_virtual_ids(self.backend.raw_model, ids)
         with t.autocast():
             out = generate(self.backend.raw_model, ids, max_new_tokens, temperature=0.0, eos_id=stop,
                            device=self.backend.device)
