@@ -16,10 +16,13 @@ reward is read at its last True position. Prompt tokens, padding and everything 
 stop never enter.
 
 Under a sharded backend the parameters are gathered once for the whole batch
-(``gathered_for_generation``): FSDP2 unshards every block and the root and keeps them
-unsharded through every decoding step, ZeRO-3 gathers all parameters with
-``deepspeed.zero.GatheredParameters``; without it each of the N decoding steps would
-all-gather every layer again.
+(``gathered_for_generation``): FSDP2 unshards every block and the root once and keeps them
+unsharded through every decoding step (one all-gather per module per batch, where FSDP's own
+hooks gather every block at every step: tests/test_rl_fsdp_rollout.py counts both), then
+reshards them and puts back each module's reshard-after-forward setting. Ranks may then also
+stop decoding at different steps (no collective runs inside the batch). ZeRO-3 gathers all
+parameters with ``deepspeed.zero.GatheredParameters``; that branch is not exercised by a
+test yet (the RL loop itself runs on backend=single).
 """
 
 from __future__ import annotations
@@ -89,17 +92,24 @@ def build_rollout(prompts: list[list[int]], responses: torch.Tensor, logprobs: t
 def gathered_for_generation(model: torch.nn.Module):
     """Parameters whole for the duration of a rollout batch (see module docstring); a no-op
     for a model that is not sharded."""
-    fsdp = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")
-            and hasattr(m, "set_reshard_after_forward")]
-    if fsdp:  # FSDP2 (fully_shard): one all-gather per module for the batch
+    fsdp = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "set_reshard_after_forward")]
+    if fsdp:  # FSDP2 (fully_shard): one all-gather per module for the whole batch
+        # FSDP decides the root's own setting at its lazy init (the first forward): run it now,
+        # so what is saved and restored below is the setting training uses.
+        fsdp[0]._get_fsdp_state()._lazy_init()
+        states = [m._get_fsdp_state() for m in fsdp]
+        saved = [(st._auto_reshard_after_forward, [g.post_forward_mesh_info for g in st._fsdp_param_groups])
+                 for st in states]
         for m in fsdp:
             m.unshard()
-        for m in fsdp:
             m.set_reshard_after_forward(False, recurse=False)
         try:
             yield
         finally:
-            for m in fsdp:
+            for m, st, (auto, infos) in zip(fsdp, states, saved):
+                st._auto_reshard_after_forward = auto
+                for g, info in zip(st._fsdp_param_groups, infos):
+                    g.post_forward_mesh_info = info
                 m.reshard()
         return
     zero3 = [p for p in model.parameters() if hasattr(p, "ds_id")]
