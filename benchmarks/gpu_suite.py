@@ -14,7 +14,9 @@ fits the budget and answers the questions of a first run: every variant at the t
 compiled at its own length 2048, and each distributed backend compiled at the target shape
 (FSDP and ZeRO on one GPU: do they run, and what do they cost against single). ``--full`` runs
 every backend x model x length (x variant for single): 24 rows, about 13 minutes (raise
-``--budget``).
+``--budget``). The ``tp2`` row (FSDP with ``backend.tp=2``, torchrun with 2 processes, one per
+GPU) runs where 2 GPUs are visible; elsewhere it is listed as SKIPPED with the reason, is not
+in the expected total and does not fail the suite (``--cpu`` runs it as 2 gloo processes).
 
 How it runs. One process per backend (python for single; torchrun for fsdp; the DeepSpeed
 launcher for zero2/zero3; ``--launcher env`` sets the variables those launchers set and runs a
@@ -101,11 +103,13 @@ CONF = os.path.join(REPO, "conf")
 sys.path.insert(0, os.path.join(REPO, "launch"))
 import _bootstrap  # noqa: F401,E402  (repo on sys.path; deepspeed's --local_rank moved to LOCAL_RANK)
 
-BACKENDS = ("single", "fsdp", "zero2", "zero3")
+BACKENDS = ("single", "fsdp", "zero2", "zero3", "tp2")
+TP_PROCS = 2  # the tp2 row: FSDP with tensor parallelism 2 (train/parallel/), one process per GPU
 VARIANTS = ("eager", "compile", "compile-ac")
 BACKEND_OVERRIDES = {"single": ["backend=single"], "fsdp": ["backend=fsdp"],
                      "zero2": ["backend=deepspeed", "backend.zero_stage=2"],
-                     "zero3": ["backend=deepspeed", "backend.zero_stage=3"]}
+                     "zero3": ["backend=deepspeed", "backend.zero_stage=3"],
+                     "tp2": ["backend=fsdp", f"backend.tp={TP_PROCS}"]}
 VARIANT_OVERRIDES = {"eager": ["train.compile=false", "train.activation_checkpointing=false"],
                      "compile": ["train.compile=true", "train.activation_checkpointing=false"],
                      "compile-ac": ["train.compile=true", "train.activation_checkpointing=true"]}
@@ -171,6 +175,7 @@ class Row:
     estimate_s: float = 0.0
     timeout_s: float = 0.0
     log: str = ""
+    unavailable: str = ""  # why this machine cannot run the row (the tp2 row on one GPU): skipped, not failed
     # filled in by the run
     status: str = "not run"
     result: dict = dataclasses.field(default_factory=dict)
@@ -248,19 +253,39 @@ def build_rows(args) -> list[Row]:
                     r.extra.append(kv)
     for r in rows:
         r.group = " ".join(o for o in r.overrides if not o.startswith(SEQ_KEYS))
+        if r.backend == "tp2":
+            r.unavailable = tp_unavailable(args)
+            if r.unavailable:
+                r.status, r.error = "SKIPPED", [r.unavailable]
     return rows
+
+
+def tp_unavailable(args) -> str:
+    """Why the tp2 row cannot run here ("" when it can): it needs TP_PROCS processes, one per GPU
+    (on the CPU, gloo processes)."""
+    if args.launcher == "env":
+        return f"tensor parallelism needs {TP_PROCS} processes; --launcher env starts one"
+    if args.cpu:
+        return ""
+    import torch
+
+    n = torch.cuda.device_count()
+    return "" if n >= TP_PROCS else f"tensor parallelism (backend.tp={TP_PROCS}) needs {TP_PROCS} GPUs; this machine has {n}"
 
 
 def launcher_of(backend: str, launcher: str) -> str:
     if launcher == "env" or backend == "single":
         return "python" if backend == "single" else "env"
-    return "torchrun" if backend == "fsdp" else "deepspeed"
+    return "torchrun" if backend in ("fsdp", "tp2") else "deepspeed"
 
 
 def processes(rows: list[Row]) -> list[tuple[str, list[Row]]]:
-    """(backend, its rows in order): one process each, in the order the backends come."""
+    """(backend, its rows in order): one process each, in the order the backends come (rows this
+    machine cannot run left out)."""
     out: dict[str, list[Row]] = {}
     for r in rows:
+        if r.unavailable:
+            continue
         out.setdefault(r.backend, []).append(r)
     return list(out.items())
 
@@ -355,6 +380,9 @@ def print_plan(rows: list[Row], totals: dict, prof: Profile, args) -> None:
             if (r.steps, r.warmup) != (args.steps, args.warmup):
                 extra = f"{extra} steps={r.steps} warmup={r.warmup}".strip()
             print(f"  {r.index:>3}  {r.name:<34} {extra or '-':<40} {r.estimate_s:>6.0f} {r.timeout_s:>9.0f}")
+    for r in rows:
+        if r.unavailable:
+            print(f"  skipped {r.name}: {r.unavailable}")
     if totals["checks"]:
         print(f"  gpu_checks (benchmarks/gpu_checks.py): est {totals['checks']:.0f} s, "
               f"timeout {checks_timeout(prof):.0f} s")
@@ -444,7 +472,8 @@ class Suite:
         port = str(_free_port())
         me = [os.path.abspath(__file__), "--worker", plan]
         if how == "torchrun":
-            return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", port,
+            nproc = str(TP_PROCS if backend == "tp2" else 1)
+            return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc, "--master_port", port,
                     *me], env
         if how == "deepspeed":
             return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", port,
@@ -782,7 +811,7 @@ def main(argv=None) -> int:
                    "rows": [dataclasses.asdict(r) for r in rows],
                    "checks": [{"check": c, "status": s, "message": m} for c, s, m in checks]}, f, indent=1)
     print(text, flush=True)
-    failed = [r for r in rows if r.status != "ok"] + [c for c in checks if c[1] != "PASS"]
+    failed = [r for r in rows if r.status != "ok" and not r.unavailable] + [c for c in checks if c[1] != "PASS"]
     print(f"[gpu_suite] {len(rows) - len([r for r in rows if r.status != 'ok'])}/{len(rows)} rows ok"
           f"{f', {len(checks)} checks' if checks else ''}; table: {os.path.join(suite.results, 'table.md')}",
           flush=True)
@@ -822,18 +851,19 @@ def _synthetic_trainer(cfg):
     tokenizer and no data pipeline: the rows feed it random tokens."""
     from types import SimpleNamespace
 
+    from train.tasks.pretrain import PretrainTask
     from train.trainer import Trainer
 
     vocab = cfg.model.vocab_size or SYNTHETIC_VOCAB
 
-    class SyntheticTrainer(Trainer):
+    class SyntheticPretraining(PretrainTask):  # the loop's task hooks: no tokenizer, no data
         def build_tokenizer(self):
             return SimpleNamespace(vocab_size=vocab, path=None)
 
         def build_data(self):
             return iter(()), []
 
-    return SyntheticTrainer(cfg)
+    return Trainer(cfg, SyntheticPretraining(cfg))
 
 
 def _run_row(row: dict, held: _Held, phase: dict) -> dict:
@@ -931,9 +961,12 @@ def worker(plan_path: str) -> int:
         plan = json.load(f)
     events = open(plan["events"], "a")
 
+    rank = int(os.environ.get("RANK", "0") or 0)  # the tp2 row's ranks past 0: own logs, no events
+
     def emit(**ev) -> None:
-        events.write(json.dumps(ev) + "\n")
-        events.flush()
+        if rank == 0:
+            events.write(json.dumps(ev) + "\n")
+            events.flush()
 
     emit(ev="pid", pid=os.getpid())  # first: the driver can end this process from now on
     faulthandler.register(DUMP_SIGNAL, all_threads=True)  # writes to fd 2: the current row's log
@@ -955,7 +988,7 @@ def worker(plan_path: str) -> int:
     for row in plan["rows"]:
         sys.stdout.flush()
         sys.stderr.flush()
-        with open(row["log"], "a") as log:
+        with open(row["log"] + (f".rank{rank}" if rank else ""), "a") as log:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
         emit(ev="start", row=row["index"])

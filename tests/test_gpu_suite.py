@@ -202,3 +202,19 @@ def test_gpu_checks_resume_comparison_reports_where_losses_differ():
     msg = g.compare_losses(straight, {1: 6.9, 2: 6.5, 3: 6.1 + 2e-7})
     assert "from step 3 on (1 of 3 steps)" in msg and "2.000e-07" in msg
     assert "steps differ" in g.compare_losses(straight, {1: 6.9, 2: 6.5})
+
+
+def test_the_tp2_row_is_skipped_with_its_reason_where_fewer_than_two_gpus_are_visible(capsys, tmp_path):
+    import torch
+
+    assert torch.cuda.device_count() < 2  # what this test is about: the CI machine has no GPU pair
+    rows, _, out = dry_run(capsys)
+    assert "tp2-1b-s4096-compile" not in [name for _, name, *_ in rows]  # neither run nor counted in the total
+    reason = f"tensor parallelism (backend.tp=2) needs 2 GPUs; this machine has {torch.cuda.device_count()}"
+    assert f"skipped tp2-1b-s4096-compile: {reason}" in out
+    suite = load_suite()
+    results = tmp_path / "results"
+    assert suite.main(["--backends", "tp2", "--no-checks", "--results", str(results)]) == 0  # skipped, not failed
+    (row,) = json.loads((results / "results.json").read_text())["rows"]
+    assert row["status"] == "SKIPPED" and row["error"] == [reason]
+    assert not [f for f in os.listdir(results / "logs") if f.startswith("proc")]  # nothing was launched
