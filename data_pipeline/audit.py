@@ -96,3 +96,39 @@ def read_audits(paths: list[str]) -> Iterator[dict]:
 
 def audit_files(directory: str) -> list[str]:
     return sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(AUDIT_SUFFIX))
+
+
+def output_files(directory: str) -> list[str]:
+    """The finished outputs of a prepare_data (or dedup_global) run in ``directory``, any
+    format: ``*.jsonl.gz``, ``*.parquet`` or token shards ``*.bin``, each with its ``.done``
+    marker (audits and token shards' id files are not outputs)."""
+    from data_pipeline.token_shards import DOCS_META_SUFFIX
+
+    out = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith((AUDIT_SUFFIX, DOCS_META_SUFFIX)) or not name.endswith((".jsonl.gz", ".parquet", ".bin")):
+            continue
+        path = os.path.join(directory, name)
+        if os.path.exists(path + ".done"):
+            out.append(path)
+    return out
+
+
+def kept_documents(directory: str) -> Iterator[dict]:
+    """``{"id", "url"}`` of every document kept in ``directory``'s outputs, whatever their format."""
+    for path in output_files(directory):
+        if path.endswith(".bin"):
+            from data_pipeline.token_shards import read_token_shard
+
+            for row in read_token_shard(path):
+                yield {"id": row["id"], "url": row["url"]}
+        elif path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path, columns=["id", "url"])
+            yield from table.to_pylist()
+        else:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                for line in f:
+                    row = json.loads(line)
+                    yield {"id": row.get("id", ""), "url": row.get("url", "")}

@@ -2,7 +2,9 @@
 
 ``launch/prepare_data.py --format tokens --tokenizer T`` writes, per input file,
 ``<name>.bin`` (every document's token ids followed by EOS, uint16 when the vocabulary
-fits, else uint32), ``<name>.docs.npy`` (where each document ends, as token offsets) and
+fits, else uint32), ``<name>.docs.npy`` (where each document ends, as token offsets),
+``<name>.docs.jsonl.gz`` (each document's id and URL: what was kept, for the audit tools and
+the cross-task dedup) and
 the done marker ``<name>.bin.done`` (token and document counts, dtype, the tokenizer's
 digest, the step stats), plus one copy of ``tokenizer.model`` for the directory.
 
@@ -39,24 +41,73 @@ def file_digest(path: str) -> str:
         return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
 
 
-def write_token_shard(docs, tokenizer, out_prefix: str) -> dict:
-    """Tokenize ``docs`` into ``<out_prefix>.bin`` and ``<out_prefix>.docs.npy`` (both written
-    to temporary names and renamed); returns the counts for the done marker."""
-    dtype = token_dtype(tokenizer.vocab_size)
-    tmp_bin = f"{out_prefix}.bin.tmp{os.getpid()}"
+# Beside <name>.docs.npy: one {"id", "url"} line per document, in order, so a tokenized output
+# still says which pages it kept (launch/why_dropped.py) and whose (launch/dedup_global.py).
+DOCS_META_SUFFIX = ".docs.jsonl.gz"
+
+
+def _write_shard(rows, out_prefix: str, dtype) -> tuple[int, int]:
+    """``rows``: (id, url, token ids ending in EOS). Writes ``.bin``, ``.docs.npy`` and the
+    documents' ids and URLs, each to a temporary name then renamed; returns (tokens, docs)."""
+    import gzip
+
+    pid = os.getpid()
+    tmp_bin, tmp_meta = f"{out_prefix}.bin.tmp{pid}", f"{out_prefix}{DOCS_META_SUFFIX}.tmp{pid}"
     ends, n = [], 0
-    with open(tmp_bin, "wb") as f:
-        for doc in docs:
-            ids = tokenizer.encode(doc.text, bos=False, eos=True)
+    with open(tmp_bin, "wb") as f, gzip.open(tmp_meta, "wt", encoding="utf-8", compresslevel=5) as meta:
+        for doc_id, url, ids in rows:
             f.write(np.asarray(ids, dtype=dtype).tobytes())
+            meta.write(json.dumps({"id": doc_id, "url": url}, ensure_ascii=False) + "\n")
             n += len(ids)
             ends.append(n)
-    tmp_idx = f"{out_prefix}.docs.tmp{os.getpid()}.npy"
+    tmp_idx = f"{out_prefix}.docs.tmp{pid}.npy"
     np.save(tmp_idx, np.asarray(ends, dtype=np.int64))
     os.replace(tmp_idx, f"{out_prefix}.docs.npy")
+    os.replace(tmp_meta, f"{out_prefix}{DOCS_META_SUFFIX}")
     os.replace(tmp_bin, f"{out_prefix}.bin")
-    return {"tokens": n, "docs": len(ends), "dtype": np.dtype(dtype).name,
+    return n, len(ends)
+
+
+def write_token_shard(docs, tokenizer, out_prefix: str) -> dict:
+    """Tokenize ``docs`` into ``<out_prefix>.bin``, ``<out_prefix>.docs.npy`` and the documents'
+    ids and URLs (``DOCS_META_SUFFIX``); returns the counts for the done marker."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    rows = ((doc.id, doc.url, tokenizer.encode(doc.text, bos=False, eos=True)) for doc in docs)
+    n, n_docs = _write_shard(rows, out_prefix, dtype)
+    return {"tokens": n, "docs": n_docs, "dtype": np.dtype(dtype).name,
             "tokenizer": file_digest(tokenizer.path), "vocab_size": tokenizer.vocab_size}
+
+
+def read_token_shard(bin_path: str):
+    """The documents of one finished shard, in order: ``{"id", "url", "ids"}`` with ``ids``
+    the token ids including the closing EOS. Shards written before the ids and URLs were
+    kept get ``<file>:<n>`` ids and empty URLs."""
+    import gzip
+
+    with open(bin_path + ".done", encoding="utf-8") as f:
+        manifest = json.load(f)
+    prefix = bin_path[: -len(".bin")]
+    tokens = np.fromfile(bin_path, dtype=np.dtype(manifest["dtype"]))
+    ends = np.load(prefix + ".docs.npy")
+    meta_path = prefix + DOCS_META_SUFFIX
+    meta = gzip.open(meta_path, "rt", encoding="utf-8") if os.path.exists(meta_path) else None
+    try:
+        start = 0
+        for j, end in enumerate(ends.tolist()):
+            row = json.loads(meta.readline()) if meta else {"id": f"{os.path.basename(bin_path)}:{j}", "url": ""}
+            yield {"id": row["id"], "url": row["url"], "ids": tokens[start:end]}
+            start = end
+    finally:
+        if meta:
+            meta.close()
+
+
+def write_token_rows(rows, out_prefix: str, manifest: dict) -> dict:
+    """Rewrite a shard from ``read_token_shard`` rows (e.g. without duplicates), in the dtype
+    and with the tokenizer of ``manifest`` (the source's done marker); returns the new counts."""
+    n, n_docs = _write_shard(((r["id"], r["url"], r["ids"]) for r in rows), out_prefix,
+                             np.dtype(manifest["dtype"]))
+    return {**{k: manifest[k] for k in ("dtype", "tokenizer", "vocab_size")}, "tokens": n, "docs": n_docs}
 
 
 def install_tokenizer(tokenizer_path: str, output_dir: str) -> None:

@@ -19,7 +19,10 @@ stages that each run as a Slurm array (task i of N, from SLURM_ARRAY_TASK_ID/_CO
    ``.done`` markers holding the counts.
 
 A stage's outputs are written atomically and a rerun skips finished ones, as for
-prepare_data. Inputs: the ``*.jsonl.gz`` files of a prepare_data --format jsonl run.
+prepare_data. Inputs: the finished outputs of a prepare_data run, ``--format jsonl``
+(``*.jsonl.gz``) or ``--format tokens`` (``*.bin`` shards: their documents are decoded with
+the directory's tokenizer to be compared, and the kept ones are written back as token
+shards with the same tokenizer, ids, URLs and done markers, so training reads them as is).
 
     python launch/dedup_global.py --input-dir data/prepared --work-dir data/dedup-work --output-dir data/dedup
     sbatch --array=0-99 slurm/dedup_global.sbatch --stage signatures --input-dir ... --work-dir ...
@@ -28,7 +31,6 @@ prepare_data. Inputs: the ``*.jsonl.gz`` files of a prepare_data --format jsonl 
 import _bootstrap  # noqa: F401
 
 import argparse
-import glob
 import gzip
 import json
 import os
@@ -41,13 +43,46 @@ EXACT_BAND = -1
 
 
 def input_files(input_dir: str) -> list[str]:
-    files = sorted(p for p in glob.glob(os.path.join(input_dir, "*.jsonl.gz")) if not p.endswith(".audit.jsonl.gz"))
+    """The JSONL outputs of ``input_dir``, or else its finished token shards (with .done)."""
+    from data_pipeline.audit import AUDIT_SUFFIX
+    from data_pipeline.token_shards import DOCS_META_SUFFIX
+
+    names = sorted(os.listdir(input_dir))
+    files = [os.path.join(input_dir, n) for n in names
+             if n.endswith(".jsonl.gz") and not n.endswith((AUDIT_SUFFIX, DOCS_META_SUFFIX))]
+    files = files or [os.path.join(input_dir, n) for n in names
+                      if n.endswith(".bin") and os.path.exists(os.path.join(input_dir, n + ".done"))]
     if not files:
-        raise SystemExit(f"dedup_global: no *.jsonl.gz in {input_dir} (run launch/prepare_data.py --format jsonl)")
+        raise SystemExit(f"dedup_global: no finished *.jsonl.gz or *.bin in {input_dir} "
+                         "(run launch/prepare_data.py --format jsonl or --format tokens)")
     return files
 
 
+_TOKENIZERS: dict = {}
+
+
+def _tokenizer_of(path: str):
+    from data_pipeline.token_shards import TOKENIZER_FILE
+    from data_pipeline.tokenizer import Tokenizer
+
+    tok = os.path.join(os.path.dirname(path), TOKENIZER_FILE)
+    if tok not in _TOKENIZERS:
+        if not os.path.isfile(tok):
+            raise SystemExit(f"dedup_global: {path} is a token shard but {tok} is missing")
+        _TOKENIZERS[tok] = Tokenizer(tok)
+    return _TOKENIZERS[tok]
+
+
 def read_docs(path: str):
+    """Each document of an input file as a dict with ``text`` (token shards: decoded, without
+    the closing EOS) and, for token shards, ``ids`` (the tokens as stored)."""
+    if path.endswith(".bin"):
+        from data_pipeline.token_shards import read_token_shard
+
+        tok = _tokenizer_of(path)
+        for row in read_token_shard(path):
+            yield {**row, "text": tok.decode(row["ids"][:-1].tolist())}
+        return
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)
@@ -185,6 +220,9 @@ def stage_filter(files, work, out_dir, task, tasks) -> None:
         if os.path.exists(out + ".done"):
             continue
         drop = set(np.load(os.path.join(work, "remove", f"{i:06d}.npy")).tolist())
+        if files[i].endswith(".bin"):
+            _filter_token_shard(files[i], out, drop)
+            continue
         kept = 0
         tmp = f"{out}.tmp{os.getpid()}"
         with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=5) as f:
@@ -197,10 +235,24 @@ def stage_filter(files, work, out_dir, task, tasks) -> None:
             json.dump({"input": files[i], "output": out, "docs": kept, "removed_as_duplicates": len(drop)}, f)
 
 
+def _filter_token_shard(path: str, out: str, drop: set) -> None:
+    """A token shard without the rows in ``drop``, with the source's tokenizer beside it."""
+    from data_pipeline.token_shards import install_tokenizer, read_token_shard, write_token_rows
+
+    install_tokenizer(_tokenizer_of(path).path, os.path.dirname(out))
+    with open(path + ".done", encoding="utf-8") as f:
+        manifest = json.load(f)
+    rows = (r for j, r in enumerate(read_token_shard(path)) if j not in drop)
+    counts = write_token_rows(rows, out[: -len(".bin")], manifest)
+    with open(out + ".done", "w") as f:
+        json.dump({"input": path, "output": out, **counts, "removed_as_duplicates": len(drop)}, f)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=[*STAGES, "all"], default="all")
-    ap.add_argument("--input-dir", required=True, help="a launch/prepare_data.py --format jsonl output directory")
+    ap.add_argument("--input-dir", required=True,
+                    help="a launch/prepare_data.py --format jsonl or --format tokens output directory")
     ap.add_argument("--work-dir", required=True, help="signatures, edges and removal lists")
     ap.add_argument("--output-dir", help="where the deduplicated files go (stage filter / all)")
     ap.add_argument("--task", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")))

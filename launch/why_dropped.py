@@ -12,25 +12,16 @@ were not seen, 2 on a usage error.
 import _bootstrap  # noqa: F401
 
 import argparse
-import gzip
-import json
 import os
 import sys
 
-from data_pipeline.audit import audit_files, read_audits
+from data_pipeline.audit import audit_files, kept_documents, read_audits
 
 
 def kept_urls(directory: str, wanted) -> set[str]:
-    """URLs among ``wanted`` that are in the JSONL outputs (kept documents)."""
-    found = set()
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".jsonl.gz") and not name.endswith(".audit.jsonl.gz"):
-            with gzip.open(os.path.join(directory, name), "rt", encoding="utf-8") as f:
-                for line in f:
-                    url = json.loads(line).get("url", "")
-                    if wanted(url):
-                        found.add(url)
-    return found
+    """URLs among ``wanted`` that are in the outputs (kept documents), in any output format:
+    JSONL, Parquet or token shards (``--format tokens`` keeps each document's id and URL)."""
+    return {d["url"] for d in kept_documents(directory) if d["url"] and wanted(d["url"])}
 
 
 def describe(row: dict) -> str:

@@ -281,3 +281,49 @@ def test_an_old_audit_and_old_stats_read_under_datatrove_reason_names(tmp_path):
     assert dict(merged.removed_by_reason) == {"gopher_above_avg_threshold": 3}
     short_words = Document(id="s", text=" ".join(["the and ox"] * 30))
     assert GopherQualityFilter(min_stop_words=None).reject(short_words) == "gopher_below_avg_threshold"
+
+
+def test_tokenized_outputs_answer_why_dropped_and_dedup_across_tasks(tmp_path, tokenizer_path):
+    """--format tokens keeps each document's id and URL beside the shard: why_dropped finds
+    kept pages there, and dedup_global compares the shards' decoded documents across tasks
+    and writes back token shards (same tokenizer) without the later copies."""
+    import subprocess
+    import sys
+
+    from data_pipeline.token_shards import TokenShards, read_token_shard
+    from data_pipeline.tokenizer import Tokenizer
+
+    def text(f, i):  # words of its own, so that no two documents are near duplicates
+        return f"Document {f}.{i}: " + " ".join(f"w{f}x{i}y{k}" for k in range(60)) + ". " + GOOD
+
+    paths = []
+    for f in range(3):  # file 1 and 2 each hold a copy of file 0's first document, under another URL
+        rows = [{"id": f"f{f}-{i}", "text": text(f, i), "url": f"https://t.example/{f}/{i}"} for i in range(3)]
+        rows += [{"id": f"f{f}-short", "text": "too short", "url": f"https://t.example/{f}/short"}]
+        if f:
+            rows.append({"id": f"f{f}-copy", "text": text(0, 0), "url": f"https://t.example/{f}/copy"})
+        p = tmp_path / "in" / f"part{f}.jsonl"
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(str(p))
+    out = tmp_path / "tokens"
+    for task in range(3):
+        assert run(out, paths, "--shard-index", str(task), "--num-shards", "3", "--format", "tokens",
+                   "--tokenizer", tokenizer_path, "--audit", "drops") == 0
+    said = subprocess.run([sys.executable, "launch/why_dropped.py", str(out), "https://t.example/1/copy",
+                           "https://t.example/2/short"], cwd=REPO, capture_output=True, text=True)
+    assert said.returncode == 0, said.stdout + said.stderr
+    assert "https://t.example/1/copy: kept" in said.stdout  # another task's file: not a duplicate there
+    assert "https://t.example/2/short: dropped by gopher_quality: gopher_short_doc" in said.stdout
+    p = subprocess.run([sys.executable, "launch/dedup_global.py", "--input-dir", str(out), "--work-dir",
+                        str(tmp_path / "work"), "--output-dir", str(tmp_path / "dedup")],
+                       cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    shards = TokenShards([str(tmp_path / "dedup")])
+    kept = [r for path in shards.files for r in read_token_shard(path)]
+    assert sorted(r["url"] for r in kept) == sorted(f"https://t.example/{f}/{i}" for f in range(3) for i in range(3))
+    tok = Tokenizer(tokenizer_path)
+    assert shards.tokenizer_digest == TokenShards([str(out)]).tokenizer_digest
+    for r in kept:  # the kept documents' tokens are the ones prepare_data wrote, EOS included
+        f, i = (int(x) for x in r["url"].rsplit("/", 2)[1:])
+        assert r["ids"].tolist() == tok.encode(text(f, i), eos=True)

@@ -7,7 +7,6 @@ audit, after the heuristics or in their place."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
