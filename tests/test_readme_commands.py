@@ -38,6 +38,10 @@ SMALL = {
                "train.eval_sequences": "8", "train.log_every": "1", "eval.max_new_tokens": "8"},
     "reward.py": {"train.max_steps": "4", "train.eval_every": "2", "checkpoint.every": "2",
                   "train.eval_sequences": "8", "train.log_every": "1"},
+    "ppo.py": {"train.max_steps": "2", "train.eval_every": "2", "checkpoint.every": "2", "rl.prompts_per_step": "2",
+               "rl.max_new_tokens": "8", "rl.eval_prompts": "2", "rl.minibatches": "1"},
+    "grpo.py": {"train.max_steps": "2", "train.eval_every": "2", "checkpoint.every": "2", "rl.prompts_per_step": "2",
+                "rl.max_new_tokens": "8", "rl.eval_prompts": "2", "rl.minibatches": "1"},
 }
 
 # The README names a user's own files; these stand in for them.
