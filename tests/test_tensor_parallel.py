@@ -5,7 +5,8 @@ One launch set, shared by every test here:
 
 - the reference: one process, 10 steps, checkpoints at 5 and 10;
 - tp=2 (data-parallel 1 x tensor-parallel 2), stopped at step 5, the loss computed in
-  chunks (``model.loss_chunk=48``) and evaluation on;
+  chunks (``model.loss_chunk=48``), activation checkpointing and evaluation on, gradients
+  clipped (``optim.grad_clip`` 1.0: the norm is about 1, so some steps clip);
 - the tp=2 checkpoint resumed in one process (DCP resharded to a plain model), and the
   reference's step-5 checkpoint (portable full state) resumed at tp=2.
 
@@ -35,7 +36,9 @@ def runs(tmp_path_factory, tokenizer_path):
     ref = root / "reference"
     launch("python", common + [f"run_dir={ref}"])
     tp2 = root / "tp2"
-    header = launch("torchrun", common + TP2 + [f"run_dir={tp2}", "train.stop_at_step=5"])
+    # Activation checkpointing recomputes each split block in backward: numerics unchanged.
+    header = launch("torchrun", common + TP2 + [f"run_dir={tp2}", "train.stop_at_step=5",
+                                                 "train.activation_checkpointing=true"])
     tp2_losses, tp2_val = losses(tp2), losses(tp2, "eval")
     # tp=2 -> one process: the same run directory, resumed by a plain launch.
     launch("python", common + [f"run_dir={tp2}"])
@@ -109,3 +112,15 @@ def test_a_launch_with_a_bad_tp_exits_2_naming_the_key(tmp_path, tokenizer_path)
     assert p.returncode == 2, p.stderr[-2000:]
     assert "config error: backend.tp: 2 does not divide model.n_kv_heads=1" in p.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_tp_for_fine_tuning_is_a_config_error():
+    from train.config import ConfigError
+    from train.parallel.mesh import layout
+    from train.sft.config import register_sft_configs
+
+    register_sft_configs()
+    cfg = compose(["backend=fsdp", "backend.tp=2"], config_name="sft")
+    with pytest.raises(ConfigError, match="backend.tp: fine-tuning"):
+        layout(cfg, 2)
+    assert layout(compose(["backend=fsdp", "backend.tp=2"]), 4).dp == 2  # pretraining: 2 data x 2 tensor ranks
