@@ -124,3 +124,11 @@ def test_tp_for_fine_tuning_is_a_config_error():
     with pytest.raises(ConfigError, match="backend.tp: fine-tuning"):
         layout(cfg, 2)
     assert layout(compose(["backend=fsdp", "backend.tp=2"]), 4).dp == 2  # pretraining: 2 data x 2 tensor ranks
+
+
+def test_context_parallelism_is_a_config_error_saying_why(monkeypatch):
+    from train.config import ConfigError, validate
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="backend.cp: context parallelism is not implemented .*does not run on a CPU"):
+        validate(compose(["backend=fsdp", "backend.cp=2"]))

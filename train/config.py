@@ -131,6 +131,9 @@ class BackendConfig:
     # fsdp: tensor-parallel ranks per model replica (a mesh of data x tensor parallelism,
     # train/parallel/); must divide the world size, model.n_heads and model.n_kv_heads.
     tp: int = 1
+    # Context parallelism (sequence split across ranks inside attention): not implemented, any
+    # value but 1 is a config error saying why (train/parallel/mesh.py).
+    cp: int = 1
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     timeout_minutes: int = 30
 

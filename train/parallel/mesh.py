@@ -17,6 +17,12 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from train.config import ConfigError
 
 
+# What torch.distributed.tensor.experimental.context_parallel raised around CPU attention (2 gloo
+# processes, torch 2.13): the reason kiln has no context-parallel dimension yet.
+CP_CPU_ERROR = ("aten._scaled_dot_product_flash_attention_for_cpu.default does not have a sharding strategy "
+                "registered")
+
+
 @dataclass
 class Layout:
     """How ``world`` ranks split into data-parallel replicas x shards x tensor-parallel ranks."""
@@ -49,14 +55,17 @@ def layout(cfg, world: int) -> Layout:
     tp = int(getattr(b, "tp", 1))
     if tp < 1:
         raise ConfigError("backend.tp", f"must be >= 1, got {tp}")
+    cp = int(getattr(b, "cp", 1))
+    if cp != 1:
+        raise ConfigError("backend.cp", f"context parallelism is not implemented (got {cp}): torch's context_parallel "
+                                        "does not run on a CPU, where kiln is tested (torch 2.13: "
+                                        f"{CP_CPU_ERROR})")
     if tp > 1:
         if b.name != "fsdp":
             raise ConfigError("backend.tp", f"tensor parallelism runs under backend=fsdp, not backend={b.name}")
         if "sft" in cfg:
             raise ConfigError("backend.tp", "fine-tuning (launch/sft.py) does not run tensor-parallel: its data "
                                             "sharding, LoRA adapters and heads are not split over the tp dimension")
-        if world % tp:
-            raise ConfigError("backend.tp", f"{tp} does not divide the world size {world}")
         kv = m.n_kv_heads or m.n_heads
         if m.n_heads % tp:
             raise ConfigError("backend.tp", f"{tp} does not divide model.n_heads={m.n_heads} (each tensor-parallel "
@@ -64,6 +73,8 @@ def layout(cfg, world: int) -> Layout:
         if kv % tp:
             raise ConfigError("backend.tp", f"{tp} does not divide model.n_kv_heads={kv} (each tensor-parallel "
                                             "rank holds whole key/value heads)")
+        if world % tp:
+            raise ConfigError("backend.tp", f"{tp} does not divide the world size {world}")
     replicate = 1
     if b.name == "fsdp" and b.hybrid_shard:
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
