@@ -309,6 +309,7 @@ class RLTrainer:
             raise ConfigError("data.seq_len", f"{cfg.data.seq_len} exceeds the checkpoint's max_seq_len={mc.max_seq_len}")
         self.train_prompts, self.val_prompts = load_prompts(cfg, self.tokenizer)
         self.use_bf16 = b.bf16
+        self.scorer = Scorer(cfg, self.tokenizer, self.device, self.autocast)  # a bad reward fails before the models
 
         torch.manual_seed(int(cfg.train.seed))
         self.init_state = read_init_weights(self.init_dir, mc, "off")
@@ -328,7 +329,6 @@ class RLTrainer:
         self.policy = b.model
         self.task = TASKS[str(cfg.rl.algo)](self)
         self.init_state = None  # the critic has been built from it
-        self.scorer = Scorer(cfg, self.tokenizer, self.device, self.autocast)
         self.generator = torch.Generator(device=self.device).manual_seed(int(cfg.rl.seed))
         self.prompts = PromptStream(self.train_prompts, int(cfg.sft.seed))
         self.state = Progress()
