@@ -96,7 +96,12 @@ def build_mesh(device_type: str, lay: Layout) -> DeviceMesh:
     if lay.tp > 1:
         dims.append(("tp", lay.tp))
     names, shape = zip(*dims)
-    return init_device_mesh(device_type, tuple(shape), mesh_dim_names=tuple(names))
+    mesh = init_device_mesh(device_type, tuple(shape), mesh_dim_names=tuple(names))
+    if lay.tp > 1:
+        # One flattened dimension over all ranks: a reduction over a parameter split on every
+        # dimension (the gradient norm) is then one collective, not one per dimension.
+        mesh[tuple(names)]._flatten("_".join(names))
+    return mesh
 
 
 def data_mesh(mesh: DeviceMesh) -> DeviceMesh:
