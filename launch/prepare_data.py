@@ -1,4 +1,5 @@
 """Offline preparation: run the data steps over input shards and write filtered shards.
+The command line over ``data_pipeline/runner.py`` (where the task logic lives).
 
 One task handles the input files ``i, i + N, i + 2N, ...`` for ``--shard-index i`` of
 ``--num-shards N`` (defaults: ``SLURM_ARRAY_TASK_ID`` / ``SLURM_ARRAY_TASK_COUNT``), so the
@@ -25,150 +26,25 @@ capacity bound within a task); duplicates across tasks are not removed.
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
-import json
 import os
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
+if REPO not in sys.path:  # runnable from a clone without installation (the other scripts: _bootstrap)
     sys.path.insert(0, REPO)
+
+from data_pipeline import runner  # noqa: E402
 
 
 def load_data_cfg(overrides: list[str]):
-    """The ``data`` block, checked: a bad value ends the process naming its key (exit 2),
-    before any file is read."""
-    from hydra import compose, initialize_config_dir
+    """The checked ``data`` block; a bad value ends the process naming its key (exit 2)."""
+    from train.config import ConfigError
 
-    from train.config import ConfigError, register_configs, validate_data
-
-    register_configs()
-    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
-        cfg = compose(config_name="pretrain", overrides=overrides).data
     try:
-        validate_data(cfg)
+        return runner.load_data_cfg(overrides)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         sys.exit(2)
-    return cfg
-
-
-def task_files(cfg, shard_index: int, num_shards: int) -> list[tuple[int, object, str]]:
-    """(global file index, source config, path) for this task, over all sources' files."""
-    from data_pipeline.readers import expand_paths
-
-    files = []
-    for src in cfg.sources:
-        for path in expand_paths(list(src.paths)):
-            files.append((src, path))
-    return [(i, src, path) for i, (src, path) in enumerate(files) if i % num_shards == shard_index]
-
-
-EXTENSIONS = {"jsonl": "jsonl.gz", "parquet": "parquet", "tokens": "bin"}
-
-
-def output_name(index: int, src, path: str, fmt: str) -> str:
-    base = os.path.basename(path).split(".")[0]
-    return f"{src.name}-{index:05d}-{base}.{EXTENSIONS[fmt]}"
-
-
-def process_file(cfg, src, path: str, out_path: str, fmt: str, tokenizer=None, audit: str = "") -> dict:
-    """Run reader + steps over one input file, write the survivors atomically, return stats.
-    ``audit`` ("drops" or "text"): also write every drop's decision (and with "text" the
-    removed text) to ``<output>.audit.jsonl.gz`` (data_pipeline/audit.py)."""
-    from data_pipeline.audit import AUDIT_SUFFIX, Audit
-    from data_pipeline.pipeline import build_reader, build_steps
-
-    reader = build_reader(src)
-    reader.files = [path]
-    reader.set_shard(0, 1)
-    steps = build_steps(cfg) if src.steps else []
-    log = Audit(out_path + AUDIT_SUFFIX, with_text=audit == "text") if audit else None
-    for part in (reader, *steps):
-        part.audit = log
-    try:
-        stats = _write_survivors(reader, steps, out_path, fmt, tokenizer)
-    except BaseException:
-        if log:
-            log.abandon()
-        raise
-    if log:
-        log.close()
-        stats["audit"] = {"path": log.path, "lines": log.lines}
-    return stats
-
-
-def _write_survivors(reader, steps, out_path: str, fmt: str, tokenizer) -> dict:
-    from data_pipeline.text import CODE_LINES
-
-    path = reader.files[0]
-    docs = iter(reader)
-    for step in steps:
-        docs = step(docs)
-    t0, n = time.time(), 0
-    if fmt == "tokens":
-        from data_pipeline.token_shards import write_token_shard
-
-        counts = write_token_shard(docs, tokenizer, out_path[: -len(".bin")])
-        return {"input": path, "output": out_path, **counts, "seconds": round(time.time() - t0, 3),
-                "steps": [[s.name, s.stats.as_dict(), dict(s.stats.examples_by_reason)] for s in [reader, *steps]]}
-    tmp = out_path + f".tmp{os.getpid()}"
-    rows = ({"id": d.id, "text": d.text, "url": d.url, "source": d.source,
-             "metadata": {k: v for k, v in d.metadata.items() if k not in ("token_ids", CODE_LINES)}} for d in docs)
-    if fmt == "jsonl":
-        with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=5) as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        batch = []
-        schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("url", pa.string()),
-                            ("source", pa.string()), ("metadata", pa.string())])
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for row in rows:
-                row["metadata"] = json.dumps(row["metadata"], ensure_ascii=False)
-                batch.append(row)
-                n += 1
-                if len(batch) >= 1000:
-                    writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-                    batch = []
-            if batch:
-                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-    os.replace(tmp, out_path)
-    return {"input": path, "output": out_path, "docs": n, "seconds": round(time.time() - t0, 3),
-            "steps": [[s.name, s.stats.as_dict(), dict(s.stats.examples_by_reason)] for s in [reader, *steps]]}
-
-
-def write_done(out_path: str, stats: dict) -> None:
-    tmp = out_path + ".done.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(stats, f, ensure_ascii=False)
-    os.replace(tmp, out_path + ".done")
-
-
-def summarize(output_dir: str) -> dict:
-    """Merge the stats of every finished output file into one report in ``output_dir/report``."""
-    from data_pipeline.report import write_report
-    from data_pipeline.step import StepStats
-
-    order, merged, examples = [], {}, {}
-    for marker in sorted(glob.glob(os.path.join(output_dir, "*.done"))):
-        with open(marker, encoding="utf-8") as f:
-            stats = json.load(f)
-        for name, st, ex in stats["steps"]:
-            if name not in merged:
-                order.append(name)
-                merged[name], examples[name] = StepStats(), {}
-            merged[name].merge(st)
-            for reason, exs in ex.items():
-                examples[name].setdefault(reason, []).extend(exs[: 3 - len(examples[name].get(reason, []))])
-    return write_report([(n, merged[n], examples[n]) for n in order], os.path.join(output_dir, "report"),
-                        title=f"prepare_data report: {output_dir}")
 
 
 def main(argv=None) -> int:
@@ -191,7 +67,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     os.makedirs(a.output_dir, exist_ok=True)
     if a.summarize:
-        summarize(a.output_dir)
+        runner.summarize(a.output_dir)
         print(f"[prepare_data] report written to {os.path.join(a.output_dir, 'report')}")
         return 0
     if not 0 <= a.shard_index < a.num_shards:
@@ -212,13 +88,11 @@ def main(argv=None) -> int:
         if a.input_format:
             cfg.sources[0].format = a.input_format
     done = skipped = 0
-    for index, src, path in task_files(cfg, a.shard_index, a.num_shards):
-        out_path = os.path.join(a.output_dir, output_name(index, src, path, a.format))
-        if os.path.exists(out_path + ".done"):
+    for path, out_path, stats in runner.run_task(cfg, a.output_dir, a.shard_index, a.num_shards, a.format,
+                                                 tokenizer, a.audit or ""):
+        if stats is None:
             skipped += 1
             continue
-        stats = process_file(cfg, src, path, out_path, a.format, tokenizer, a.audit or "")
-        write_done(out_path, stats)
         done += 1
         tokens = f", {stats['tokens']:,} tokens" if "tokens" in stats else ""
         print(f"[prepare_data] {path} -> {out_path}: {stats['docs']} docs{tokens} in {stats['seconds']} s", flush=True)

@@ -327,3 +327,36 @@ def test_tokenized_outputs_answer_why_dropped_and_dedup_across_tasks(tmp_path, t
     for r in kept:  # the kept documents' tokens are the ones prepare_data wrote, EOS included
         f, i = (int(x) for x in r["url"].rsplit("/", 2)[1:])
         assert r["ids"].tolist() == tok.encode(text(f, i), eos=True)
+
+
+def test_the_task_runner_and_dedup_stages_are_library_code_any_executor_calls(tmp_path):
+    """data_pipeline.runner and data_pipeline.global_dedup run without the launch scripts:
+    three prepare tasks, then every dedup stage, called in-process as an executor would."""
+    from data_pipeline import global_dedup, runner
+
+    def text(f, i):  # words of its own, so that no two documents are near duplicates
+        return f"Document {f}.{i}: " + " ".join(f"w{f}x{i}y{k}" for k in range(60)) + ". " + GOOD
+
+    paths = []
+    for f in range(3):  # files 1 and 2 each copy file 0's first document
+        rows = [{"id": f"f{f}-good{i}", "text": text(f, i)} for i in range(4)]
+        rows += [{"id": f"f{f}-dup", "text": text(0, 0)}] if f else []
+        p = tmp_path / f"part{f}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(str(p))
+    cfg = runner.load_data_cfg([*OVERRIDES, "data.sources.0.format=jsonl", f"data.sources.0.paths=[{','.join(paths)}]"])
+    out = tmp_path / "prepared"
+    out.mkdir()
+    written = [o for t in range(3) for _, o, stats in runner.run_task(cfg, str(out), t, 3) if stats]
+    assert len(written) == 3 and all(os.path.exists(o + ".done") for o in written)
+    assert [stats for t in range(3) for *_, stats in runner.run_task(cfg, str(out), t, 3)] == [None] * 3  # done
+    files = global_dedup.input_files(str(out))
+    work, dedup = str(tmp_path / "work"), str(tmp_path / "dedup")
+    global_dedup.check_inputs(work, files, cfg)
+    for stage in global_dedup.STAGES:
+        for task in range(2):
+            summary = global_dedup.run_stage(stage, files, work, task, 2, cfg, dedup)
+            if stage == "clusters" and task == 0:
+                assert summary["removed"] == 2  # f1-dup and f2-dup copy f0-good0 across tasks
+    ids = sorted(d.id for d in JsonlReader(sorted(glob.glob(os.path.join(dedup, "*.jsonl.gz")))))
+    assert ids == sorted(f"f{f}-good{i}" for f in range(3) for i in range(4))

@@ -1,0 +1,271 @@
+"""Deduplicate prepare_data outputs across all tasks: exact and MinHash, in stages (library
+code: ``launch/dedup_global.py`` and ``slurm/dedup_global.sbatch`` are command lines over it).
+
+``prepare_data`` removes duplicates within one task's files; at crawl scale most copies
+are in other files. This job compares every document with every other one, in four
+stages that each run as a Slurm array (task i of N, from SLURM_ARRAY_TASK_ID/_COUNT or
+--task/--tasks) or all at once locally (``--stage all``):
+
+1. ``signatures``: for the output files i, i+N, ... : each document's exact-content key and
+   its MinHash band keys (``data.minhash_dedup``: FineWeb's 5-gram shingles, 14 x 8), to
+   ``<work>/sig/<file>.npz``.
+2. ``buckets``: task b takes the bands b, b+N, ... (band -1, the exact key, goes to task 0),
+   sorts the keys of every document for its bands and writes each document that shares a
+   key with an earlier one as an edge to the first holder of that key: memory is one band's
+   keys at a time, never all signatures.
+3. ``clusters`` (one task): union-find over the edges; in each cluster the survivor is the
+   earliest document by (input file index, position in the file), so the result does not
+   depend on N or on the order tasks ran; ``<work>/remove/<file>.npy`` lists the others.
+4. ``filter``: rewrites the output files i, i+N, ... without them into --output-dir, with
+   ``.done`` markers holding the counts.
+
+A stage's outputs are written atomically and a rerun skips finished ones, as for
+prepare_data. Inputs: the finished outputs of a prepare_data run, ``--format jsonl``
+(``*.jsonl.gz``) or ``--format tokens`` (``*.bin`` shards: their documents are decoded with
+the directory's tokenizer to be compared, and the kept ones are written back as token
+shards with the same tokenizer, ids, URLs and done markers, so training reads them as is).
+
+    python launch/dedup_global.py --input-dir data/prepared --work-dir data/dedup-work --output-dir data/dedup
+    sbatch --array=0-99 slurm/dedup_global.sbatch --stage signatures --input-dir ... --work-dir ...
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import numpy as np
+
+
+class DedupInputError(ValueError):
+    """The inputs or the work directory cannot be used (the command line prints it, exit 2)."""
+
+
+STAGES = ("signatures", "buckets", "clusters", "filter")
+EXACT_BAND = -1
+
+
+def input_files(input_dir: str) -> list[str]:
+    """The JSONL outputs of ``input_dir``, or else its finished token shards (with .done)."""
+    from data_pipeline.audit import AUDIT_SUFFIX
+    from data_pipeline.token_shards import DOCS_META_SUFFIX
+
+    names = sorted(os.listdir(input_dir))
+    files = [os.path.join(input_dir, n) for n in names
+             if n.endswith(".jsonl.gz") and not n.endswith((AUDIT_SUFFIX, DOCS_META_SUFFIX))]
+    files = files or [os.path.join(input_dir, n) for n in names
+                      if n.endswith(".bin") and os.path.exists(os.path.join(input_dir, n + ".done"))]
+    if not files:
+        raise DedupInputError(f"dedup_global: no finished *.jsonl.gz or *.bin in {input_dir} "
+                         "(run launch/prepare_data.py --format jsonl or --format tokens)")
+    return files
+
+
+_TOKENIZERS: dict = {}
+
+
+def _tokenizer_of(path: str):
+    from data_pipeline.token_shards import TOKENIZER_FILE
+    from data_pipeline.tokenizer import Tokenizer
+
+    tok = os.path.join(os.path.dirname(path), TOKENIZER_FILE)
+    if tok not in _TOKENIZERS:
+        if not os.path.isfile(tok):
+            raise DedupInputError(f"dedup_global: {path} is a token shard but {tok} is missing")
+        _TOKENIZERS[tok] = Tokenizer(tok)
+    return _TOKENIZERS[tok]
+
+
+def read_docs(path: str):
+    """Each document of an input file as a dict with ``text`` (token shards: decoded, without
+    the closing EOS) and, for token shards, ``ids`` (the tokens as stored)."""
+    if path.endswith(".bin"):
+        from data_pipeline.token_shards import read_token_shard
+
+        tok = _tokenizer_of(path)
+        for row in read_token_shard(path):
+            yield {**row, "text": tok.decode(row["ids"][:-1].tolist())}
+        return
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _save_atomic(path: str, array: np.ndarray | None = None, **arrays) -> None:
+    """One array (.npy) or several (.npz), written under a temporary name and renamed."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        if array is not None:
+            np.save(f, array)
+        else:
+            np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def stage_signatures(files, work, task, tasks, data_cfg) -> None:
+    from data_pipeline.dedup import ExactDedup, MinHasher
+
+    m = data_cfg.minhash_dedup
+    hasher = MinHasher(m.ngram, m.num_bands, m.rows_per_band, m.seed)
+    for i in range(task, len(files), tasks):
+        out = os.path.join(work, "sig", f"{i:06d}.npz")
+        if os.path.exists(out):
+            continue
+        exact, bands = [], []
+        for doc in read_docs(files[i]):
+            exact.append(ExactDedup.key(doc["text"]))
+            sig = hasher.signature(doc["text"])
+            # A text without shingles gets unique band keys: it is compared exactly only.
+            bands.append(hasher.band_keys(sig) if sig is not None else [0] * m.num_bands)
+        exact_a = np.asarray(exact, dtype=np.int64)
+        bands_a = np.asarray(bands, dtype=np.int64).reshape(len(exact), m.num_bands)
+        no_sig = np.all(bands_a == 0, axis=1)
+        _save_atomic(out, exact=exact_a, bands=bands_a, no_sig=no_sig)
+
+
+def check_inputs(work: str, files: list[str], data_cfg) -> None:
+    """The work directory belongs to one input set and one MinHash setting: the first stage
+    to run records them, every later run must see the same (a changed input set would
+    silently reuse stale signatures and removal lists)."""
+    m = data_cfg.minhash_dedup
+    mine = {"files": [os.path.basename(f) for f in files],
+            "minhash": [int(m.ngram), int(m.num_bands), int(m.rows_per_band), int(m.seed)]}
+    path = os.path.join(work, "inputs.json")
+    os.makedirs(work, exist_ok=True)
+    if not os.path.exists(path):
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(mine, f)
+        os.replace(tmp, path)
+        return
+    with open(path) as f:
+        theirs = json.load(f)
+    if theirs != mine:
+        raise DedupInputError(f"dedup_global: {work} was made for other inputs or MinHash settings ({len(theirs['files'])} "
+                         f"files, minhash {theirs['minhash']}; now {len(files)} files, minhash {mine['minhash']}): "
+                         "use a new --work-dir")
+
+
+def _global_ids(file_index: int, n: int) -> np.ndarray:
+    return (np.int64(file_index) << np.int64(32)) | np.arange(n, dtype=np.int64)
+
+
+def stage_buckets(files, work, task, tasks, data_cfg) -> None:
+    num_bands = data_cfg.minhash_dedup.num_bands
+    mine = [b for b in [EXACT_BAND, *range(num_bands)] if (b + 1) % tasks == task]
+    for band in mine:
+        out = os.path.join(work, "edges", f"band{band + 1:03d}.npy")
+        if os.path.exists(out):
+            continue
+        keys, ids = [], []
+        for i in range(len(files)):
+            with np.load(os.path.join(work, "sig", f"{i:06d}.npz")) as z:
+                if band == EXACT_BAND:
+                    k = z["exact"]
+                    keep = np.ones(len(k), dtype=bool)
+                else:
+                    k = z["bands"][:, band]
+                    keep = ~z["no_sig"]
+            keys.append(k[keep])
+            ids.append(_global_ids(i, len(k))[keep])
+        k, g = np.concatenate(keys), np.concatenate(ids)
+        order = np.lexsort((g, k))  # by key, then by document: the first of a run holds the key first
+        k, g = k[order], g[order]
+        starts = np.r_[True, k[1:] != k[:-1]]
+        first = g[np.maximum.accumulate(np.where(starts, np.arange(len(k)), 0))]
+        edges = np.stack([first[~starts], g[~starts]], axis=1) if len(k) else np.zeros((0, 2), np.int64)
+        _save_atomic(out, edges)
+
+
+def stage_clusters(files, work, data_cfg) -> dict:
+    done = os.path.join(work, "remove", "clusters.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
+    num_bands = data_cfg.minhash_dedup.num_bands
+    parts = [np.load(os.path.join(work, "edges", f"band{b + 1:03d}.npy")) for b in [EXACT_BAND, *range(num_bands)]]
+    edges = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        root = x
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while parent.get(x, x) != root:  # path compression
+            parent[x], x = root, parent[x]
+        return root
+
+    for a, b in edges.tolist():
+        ra, rb = find(a), find(b)
+        if ra != rb:  # the smaller id (earlier file, earlier document) stays the root: the survivor
+            parent[max(ra, rb)] = min(ra, rb)
+    removed: dict[int, list[int]] = {}
+    for x in parent:
+        if find(x) != x:
+            removed.setdefault(x >> 32, []).append(x & 0xFFFFFFFF)
+    for i in range(len(files)):
+        rows = np.asarray(sorted(removed.get(i, [])), dtype=np.int64)
+        _save_atomic(os.path.join(work, "remove", f"{i:06d}.npy"), rows)
+    summary = {"files": len(files), "edges": int(len(edges)), "removed": sum(len(v) for v in removed.values()),
+               "clusters": len({find(x) for x in parent})}
+    tmp = f"{done}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(summary, f)
+    os.replace(tmp, done)
+    return summary
+
+
+def stage_filter(files, work, out_dir, task, tasks) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    for i in range(task, len(files), tasks):
+        out = os.path.join(out_dir, os.path.basename(files[i]))
+        if os.path.exists(out + ".done"):
+            continue
+        drop = set(np.load(os.path.join(work, "remove", f"{i:06d}.npy")).tolist())
+        if files[i].endswith(".bin"):
+            _filter_token_shard(files[i], out, drop)
+            continue
+        kept = 0
+        tmp = f"{out}.tmp{os.getpid()}"
+        with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=5) as f:
+            for j, doc in enumerate(read_docs(files[i])):
+                if j not in drop:
+                    f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+                    kept += 1
+        os.replace(tmp, out)
+        with open(out + ".done", "w") as f:
+            json.dump({"input": files[i], "output": out, "docs": kept, "removed_as_duplicates": len(drop)}, f)
+
+
+def _filter_token_shard(path: str, out: str, drop: set) -> None:
+    """A token shard without the rows in ``drop``, with the source's tokenizer beside it."""
+    from data_pipeline.token_shards import install_tokenizer, read_token_shard, write_token_rows
+
+    install_tokenizer(_tokenizer_of(path).path, os.path.dirname(out))
+    with open(path + ".done", encoding="utf-8") as f:
+        manifest = json.load(f)
+    rows = (r for j, r in enumerate(read_token_shard(path)) if j not in drop)
+    counts = write_token_rows(rows, out[: -len(".bin")], manifest)
+    with open(out + ".done", "w") as f:
+        json.dump({"input": path, "output": out, **counts, "removed_as_duplicates": len(drop)}, f)
+
+
+def run_stage(stage: str, files: list[str], work: str, task: int, tasks: int, data_cfg,
+              out_dir: str | None = None) -> dict | None:
+    """Task ``task`` of ``tasks`` of one stage (``clusters`` runs in task 0 only and returns
+    its summary); any executor (a Slurm array, a loop, a pool) calls this per task."""
+    if stage == "signatures":
+        stage_signatures(files, work, task, tasks, data_cfg)
+    elif stage == "buckets":
+        stage_buckets(files, work, task, tasks, data_cfg)
+    elif stage == "clusters":
+        return stage_clusters(files, work, data_cfg) if task == 0 else None
+    elif stage == "filter":
+        if not out_dir:
+            raise ValueError("the filter stage needs an output directory")
+        stage_filter(files, work, out_dir, task, tasks)
+    else:
+        raise ValueError(f"unknown stage {stage!r} ({' | '.join(STAGES)})")
+    return None
