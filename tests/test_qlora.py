@@ -115,8 +115,12 @@ def test_qlora_checkpoint_holds_the_adapter_only_and_records_the_quantization(qr
     adapter = load_file(step / "adapter.safetensors")
     assert len(adapter) == 2 * 2 * 7 and all(".lora_" in k and t.dtype == torch.float32 for k, t in adapter.items())
     assert json.loads((step / "adapter_config.json").read_text())["quantize"] == "4bit"
-    model = qruns["trainer"].backend.raw_model
+    tr = qruns["trainer"]
+    model = tr.backend.raw_model
     assert all(is_quantized(m.weight) for m in lora_modules(model)) and len(lora_modules(model)) == 14
+    # the run reports the parameters the model stands for, not the packed bytes of its 4-bit weights
+    dense = sum(p.numel() for p in Transformer(tr.model_cfg).parameters())
+    assert tr.provenance["trainable_parameters"] == 9728 and tr.provenance["parameters"] == dense + 9728
 
 
 def test_qlora_resumes_exactly(qruns):

@@ -156,7 +156,9 @@ class Trainer:
                 source["digest"] = ckpt.digest(step_dir)
         else:
             source = {"weights_from": "fresh init", "seed": int(self.cfg.train.seed)}
-        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: full
+        from model.quant import logical_numel  # a 4-bit (QLoRA) weight counts its values, not its packed bytes
+
+        sizes = [(getattr(p, "ds_numel", logical_numel(p)), p.requires_grad) for p in model.parameters()]  # ZeRO-3: full
         total = sum(n for n, _ in sizes)
         trained = sum(n for n, grad in sizes if grad)
         return {**source, "parameters": total, "trainable_parameters": trained,
