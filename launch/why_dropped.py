@@ -26,7 +26,9 @@ def kept_urls(directory: str, wanted) -> set[str]:
 
 def describe(row: dict) -> str:
     stat = f", {row['stat']} against {row['limit']}" if "stat" in row else ""
-    lang = f", language {row['language']} at {row['language_score']}" if "language" in row else ""
+    lang = ""
+    if "language" in row:  # the score is the statistic of a low-score drop; a wrong language's is said here
+        lang = f" ({row['language']})" if "stat" in row else f", language {row['language']} at {row['language_score']}"
     dup = f", duplicate of {row.get('kept_url') or '?'} (id {row.get('kept_id') or '?'})" if "kept_id" in row else ""
     where = f"{row['file']} at {row['offset']}" if row.get("file") else "?"
     return f"dropped by {row['step']}: {row['reason']}{stat}{lang}{dup} ({where})"

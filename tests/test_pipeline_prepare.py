@@ -192,9 +192,10 @@ def test_audit_accounts_for_every_record_and_why_dropped_answers_by_url(tmp_path
     said = why(adult, kept_url)
     assert said.returncode == 0, said.stderr
     assert f"{adult}: dropped by url_filter: url_adult_word" in said.stdout and f"{kept_url}: kept" in said.stdout
-    dup = dups[0]
-    said = why(dup["url"])
+    dup, other = dups[0], foreign[0]
+    said = why(dup["url"], other["url"])
     assert f"duplicate of {dup['kept_url']} (id {dup['kept_id']})" in said.stdout, said.stdout
+    assert f"{other['reason']}, language {other['language']} at {other['language_score']}" in said.stdout
     unseen = why("https://never.example/")
     assert unseen.returncode == 1 and "not seen by any audited task" in unseen.stdout
 
