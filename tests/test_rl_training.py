@@ -101,3 +101,25 @@ def test_bad_settings_are_config_errors_naming_the_key(base, tmp_path):
         rl_cfg(tmp_path / "x", base, "ppo", "backend=fsdp")
     with pytest.raises(ConfigError, match="rl.reward_fn"):
         fit(rl_cfg(tmp_path / "x", base, "ppo", "rl.reward_fn=tests.no_such_module:f"))
+
+
+def test_lora_trains_adapters_only_and_its_reference_is_the_base(base, tmp_path):
+    from train.checkpoint.full_state import load_model
+    from train.rl.loop import RLTrainer
+    from train.rl.rollout import response_logprobs
+
+    t = RLTrainer(rl_cfg(tmp_path / "lora", base, "grpo", "train.max_steps=2", "rl.prompts_per_step=2",
+                         "rl.group_size=2", "rl.minibatches=1", "lora.enabled=true"))
+    assert t.reference is None  # no second copy: the policy with its adapters off
+    frozen = {n: p.detach().clone() for n, p in t.policy.named_parameters() if not p.requires_grad}
+    trained = [n for n, p in t.policy.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    t.fit()
+    assert all(torch.equal(frozen[n], p) for n, p in t.policy.named_parameters() if n in frozen)
+    r, _ = t.rollout(t.val_prompts[:3], torch.Generator().manual_seed(5))
+    plain, _ = load_model(base, "cpu", verify="off")
+    with torch.no_grad():
+        base_lp = response_logprobs(plain, r, 1.0)[0]
+        policy_lp = response_logprobs(t.policy, r, 1.0)[0]
+    assert torch.allclose(t.reference_logprobs(r), base_lp, atol=1e-5)
+    assert not torch.allclose(policy_lp, base_lp, atol=1e-3)  # the adapters did train
