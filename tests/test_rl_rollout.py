@@ -20,7 +20,7 @@ def models():
     policy = Transformer(MC)
     critic = ValueModel(MC)
     torch.nn.init.normal_(critic.value.weight, std=0.5)
-    return policy, critic
+    return policy.requires_grad_(False), critic.requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
