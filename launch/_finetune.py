@@ -8,7 +8,8 @@ import time
 
 import _bootstrap
 
-from train.config import ConfigError, exit_config_error
+from train.config import exit_config_error
+from train.errors import ConfigError
 from train.log import logger, report_validation
 
 

@@ -3,7 +3,8 @@ train, and report the held-out reward accuracy and margin."""
 
 import time
 
-from train.config import ConfigError, exit_config_error, validate
+from train.config import exit_config_error, validate
+from train.errors import ConfigError
 from train.sft.config import validate_sft
 
 

@@ -6,7 +6,8 @@ import time
 
 import _bootstrap
 
-from train.config import ConfigError, exit_config_error, validate
+from train.config import exit_config_error, validate
+from train.errors import ConfigError
 
 
 def run(cfg, algo: str) -> None:

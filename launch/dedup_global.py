@@ -13,7 +13,7 @@ import sys
 
 from data_pipeline.global_dedup import STAGES, DedupInputError, check_inputs, input_files, run_stage
 from data_pipeline.runner import load_data_cfg
-from train.config import ConfigError
+from train.errors import ConfigError
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,7 @@ from data_pipeline import runner  # noqa: E402
 
 def load_data_cfg(overrides: list[str]):
     """The checked ``data`` block; a bad value ends the process naming its key (exit 2)."""
-    from train.config import ConfigError
+    from train.errors import ConfigError
 
     try:
         return runner.load_data_cfg(overrides)

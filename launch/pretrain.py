@@ -14,7 +14,8 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from train.config import ConfigError, exit_config_error, register_configs, validate_or_exit
+from train.config import exit_config_error, register_configs, validate_or_exit
+from train.errors import ConfigError
 
 register_configs()
 

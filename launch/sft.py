@@ -16,7 +16,8 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from train.config import ConfigError, exit_config_error, validate
+from train.config import exit_config_error, validate
+from train.errors import ConfigError
 from train.sft.config import register_sft_configs, validate_sft
 
 register_sft_configs()

@@ -18,18 +18,11 @@ from omegaconf import OmegaConf
 from data_pipeline.config import DataConfig
 from model.llama import ModelConfig
 from train.checkpoint import VERIFY_MODES
+from train.errors import ConfigError  # noqa: F401  (re-exported: train/errors.py)
 from train.launcher import BACKENDS, resolve_backend
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(REPO_ROOT, "data_pipeline", "assets")
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message starts with the dotted key."""
-
-    def __init__(self, key: str, msg: str):
-        super().__init__(f"config error: {key}: {msg}")
-        self.key = key
 
 
 @dataclass

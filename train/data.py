@@ -93,7 +93,7 @@ class VirtualShards:
         """``make_shard(v)``: the packed window stream of shard v (picklable when ``workers``
         > 0: background processes build the shards, train/data_workers.py)."""
         if num_shards % world:
-            from train.config import ConfigError
+            from train.errors import ConfigError
 
             raise ConfigError("train.virtual_shards", f"{num_shards} shards cannot be split evenly over {world} "
                               f"ranks; use a multiple of {world} (kept for the whole run: it fixes the stream), "
@@ -124,7 +124,7 @@ class VirtualShards:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("virtual_shards") != self.num_shards:
-            from train.config import ConfigError
+            from train.errors import ConfigError
 
             raise ConfigError("train.virtual_shards", f"the checkpoint's stream has {state.get('virtual_shards')} "
                               f"shards, this run {self.num_shards}; resume with the same value")
@@ -271,7 +271,7 @@ def restore_stream(stream, states: list[dict], rank: int, world: int) -> str:
         return "no data state saved; starting the stream afresh"
     saved, now = _mode_of_state(states[0]), _mode_of_stream(stream)
     if saved != now:
-        from train.config import ConfigError
+        from train.errors import ConfigError
 
         raise ConfigError("train.data_sharding", f"the checkpoint's data position is of a {saved} stream, this run "
                           f"reads a {now} stream; resume with the data and train.data_sharding it was written with")

@@ -74,7 +74,7 @@ def choose_backend(requested: str, zero_stage: int, env: Mapping[str, str] | Non
 def resolve_backend(cfg) -> str:
     """Replace ``backend.name=auto`` in ``cfg`` by the concrete choice (idempotent), so
     every reader of the config and every checkpoint sees what actually ran. Returns why."""
-    from train.config import ConfigError
+    from train.errors import ConfigError
 
     try:
         name, why = choose_backend(str(cfg.backend.name), int(cfg.backend.zero_stage))

@@ -168,7 +168,7 @@ def discard_failed_start() -> list[str]:
     lock is put back as it was. Nothing happens once the start succeeded, on ranks other
     than 0, or for a directory not noted before Hydra ran. Returns what was removed."""
     from train import run_lock
-    from train.config import ConfigError
+    from train.errors import ConfigError
 
     if _started or os.environ.get("RANK", "0") != "0":
         return []

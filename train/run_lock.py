@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Optional
 
-from train.config import ConfigError
+from train.errors import ConfigError
 
 LOCK_NAME = ".kiln.lock"
 

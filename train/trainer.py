@@ -48,7 +48,7 @@ from train.checkpoint.manager import CheckpointManager
 from train.checkpoint.rng import RNGStates
 from train.checkpoint.state import FilePiece, Progress
 from train.compile import compile_blocks
-from train.config import ConfigError
+from train.errors import ConfigError
 from train.data import DataPosition, pipeline_steps
 from train.log import logger as log
 from train.log import setup as log_setup

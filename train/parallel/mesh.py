@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from train.config import ConfigError
+from train.errors import ConfigError
 
 
 # What torch.distributed.tensor.experimental.context_parallel raised around CPU attention (2 gloo

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from train.config import ConfigError
+from train.errors import ConfigError
 
 BLOCK_PLAN = {
     "attn.wq": "colwise", "attn.wk": "colwise", "attn.wv": "colwise", "attn.wo": "rowwise",

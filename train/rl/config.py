@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from train.config import ConfigError, _check
+from train.config import _check
+from train.errors import ConfigError
 from train.rl.losses import KL_ESTIMATORS
 from train.sft.config import SFTConfig
 

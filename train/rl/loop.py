@@ -54,7 +54,7 @@ from train.checkpoint.full_state import (
 from train.checkpoint.manager import CheckpointManager
 from train.checkpoint.rng import RNGStates
 from train.checkpoint.state import FilePiece, Progress
-from train.config import ConfigError
+from train.errors import ConfigError
 from train.metrics import MetricsLogger
 from train.optim import build_adamw, lr_at
 from train.rl import losses as L

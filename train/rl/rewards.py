@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from train.config import ConfigError
+from train.errors import ConfigError
 from train.rl.rollout import Rollout
 
 

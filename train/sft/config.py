@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from train.config import ConfigError, PretrainConfig, _check
+from train.config import PretrainConfig, _check
+from train.errors import ConfigError
 
 TASKS = ("instruction", "classification", "continued_pretraining", "preference", "reward")
 FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "classification")

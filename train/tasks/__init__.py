@@ -23,7 +23,7 @@ def for_config(cfg) -> Task:
     tasks = {"instruction": InstructionTask, "classification": ClassificationTask,
              "continued_pretraining": ContinuedPretrainingTask}
     if name not in tasks:
-        from train.config import ConfigError
+        from train.errors import ConfigError
 
         raise ConfigError("task", f"unknown task {name!r} ({' | '.join([*tasks, 'preference', 'reward'])})")
     return tasks[name](cfg)

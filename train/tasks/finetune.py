@@ -29,7 +29,7 @@ from train import checkpoint as ckpt
 from train.backends.base import Writing
 from train.checkpoint import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_OPTIM_FILE
 from train.checkpoint.full_state import FullState, load_weights, read_adapter_state, read_init_weights
-from train.config import ConfigError
+from train.errors import ConfigError
 from train.metrics import plot_runs
 from train.sft.chat import control_ids, encode_prompt
 from train.tasks.base import Task

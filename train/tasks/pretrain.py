@@ -25,7 +25,7 @@ from model.llama import ModelConfig, Transformer
 from train import checkpoint as ckpt
 from train.backends.base import RanksDisagree
 from train.checkpoint.full_state import FullState, read_init_weights
-from train.config import ConfigError
+from train.errors import ConfigError
 from train.data import build_train_stream, starvation_warning, validation_batches
 from train.log import logger
 from train.metrics import plot_losses
