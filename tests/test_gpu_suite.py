@@ -204,10 +204,10 @@ def test_gpu_checks_resume_comparison_reports_where_losses_differ():
     assert "steps differ" in g.compare_losses(straight, {1: 6.9, 2: 6.5})
 
 
-def test_the_tp2_row_is_skipped_with_its_reason_where_fewer_than_two_gpus_are_visible(capsys, tmp_path):
+def test_the_tp2_row_is_skipped_with_its_reason_where_fewer_than_two_gpus_are_visible(capsys, tmp_path, monkeypatch):
     import torch
 
-    assert torch.cuda.device_count() < 2  # what this test is about: the CI machine has no GPU pair
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU visible, whatever this host has
     rows, _, out = dry_run(capsys)
     assert "tp2-1b-s4096-compile" not in [name for _, name, *_ in rows]  # neither run nor counted in the total
     reason = f"tensor parallelism (backend.tp=2) needs 2 GPUs; this machine has {torch.cuda.device_count()}"
