@@ -242,13 +242,13 @@ class CheckpointManager:
 
         t0 = time.perf_counter()
         wait([self.pending.hashed])  # a writer's error is raised by _commit, on every rank
-        self.pending.blocked_s += time.perf_counter() - t0
-        self.pending.parts["write_wait"] = time.perf_counter() - t0
+        self.pending.parts["write_wait"] = dt = time.perf_counter() - t0
+        self.pending.blocked_s += dt
         path, stats = self._commit()
         t1 = time.perf_counter()
         wait_for_deletions()  # here the caller waits for the pruning too: training time the save took
-        stats["blocked_s"] += time.perf_counter() - t1
-        stats["blocked_deletions_s"] = time.perf_counter() - t1
+        stats["blocked_deletions_s"] = dt = time.perf_counter() - t1
+        stats["blocked_s"] += dt
         return path, stats
 
     def _commit(self) -> tuple[str, dict]:
