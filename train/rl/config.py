@@ -88,6 +88,7 @@ def validate_rl(cfg: Any) -> None:
     _check(r.value_clip > 0, "rl.value_clip", f"must be positive, got {r.value_clip}")
     _check(r.kl_coef >= 0, "rl.kl_coef", f"must be >= 0, got {r.kl_coef}")
     _check(r.beta >= 0, "rl.beta", f"must be >= 0, got {r.beta}")
-    _check(cfg.backend.name == "single", "backend.name",
-           "RLHF runs on backend=single for now (sharded rollouts exist in train/rl/rollout.py; the loop does "
-           "not drive DDP/FSDP/ZeRO-3 yet)")
+    _check(cfg.backend.name in ("single", "ddp"), "backend.name",
+           f"RLHF runs on backend=single or ddp, got {cfg.backend.name}: under FSDP/ZeRO-3 the rollouts gather "
+           "the sharded policy once per batch (train/rl/rollout.py), but the loop does not yet set up the critic "
+           "and the frozen reference on a sharded backend, nor checkpoint their shards")

@@ -16,8 +16,14 @@ step, the prompt stream's position, the sampling generator's state, every global
 the starting checkpoint's digest -- a resumed run rebuilds the reference from init_from and
 refuses one whose digest changed. A stopped run therefore continues exactly.
 
-Runs on ``backend=single`` (validated); the rollout gathers sharded parameters once per
-batch, but driving two models under FSDP/ZeRO-3 is not done yet.
+Runs on ``backend=single`` and ``backend=ddp`` (validated). Under DDP every rank takes the
+same global ``rl.prompts_per_step`` prompts from the stream and samples its own contiguous
+slice (rank r: rows r*B..(r+1)*B-1) with its own generator; every statistic that spans the
+batch (advantage whitening, explained variance, the reported reward/KL/length) is computed
+over all ranks' rows, and each rank's loss is weighted by its share of the minibatch's valid
+tokens, so the gradient DDP averages is the one-process gradient of the same rows (tested:
+the first step's losses of a 2-process run equal one process's on the same rollouts). Driving
+the policy, the critic and the reference under FSDP/ZeRO-3 is not done yet.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from data_pipeline.tokenizer import Tokenizer
@@ -182,13 +189,18 @@ class PPOTask:
             critic = ValueModel(mc)
             load_weights(critic, run.init_state, str(cfg.init_from))
         self.critic = critic.to(run.device)
+        self.critic_model = self.critic  # what runs forward: DDP-wrapped on several ranks
+        if run.world > 1:
+            from train.backends.ddp import wrap_ddp
+
+            self.critic_model = wrap_ddp(self.critic, run.device)
         self.optimizer = build_adamw(self.critic, cfg.optim, run.device)
         self.peak_lr = float(r.critic_lr) if r.critic_lr is not None else float(cfg.optim.lr)
 
     def values(self, r: Rollout) -> torch.Tensor:
         P, N = r.prompt_len, r.response_mask.shape[1]
         with self.run.autocast():
-            v = self.critic(r.tokens, position_ids=r.position_ids, key_mask=r.key_mask)
+            v = self.critic_model(r.tokens, position_ids=r.position_ids, key_mask=r.key_mask)
         return v[:, P - 1:P + N - 1] * r.response_mask
 
     @torch.no_grad()
@@ -200,20 +212,24 @@ class PPOTask:
         kl = L.kl_estimate(r.logprobs, ref_logp, rl.kl_estimator) * m
         rewards = L.token_rewards(scores, kl, m, float(rl.kl_coef))
         adv, ret = L.gae(rewards, values, m, float(rl.gamma), float(rl.lam))
-        if rl.whiten_advantages:
-            adv = L.whiten(adv, m)
+        if rl.whiten_advantages:  # over every rank's rows: the statistics of the global batch
+            ga, gm = self.run.gather_rows(adv), self.run.gather_rows(m)
+            mean, var = L.masked_mean(ga, gm), L.masked_var(ga, gm)
+            adv = (adv - mean) * torch.rsqrt(var + 1e-8) * m.to(adv.dtype)
         return {"advantages": adv, "returns": ret, "values": values,
-                "explained_var": L.explained_variance(values, ret, m)}
+                "explained_var": L.explained_variance(self.run.gather_rows(values), self.run.gather_rows(ret),
+                                                      self.run.gather_rows(m))}
 
     def step(self, sub: Rollout, rows: torch.Tensor, batch: dict, lr_scale: float) -> dict:
         run, rl, m = self.run, self.run.cfg.rl, sub.response_mask
         with run.autocast():
             logp, logits = response_logprobs(run.policy, sub, float(rl.temperature))
         loss, metrics = L.policy_loss(logp, sub.logprobs, batch["advantages"][rows], m, float(rl.clip))
-        run.optimize_policy(loss)
+        share = run.token_share(m)
+        run.optimize_policy(loss * share)
         v = self.values(sub)
         vloss, vm = L.value_loss(v, batch["values"][rows], batch["returns"][rows], m, float(rl.value_clip))
-        vloss.backward()
+        (vloss * share).backward()
         if run.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in self.critic.parameters() if p.grad is not None],
                                            float(run.cfg.optim.grad_clip))
@@ -262,7 +278,7 @@ class GRPOTask:
             logp, logits = response_logprobs(run.policy, sub, float(rl.temperature))
         loss, metrics = L.grpo_loss(logp, sub.logprobs, batch["ref_logp"][rows], batch["advantages"][rows], m,
                                     float(rl.clip), float(rl.beta))
-        run.optimize_policy(loss)
+        run.optimize_policy(loss * run.token_share(m))
         ent = L.masked_mean(L.entropy(logits.detach().float() / float(rl.temperature)), m)
         metrics.pop("kl", None)
         return {"loss": loss.detach(), "entropy": ent, **metrics}
@@ -288,7 +304,18 @@ class RLTrainer:
         np.random.seed(int(cfg.train.seed) % 2**32)
         self.run_dir = str(cfg.run_dir)
         os.makedirs(self.run_dir, exist_ok=True)
-        self.run_lock = run_lock.acquire(self.run_dir)
+        self.run_lock, lock_error = None, None  # rank 0 holds the run directory's lock for every rank
+        if b.is_main:
+            try:
+                self.run_lock = run_lock.acquire(self.run_dir)
+            except run_lock.RunLockError as e:
+                lock_error = e
+        if b.world_size > 1:  # every rank fails alike (an exception's detail pickles; the exception may not)
+            detail = b.broadcast_object(None if lock_error is None else lock_error.detail)
+            if detail is not None:
+                raise lock_error or run_lock.RunLockError(detail)
+        elif lock_error is not None:
+            raise lock_error
         try:
             self.init_dir = ckpt.resolve(str(cfg.init_from), str(cfg.checkpoint.verify))
         except FileNotFoundError as e:
@@ -325,11 +352,23 @@ class RLTrainer:
             self.reference = None  # the policy with its adapters off
         else:
             self.reference = copy.deepcopy(policy).requires_grad_(False).eval().to(self.device)
+        self.world, self.rank = b.data_parallel_size, b.data_parallel_rank
+        rows = int(cfg.rl.prompts_per_step)
+        if rows % self.world:
+            raise ConfigError("rl.prompts_per_step", f"{rows} prompts do not split over {self.world} data-parallel "
+                              "ranks (each rank samples an equal slice)")
+        local = rows // self.world * (int(cfg.rl.group_size) if str(cfg.rl.algo) == "grpo" else 1)
+        if local % int(cfg.rl.minibatches):
+            raise ConfigError("rl.minibatches", f"{cfg.rl.minibatches} does not divide the {local} rollouts each "
+                              f"of the {self.world} ranks holds")
         b.setup(policy)
         self.policy = b.model
+        # sampling runs the bare module: no DDP hooks around a forward that never backpropagates
+        self.sampling_model = self.policy.module if isinstance(self.policy, torch.nn.parallel.DistributedDataParallel) \
+            else self.policy
         self.task = TASKS[str(cfg.rl.algo)](self)
         self.init_state = None  # the critic has been built from it
-        self.generator = torch.Generator(device=self.device).manual_seed(int(cfg.rl.seed))
+        self.generator = torch.Generator(device=self.device).manual_seed(self._sampler_seed(0))
         self.prompts = PromptStream(self.train_prompts, int(cfg.sft.seed))
         self.state = Progress()
         self.ckpt_root = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
@@ -341,6 +380,31 @@ class RLTrainer:
                                self._write_run_files)
 
     # -- pieces ---------------------------------------------------------------------------
+    def _sampler_seed(self, step: int) -> int:
+        """Rank 0 (and one process) seeds its sampler with rl.seed; rank k > 0 with its own seed."""
+        if self.rank == 0:
+            return int(self.cfg.rl.seed)
+        return int(self.cfg.rl.seed) + 1_000_003 * self.rank + 7_919 * step
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of ``t`` concatenated in rank order (the global batch's row order);
+        ``t`` itself on one process."""
+        if self.world == 1:
+            return t
+        x = t.to(torch.uint8) if t.dtype == torch.bool else t  # gloo gathers no bools
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts).to(t.dtype)
+
+    def token_share(self, mask: torch.Tensor) -> float:
+        """world x this rank's share of the minibatch's valid tokens: a rank's token-mean loss
+        times this, averaged by DDP over ranks, is the token mean over every rank's rows."""
+        if self.world == 1:
+            return 1.0
+        n = float(mask.sum())
+        total = sum(self.backend.all_reduce_sum([n]))
+        return n * self.world / max(total, 1.0)
+
     def autocast(self):
         if self.use_bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -368,7 +432,7 @@ class RLTrainer:
         generation throughput (valid response tokens per second)."""
         ids = [p[1] for p in prompts for _ in range(self.task.samples_per_prompt)]
         t0 = time.perf_counter()
-        r = sample(self.policy, ids, int(self.cfg.rl.max_new_tokens), float(self.cfg.rl.temperature),
+        r = sample(self.sampling_model, ids, int(self.cfg.rl.max_new_tokens), float(self.cfg.rl.temperature),
                    float(self.cfg.rl.top_p), self.stop_ids, self.pad_id, generator, self.device, self.autocast)
         dt = time.perf_counter() - t0
         return r, float(r.response_mask.sum()) / max(dt, 1e-9)
@@ -412,7 +476,7 @@ class RLTrainer:
         if not prompts:
             return None
         g = torch.Generator(device=self.device).manual_seed(int(self.cfg.rl.seed) + 1)
-        r = sample(self.policy, [p[1] for p in prompts], int(self.cfg.rl.max_new_tokens),
+        r = sample(self.sampling_model, [p[1] for p in prompts], int(self.cfg.rl.max_new_tokens),
                    float(self.cfg.rl.temperature), float(self.cfg.rl.top_p), self.stop_ids, self.pad_id, g,
                    self.device, self.autocast)
         scores = self.scorer(r, [p[0] for p in prompts])
@@ -433,6 +497,8 @@ class RLTrainer:
         if theirs != self.model_cfg.shape():
             raise ConfigError("init_from", f"{path} holds another model than init_from={self.cfg.init_from}")
         self.checkpoints.load(path)
+        if self.rank > 0:  # the checkpoint holds rank 0's sampler state: a fresh stream for this rank
+            self.generator.manual_seed(self._sampler_seed(self.state.step))
         return path
 
     def fit(self) -> dict:
@@ -490,15 +556,23 @@ class RLTrainer:
             with open(os.path.join(self.run_dir, "eval_samples.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, **ev, "samples": samples}) + "\n")
 
+    def collect(self) -> tuple[Rollout, torch.Tensor, float]:
+        """The rollout phase: this rank's slice of the step's prompts, sampled and scored."""
+        per = int(self.cfg.rl.prompts_per_step) // self.world
+        prompts = self.prompts.take(int(self.cfg.rl.prompts_per_step))[self.rank * per:(self.rank + 1) * per]
+        r, gen_tps = self.rollout(prompts, self.generator)
+        texts = [p[0] for p in prompts for _ in range(self.task.samples_per_prompt)]
+        return r, self.scorer(r, texts), gen_tps
+
     def train_step(self) -> dict:
+        return self.optimise(*self.collect())
+
+    def optimise(self, r: Rollout, scores: torch.Tensor, gen_tps: float = 0.0) -> dict:
+        """The optimisation phase over one rollout batch (this rank's rows)."""
         cfg, rl = self.cfg, self.cfg.rl
         step = self.state.step
         self._lr = lr_at(step, cfg.optim, int(cfg.train.max_steps))
         lr_scale = self._lr / float(cfg.optim.lr) if float(cfg.optim.lr) > 0 else 0.0
-        prompts = self.prompts.take(int(rl.prompts_per_step))
-        r, gen_tps = self.rollout(prompts, self.generator)
-        texts = [p[0] for p in prompts for _ in range(self.task.samples_per_prompt)]
-        scores = self.scorer(r, texts)
         ref_logp = self.reference_logprobs(r)
         batch = self.task.prepare(r, ref_logp, scores)
         m = r.response_mask
@@ -512,14 +586,21 @@ class RLTrainer:
             for lo in range(0, B, size):
                 rows = order[lo:lo + size].to(self.device)
                 out = self.task.step(r.select(rows), rows, batch, lr_scale)
+                if self.world > 1:  # token means over every rank's rows of the minibatch
+                    share = self.token_share(m[rows]) / self.world
+                    keys = sorted(out)
+                    vals = self.backend.all_reduce_sum([float(out[k]) * share for k in keys])
+                    out = dict(zip(keys, vals))
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n += 1
-        self.state.tokens += int(r.key_mask.sum())
+        self.state.tokens += int(sum(self.backend.all_reduce_sum([float(r.key_mask.sum())])))
         metrics = {k: v / n for k, v in sums.items()}
+        scores, kl_seq, lengths = self.gather_rows(scores), self.gather_rows(kl_seq), self.gather_rows(m.sum(1))
+        B = len(scores)
         metrics.update({"reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if B > 1 else 0.0,
-                        "kl": float(kl_seq.mean()), "response_len": float(m.sum(1).float().mean()),
-                        "gen_tokens_per_s": gen_tps, "lr": self._lr})
+                        "kl": float(kl_seq.mean()), "response_len": float(lengths.float().mean()),
+                        "gen_tokens_per_s": sum(self.backend.all_reduce_sum([gen_tps])), "lr": self._lr})
         if "explained_var" in batch:
             metrics["explained_var"] = batch["explained_var"]
         return metrics
