@@ -13,7 +13,11 @@ Pretrains the default tiny base (``launch/pretrain.py``, the embedded sample dat
 
 For every run: share of parameters trained, peak memory of the process (``mem_gb`` of the
 train records: peak RSS on a CPU, peak allocated on a GPU), checkpoint size (the last step
-directory: trained weights plus their AdamW moments) and the median time per step. Prints
+directory: trained weights plus their AdamW moments) and the median time per step. For the
+tiny model on a CPU the peak RSS is reached at start-up and is the same for every method,
+so each method also gets the memory that depends on it: the weights as held (4-bit where
+QLoRA quantizes) plus fp32 gradients and AdamW moments of the trained parameters
+(``model_state_mb``, computed on the real model set up as the method sets it up). Prints
 a Markdown table (the README's) and writes it with the raw numbers to <out>/table.md and
 <out>/results.json.
 
@@ -88,10 +92,35 @@ def measure(run_dir: str, task: str) -> dict:
     return out
 
 
+def model_state_mb(method: str, base: str) -> float:
+    """Weights as held + gradients and AdamW moments (fp32) of the trained parameters, for the
+    base's model set up as ``method`` sets it up (the Q&A task's LM): the training memory that
+    depends on the method, without activations."""
+    sys.path.insert(0, REPO)
+    from model.llama import Transformer
+    from model.lora import add_lora, quantize_base_4bit, train_only
+    from model.prompt_tuning import add_prompt_tuning, train_only_prompt
+    from model.quant import weight_memory
+    from train import checkpoint as ckpt
+
+    model = Transformer(ckpt.read_model_config(ckpt.resolve(base)))
+    if method in ("lora", "qlora"):
+        add_lora(model, "default", 8, 16.0)
+        train_only(model, "default")
+        if method == "qlora":
+            quantize_base_4bit(model)
+    elif method == "prompt":
+        add_prompt_tuning(model, 20)
+        train_only_prompt(model)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (weight_memory(model)["held"] + 12 * trained) / 2**20
+
+
 def table(results: dict) -> str:
     lines = ["| method | trained params | classification accuracy | macro-F1 | Q&A held-out loss | "
-             "peak memory (GB, cls / Q&A) | checkpoint (MB, cls / Q&A) | s/step (cls / Q&A) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "weights + grads + AdamW (MB) | peak RSS (GB, cls / Q&A) | checkpoint (MB, cls / Q&A) | "
+             "s/step (cls / Q&A) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m, r in results.items():
         c, q = r.get("classification", {}), r.get("qa", {})
 
@@ -99,9 +128,9 @@ def table(results: dict) -> str:
             return " / ".join(fmt.format(x[key]) if x.get(key) is not None else "-" for x in (c, q))
 
         share = c.get("trainable_share", q.get("trainable_share"))
-        lines.append(f"| {m} | {share:.4%} | {c.get('accuracy', float('nan')):.3f} | "
+        lines.append(f"| {m} | {share:.3%} | {c.get('accuracy', float('nan')):.3f} | "
                      f"{c.get('macro_f1', float('nan')):.3f} | {q.get('val_loss', float('nan')):.3f} | "
-                     f"{both('peak_mem_gb', '{:.2f}')} | {both('checkpoint_mb', '{:.2f}')} | "
+                     f"{r.get('model_state_mb', float('nan')):.2f} | {both('peak_mem_gb', '{:.2f}')} | {both('checkpoint_mb', '{:.2f}')} | "
                      f"{both('s_per_step', '{:.3f}')} |")
     return "\n".join(lines)
 
@@ -145,6 +174,7 @@ def main() -> int:
     p.add_argument("--qa-steps", type=int, default=60)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--table-from", default=None, help="rebuild the table from a results.json (no training)")
     p.add_argument("--memory-models", default="tiny,125m",
                    help="conf/model names whose weight memory (fp32 / bf16 / QLoRA) is printed first; empty: none")
     a = p.parse_args()
@@ -152,6 +182,14 @@ def main() -> int:
         print(weight_memory_rows(a.memory_models.split(",")), flush=True)
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
+    if a.table_from:
+        with open(a.table_from) as f:
+            results = json.load(f)
+        base = a.base or os.path.join(os.path.dirname(os.path.abspath(a.table_from)), "base")
+        for m in results:
+            results[m]["model_state_mb"] = model_state_mb(m, base)
+        print(table(results))
+        return 0
     base = a.base
     if base is None:
         base = os.path.join(out, "base")
@@ -171,6 +209,7 @@ def main() -> int:
             s = run(cmd, os.path.join(out, f"{m}-{task}.log"))
             results.setdefault(m, {})[task] = {**measure(run_dir, task), "wall_s": s}
             print(f"{m} {task}: {json.dumps(results[m][task])}", flush=True)
+        results[m]["model_state_mb"] = model_state_mb(m, base)
     text = table(results)
     print(text)
     with open(os.path.join(out, "table.md"), "w") as f:
