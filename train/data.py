@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from data_pipeline import pipeline as data
 from data_pipeline.stream import PackedStream, collate
+from train.log import logger
 
 
 class GlobalBatchSlicer:
@@ -305,7 +306,7 @@ class DataPosition:
         self.note = restore_stream(self.stream, state.get("data", []), self.b.data_parallel_rank,
                                    self.b.data_parallel_size)
         if self.b.is_main:
-            print(f"[kiln] resume: {self.note}", flush=True)
+            logger().info(f"resume: {self.note}")
 
 
 def _mode_of_state(state: dict) -> str:

@@ -44,6 +44,7 @@ from train.checkpoint.store import (
     wait_for_deletions,
     write_json_atomic,
 )
+from train.log import logger
 
 
 def share_of(rels: list[str], sizes: list[int], world: int) -> list[int]:
@@ -170,7 +171,7 @@ class CheckpointManager:
                 hashing.close()
             if error is None:
                 for stale in clean_stale(self.root):
-                    print(f"[kiln] removed {stale}, left by an interrupted save", flush=True)
+                    logger().info(f"removed {stale}, left by an interrupted save")
             status, value = b.broadcast_object(found)
             if error is not None:
                 raise error
@@ -190,8 +191,8 @@ class CheckpointManager:
                 f"{describe_skipped(skipped)}\nNothing was changed. Restore them, resume from another "
                 "one with resume=<dir>, or start afresh with resume=none (its checkpoints replace these).")
         if skipped:
-            print(f"[kiln] resume: skipped {len(skipped)} newer checkpoint(s) that do not verify:\n"
-                  f"{describe_skipped(skipped)}\n[kiln] resume: continuing from {path}", flush=True)
+            logger().warning(f"resume: skipped {len(skipped)} newer checkpoint(s) that do not verify:\n"
+                             f"{describe_skipped(skipped)}\nresume: continuing from {path}")
         return path
 
     # -- saving -----------------------------------------------------------------------

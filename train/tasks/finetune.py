@@ -30,6 +30,7 @@ from train.backends.base import Writing
 from train.checkpoint import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_OPTIM_FILE
 from train.checkpoint.full_state import FullState, load_weights, read_adapter_state, read_init_weights
 from train.errors import ConfigError
+from train.log import logger
 from train.metrics import plot_runs
 from train.sft.chat import control_ids, encode_prompt
 from train.tasks.base import Task
@@ -124,9 +125,9 @@ class FinetuneTask(Task):
                 n = quantize_base_4bit(model)
                 mem = weight_memory(model)
                 if self.backend.is_main:
-                    print(f"[kiln] QLoRA: {n} base weights in NF4 (double quantization); model weights "
-                          f"{mem['held'] / 2**20:.2f} MiB held, {mem['bf16'] / 2**20:.2f} MiB in bf16, "
-                          f"{mem['fp32'] / 2**20:.2f} MiB in fp32", flush=True)
+                    logger().info(f"QLoRA: {n} base weights in NF4 (double quantization); model weights "
+                                  f"{mem['held'] / 2**20:.2f} MiB held, {mem['bf16'] / 2**20:.2f} MiB in bf16, "
+                                  f"{mem['fp32'] / 2**20:.2f} MiB in fp32")
         if self.prompt_tuning:
             self.add_prompt_tuning(model)
         return model
