@@ -34,6 +34,9 @@ def run(cfg, algo: str) -> None:
     except ConfigError as e:
         exit_config_error(cfg, e)
     r = trainer_result
+    if not trainer.backend.is_main:  # one summary per run, not one per rank
+        _bootstrap.leave(trainer.backend)
+        return
     evals = r["evals"]
     if evals:
         a, z = min(evals), max(evals)
