@@ -37,6 +37,8 @@ import os
 
 import numpy as np
 
+from data_pipeline.runner import is_done, read_done, write_done
+
 
 class DedupInputError(ValueError):
     """The inputs or the work directory cannot be used (the command line prints it, exit 2)."""
@@ -221,7 +223,7 @@ def stage_filter(files, work, out_dir, task, tasks) -> None:
     os.makedirs(out_dir, exist_ok=True)
     for i in range(task, len(files), tasks):
         out = os.path.join(out_dir, os.path.basename(files[i]))
-        if os.path.exists(out + ".done"):
+        if is_done(out):
             continue
         drop = set(np.load(os.path.join(work, "remove", f"{i:06d}.npy")).tolist())
         if files[i].endswith(".bin"):
@@ -235,8 +237,7 @@ def stage_filter(files, work, out_dir, task, tasks) -> None:
                     f.write(json.dumps(doc, ensure_ascii=False) + "\n")
                     kept += 1
         os.replace(tmp, out)
-        with open(out + ".done", "w") as f:
-            json.dump({"input": files[i], "output": out, "docs": kept, "removed_as_duplicates": len(drop)}, f)
+        write_done(out, {"input": files[i], "output": out, "docs": kept, "removed_as_duplicates": len(drop)})
 
 
 def _filter_token_shard(path: str, out: str, drop: set) -> None:
@@ -244,12 +245,10 @@ def _filter_token_shard(path: str, out: str, drop: set) -> None:
     from data_pipeline.token_shards import install_tokenizer, read_token_shard, write_token_rows
 
     install_tokenizer(_tokenizer_of(path).path, os.path.dirname(out))
-    with open(path + ".done", encoding="utf-8") as f:
-        manifest = json.load(f)
+    manifest = read_done(path)
     rows = (r for j, r in enumerate(read_token_shard(path)) if j not in drop)
     counts = write_token_rows(rows, out[: -len(".bin")], manifest)
-    with open(out + ".done", "w") as f:
-        json.dump({"input": path, "output": out, **counts, "removed_as_duplicates": len(drop)}, f)
+    write_done(out, {"input": path, "output": out, **counts, "removed_as_duplicates": len(drop)})
 
 
 def run_stage(stage: str, files: list[str], work: str, task: int, tasks: int, data_cfg,

@@ -15,9 +15,11 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import logging
 import os
 import time
 
+log = logging.getLogger(__name__)
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
@@ -124,11 +126,45 @@ def _write_survivors(reader, steps, out_path: str, fmt: str, tokenizer) -> dict:
             "steps": [[s.name, s.stats.as_dict(), dict(s.stats.examples_by_reason)] for s in [reader, *steps]]}
 
 
+DONE_SUFFIX = ".done"
+
+
 def write_done(out_path: str, stats: dict) -> None:
-    tmp = out_path + ".done.tmp"
+    """Mark ``out_path`` finished with its stats: written under a temporary name and renamed,
+    so a crash leaves either no marker or a whole one (the one writer of every ``.done``)."""
+    tmp = f"{out_path}{DONE_SUFFIX}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(stats, f, ensure_ascii=False)
-    os.replace(tmp, out_path + ".done")
+    os.replace(tmp, out_path + DONE_SUFFIX)
+
+
+def read_done(out_path: str) -> dict:
+    """The stats in ``out_path``'s marker; a marker that is not a whole JSON object (cut short
+    by a crash of an older, non-atomic writer, or damaged since) is a ValueError naming it."""
+    marker = out_path + DONE_SUFFIX
+    with open(marker, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        stats = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{marker}: corrupt done marker ({e}); delete it and rerun the task that wrote "
+                         f"{os.path.basename(out_path)}") from None
+    if not isinstance(stats, dict):
+        raise ValueError(f"{marker}: corrupt done marker (not a JSON object); delete it and rerun the task")
+    return stats
+
+
+def is_done(out_path: str) -> bool:
+    """Whether ``out_path`` is finished: its marker exists and reads whole. A corrupt marker
+    means not finished (logged): a rerun redoes the file instead of trusting it."""
+    if not os.path.exists(out_path + DONE_SUFFIX):
+        return False
+    try:
+        read_done(out_path)
+    except ValueError as e:
+        log.warning("%s: redoing it", e)
+        return False
+    return True
 
 
 def summarize(output_dir: str) -> dict:
@@ -137,9 +173,8 @@ def summarize(output_dir: str) -> dict:
     from data_pipeline.step import StepStats
 
     order, merged, examples = [], {}, {}
-    for marker in sorted(glob.glob(os.path.join(output_dir, "*.done"))):
-        with open(marker, encoding="utf-8") as f:
-            stats = json.load(f)
+    for marker in sorted(glob.glob(os.path.join(output_dir, "*" + DONE_SUFFIX))):
+        stats = read_done(marker[: -len(DONE_SUFFIX)])
         for name, st, ex in stats["steps"]:
             if name not in merged:
                 order.append(name)
@@ -157,7 +192,7 @@ def run_task(cfg, output_dir: str, shard_index: int, num_shards: int, fmt: str =
     None for a file already done (the command line prints the progress)."""
     for index, src, path in task_files(cfg, shard_index, num_shards):
         out_path = os.path.join(output_dir, output_name(index, src, path, fmt))
-        if os.path.exists(out_path + ".done"):
+        if is_done(out_path):
             yield path, out_path, None
             continue
         stats = process_file(cfg, src, path, out_path, fmt, tokenizer, audit)

@@ -28,6 +28,8 @@ import os
 import numpy as np
 import torch
 
+from data_pipeline.runner import read_done
+
 TOKENIZER_FILE = "tokenizer.model"
 _MASK64 = (1 << 64) - 1
 
@@ -84,8 +86,7 @@ def read_token_shard(bin_path: str):
     kept get ``<file>:<n>`` ids and empty URLs."""
     import gzip
 
-    with open(bin_path + ".done", encoding="utf-8") as f:
-        manifest = json.load(f)
+    manifest = read_done(bin_path)
     prefix = bin_path[: -len(".bin")]
     tokens = np.fromfile(bin_path, dtype=np.dtype(manifest["dtype"]))
     ends = np.load(prefix + ".docs.npy")
@@ -138,8 +139,7 @@ class TokenShards:
         self.files, self.arrays, starts, doc_ends = files, [], [0], []
         manifests = []
         for f in files:
-            with open(f + ".done", encoding="utf-8") as fh:
-                m = json.load(fh)
+            m = read_done(f)  # a corrupt marker: a ValueError naming it
             manifests.append(m)
             arr = np.memmap(f, dtype=np.dtype(m["dtype"]), mode="r") if m["tokens"] else np.zeros(0, np.uint16)
             if len(arr) != m["tokens"]:

@@ -186,6 +186,9 @@ def validate_data(d: Any) -> None:
            f"the quality_model step needs a model file (launch/train_quality_model.py), got {qm.model_path!r}")
     _check(qm.threshold is None or 0.0 <= qm.threshold <= 1.0, "data.quality_model.threshold",
            f"must be in [0, 1] or null (the model's own), got {qm.threshold}")
+    _check(qm.enabled or not qm.replace_heuristics, "data.quality_model.replace_heuristics",
+           "true replaces the heuristics with the quality model, which is disabled "
+           "(set data.quality_model.enabled=true with a model_path, or replace_heuristics=false)")
     bad = [c for c in d.url_filter.categories if c not in URL_CATEGORIES]
     _check(not bad, "data.url_filter.categories", f"unknown {bad} (shipped: {' | '.join(URL_CATEGORIES)})")
 

@@ -85,7 +85,13 @@ class QualityModel:
             meta = json.loads((f.metadata() or {}).get("kiln_quality_model", "null") or "null")
             if meta is None:
                 raise ValueError(f"{path} is not a kiln quality model (launch/train_quality_model.py writes one)")
-            return cls(meta["buckets"], meta["ngrams"], f.get_tensor("weights"), meta["bias"], meta.get("threshold"))
+            threshold = meta.get("threshold")
+            if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+                # The stored threshold is used whenever data.quality_model.threshold is null: a
+                # value outside [0, 1] would keep every page or none, silently.
+                raise ValueError(f"{path}: the stored threshold must be in [0, 1] or null, got {threshold!r} "
+                                 "(retrain with launch/train_quality_model.py)")
+            return cls(meta["buckets"], meta["ngrams"], f.get_tensor("weights"), meta["bias"], threshold)
 
 
 class QualityModelFilter(Filter):
