@@ -60,22 +60,20 @@ def outcome(overrides):
 
 
 def quality_model_rows(workdir: str, labels: list[dict]) -> None:
-    """The learned quality filter (launch/train_quality_model.py on the shipped labels, seed
-    0) after the heuristics of sample.yaml and in their place, counted on the pages it did
-    not train or choose its threshold on (its test split), and on every junk page."""
-    import subprocess
-
-    from data_pipeline.labelled_pages import sample_pages
+    """The learned quality filter (data_pipeline/quality_training.py on the shipped labels,
+    seed 0, as launch/train_quality_model.py trains it) after the heuristics of sample.yaml and
+    in their place, counted on the pages it did not train or choose its threshold on (its test
+    split), and on every junk page."""
+    from data_pipeline.labelled_pages import GOOD, sample_pages
+    from data_pipeline.quality_training import train_quality_model
 
     model = os.path.join(workdir, "quality.safetensors")
-    p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "train_quality_model.py"), "--out", model],
-                       capture_output=True, text=True, check=True)
-    said = json.loads(p.stdout.strip().splitlines()[-1])
+    pages = sample_pages()
+    said = train_quality_model([p["text"] for p in pages], [p["label"] for p in pages], GOOD, model)
     h = said["held_out"]
     print(f"\nquality model alone, test split: threshold {said['threshold']:.3f}, good kept {h['recall_keep']:.1%} "
           f"of {h['good']}, precision {h['precision_keep']:.1%}, junk kept {h['junk_kept']} of {sum(h['junk'].values())} "
           f"{h['junk_kept_by_label']}")
-    pages = sample_pages()
     test_ids = {pages[i]["id"] for i in said["test_indices"]}
     good = [lab for lab in labels if lab["kind"] == "good" and lab["lang"] == "en" and lab["record_id"] in test_ids]
     junk = [lab for lab in labels if lab["kind"] in JUNK]

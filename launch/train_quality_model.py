@@ -1,5 +1,7 @@
 """Train the learned quality filter (data_pipeline/filters/quality_model.py) on labelled pages,
 choose its threshold on a validation split and report precision and recall on held-out pages.
+A thin command line over data_pipeline/quality_training.py (the split, fit, threshold and
+numbers live there).
 
     python launch/train_quality_model.py --out quality.safetensors          # the shipped labels
     python launch/train_quality_model.py --data my_labels.jsonl --label-key label --positive good \\
@@ -26,54 +28,11 @@ precision and recall of keep and the junk kept per label.
 import _bootstrap  # noqa: F401
 
 import argparse
-import collections
 import json
-import os
 import sys
 
-from data_pipeline.filters.quality_model import QualityModel
-from data_pipeline.labelled_pages import GOOD, sample_pages, split_by_kind
-
-
-def read_labelled(path: str, text_key: str, label_key: str) -> tuple[list[str], list[str], int]:
-    texts, labels, skipped = [], [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-                text, label = row[text_key], row[label_key]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                skipped += 1
-                continue
-            if not isinstance(text, str):
-                skipped += 1
-                continue
-            texts.append(text)
-            labels.append(str(label))
-    return texts, labels, skipped
-
-
-def evaluate(scores, labels, positive: str, threshold: float) -> dict:
-    """Precision and recall of keep at ``threshold``, and what was kept of each other label."""
-    kept = [s >= threshold for s in scores]
-    tp = sum(k and lab == positive for k, lab in zip(kept, labels))
-    n_kept, n_pos = sum(kept), sum(lab == positive for lab in labels)
-    junk = collections.Counter(lab for lab in labels if lab != positive)
-    junk_kept = collections.Counter(lab for k, lab in zip(kept, labels) if k and lab != positive)
-    return {"n": len(labels), "good": n_pos, "precision_keep": tp / max(n_kept, 1),
-            "recall_keep": tp / max(n_pos, 1), "junk": dict(junk), "junk_kept": sum(junk_kept.values()),
-            "junk_kept_by_label": {lab: junk_kept.get(lab, 0) for lab in sorted(junk)}}
-
-
-def choose_threshold(scores, labels, positive: str) -> float:
-    """Keep no validation junk page and the most good ones: halfway between the highest junk
-    score and the lowest good score above it (0.5 if there is no junk or no good page above)."""
-    junk = [s for s, lab in zip(scores, labels) if lab != positive]
-    if not junk:
-        return 0.5
-    top = max(junk)
-    above = [s for s, lab in zip(scores, labels) if lab == positive and s > top]
-    return (top + min(above)) / 2 if above else min(1.0, top + 1e-6)
+from data_pipeline.labelled_pages import GOOD, sample_pages
+from data_pipeline.quality_training import NeedBothLabels, read_labelled, train_quality_model
 
 
 def main(argv=None) -> int:
@@ -94,23 +53,12 @@ def main(argv=None) -> int:
         texts, labels, skipped = [p["text"] for p in pages], [p["label"] for p in pages], 0
     else:
         texts, labels, skipped = read_labelled(a.data, a.text_key, a.label_key)
-    if len({lab == a.positive for lab in labels}) < 2:
-        print(f"train_quality_model: {a.data}: need both labels ({a.label_key} == {a.positive!r} and not); "
-              f"got {len(labels)} usable lines, {skipped} skipped", file=sys.stderr)
+    try:
+        report = train_quality_model(texts, labels, a.positive, a.out, a.threshold, a.epochs, a.seed)
+    except NeedBothLabels as e:
+        print(f"train_quality_model: {a.data}: {e} ({a.label_key}), {skipped} lines skipped", file=sys.stderr)
         return 2
-    train, val, test = split_by_kind(labels, a.seed)
-    model = QualityModel().fit([texts[i] for i in train], [int(labels[i] == a.positive) for i in train],
-                               epochs=a.epochs, seed=a.seed, balanced=True)
-    val_scores = [model.score(texts[i]) for i in val]
-    val_labels = [labels[i] for i in val]
-    threshold = a.threshold if a.threshold is not None else choose_threshold(val_scores, val_labels, a.positive)
-    model.threshold = float(threshold)
-    model.save(a.out)
-    report = {"out": os.path.abspath(a.out), "train": len(train), "skipped_lines": skipped,
-              "threshold": round(threshold, 6), "validation": evaluate(val_scores, val_labels, a.positive, threshold),
-              "held_out": evaluate([model.score(texts[i]) for i in test], [labels[i] for i in test], a.positive,
-                                   threshold),
-              "test_indices": test}
+    report = {**report, "skipped_lines": skipped}
     print(json.dumps(report), flush=True)
     return 0
 

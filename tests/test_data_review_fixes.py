@@ -96,3 +96,26 @@ def test_a_model_file_threshold_outside_0_1_is_an_error_naming_the_file(tmp_path
     ok = str(tmp_path / "ok.safetensors")
     QualityModel(buckets=16, threshold=0.25).save(ok)
     assert QualityModelFilter(model_path=ok).threshold == 0.25
+
+
+def test_quality_training_is_library_code_the_launcher_and_benchmark_call(tmp_path):
+    import ast
+
+    from data_pipeline.quality_training import NeedBothLabels, choose_threshold, evaluate, train_quality_model
+    from tests.conftest import REPO
+
+    scores, labels = [0.9, 0.2, 0.7, 0.4, 0.35], ["good", "spam", "good", "good", "junk"]
+    t = choose_threshold(scores, labels, "good")
+    said = evaluate(scores, labels, "good", t)
+    assert said["junk_kept"] == 0 and said["recall_keep"] == 1.0 and 0.35 < t < 0.4
+    with pytest.raises(NeedBothLabels):
+        train_quality_model(["a page", "another"], ["good", "good"], "good", str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match="threshold must be in"):
+        train_quality_model(["a", "b"], ["good", "spam"], "good", str(tmp_path / "m.safetensors"), threshold=2.0)
+    for script in ("launch/train_quality_model.py", "benchmarks/bench_filter_recall.py"):
+        tree = ast.parse(open(os.path.join(REPO, script), encoding="utf-8").read())
+        defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        assert not defined & {"read_labelled", "evaluate", "choose_threshold", "train_quality_model"}, script
+        calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        assert "train_quality_model" in calls, script
+        assert "subprocess" not in {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

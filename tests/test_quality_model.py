@@ -21,7 +21,7 @@ from tests.conftest import REPO
 
 def train(out: str, *extra) -> dict:
     p = subprocess.run([sys.executable, "launch/train_quality_model.py", "--out", out, *extra], cwd=REPO,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -98,7 +98,8 @@ def test_own_labels_train_and_bad_inputs_are_counted_or_refused(trained, tmp_pat
     one_label = tmp_path / "one.jsonl"
     one_label.write_text(json.dumps({"text": "a page", "label": "good"}) + "\n")
     p = subprocess.run([sys.executable, "launch/train_quality_model.py", "--data", str(one_label), "--out",
-                        str(tmp_path / "x.safetensors")], cwd=REPO, capture_output=True, text=True)
+                        str(tmp_path / "x.safetensors")], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 2 and "need both labels" in p.stderr
     from safetensors.numpy import save_file
 
