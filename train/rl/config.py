@@ -88,7 +88,7 @@ def validate_rl(cfg: Any) -> None:
     _check(r.value_clip > 0, "rl.value_clip", f"must be positive, got {r.value_clip}")
     _check(r.kl_coef >= 0, "rl.kl_coef", f"must be >= 0, got {r.kl_coef}")
     _check(r.beta >= 0, "rl.beta", f"must be >= 0, got {r.beta}")
-    _check(cfg.backend.name in ("single", "ddp"), "backend.name",
-           f"RLHF runs on backend=single or ddp, got {cfg.backend.name}: under FSDP/ZeRO-3 the rollouts gather "
-           "the sharded policy once per batch (train/rl/rollout.py), but the loop does not yet set up the critic "
-           "and the frozen reference on a sharded backend, nor checkpoint their shards")
+    _check(cfg.backend.name in ("single", "ddp", "fsdp"), "backend.name",
+           f"RLHF runs on backend=single, ddp or fsdp, got {cfg.backend.name}: under ZeRO-3 the rollouts would "
+           "gather the policy once per batch (train/rl/rollout.py), but the loop does not yet drive a DeepSpeed "
+           "engine (its backward/step own the loss scaling) nor the critic and reference beside it")

@@ -1,6 +1,6 @@
-"""PPO and GRPO under 2-process DDP (torchrun, gloo on CPU) against one process.
+"""PPO and GRPO under 2-process DDP and FSDP (torchrun, gloo on CPU) against one process.
 
-One launch runs both algorithms on 2 ranks: each rank samples its own half of the step's
+One launch runs both algorithms on both backends, 2 ranks: each rank samples its own half of the step's
 prompts (rank r rows r*B..(r+1)*B-1 of the global batch), then runs the first step's two
 optimisation epochs over them. Rank 0 saves every rank's rollout (prompt ids, responses,
 sampling log-probs; each row then stopped at a set length, so ranks hold different token
@@ -31,6 +31,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRA = ["rl.prompts_per_step=4", "rl.epochs=2", "rl.minibatches=1", "train.max_steps=1", "rl.group_size=2"]
 ALGOS = ("ppo", "grpo")
+RUNS = [(backend, algo) for backend in ("ddp", "fsdp") for algo in ALGOS]
 TOL = 1e-5  # losses, metrics, sampling log-probs
 TOL_WEIGHTS = 2e-4  # weights after the step
 
@@ -42,7 +43,9 @@ def _cfg(run_dir, base, algo, backend):
 
 
 def _weights(trainer) -> dict:
-    out = {"policy." + k: v.detach().clone() for k, v in trainer.backend.raw_model.state_dict().items()}
+    """Whole tensors (an FSDP shard is gathered: every rank calls this)."""
+    out = {"policy." + k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+           for k, v in trainer.backend.raw_model.state_dict().items()}
     if hasattr(trainer.task, "critic"):
         out.update({"critic." + k: v.detach().clone() for k, v in trainer.task.critic.state_dict().items()})
     return out
@@ -66,9 +69,14 @@ def worker(base: str, out_dir: str) -> None:
 
     from train.rl.loop import RLTrainer
 
-    for algo in ALGOS:
-        trainer = RLTrainer(_cfg(os.path.join(out_dir, algo), base, algo, "ddp"))
-        assert trainer.world == 2 and isinstance(trainer.policy, torch.nn.parallel.DistributedDataParallel)
+    for backend, algo in RUNS:
+        trainer = RLTrainer(_cfg(os.path.join(out_dir, backend, algo), base, algo, backend))
+        assert trainer.world == 2 and trainer.backend.name == backend
+        if backend == "ddp":
+            assert isinstance(trainer.policy, torch.nn.parallel.DistributedDataParallel)
+        else:  # sharded: each rank holds half of a block's weights; sampling gathers them once per batch
+            w = trainer.policy.layers[0].attn.wq.weight
+            assert w.to_local().shape[0] * 2 == w.shape[0]
         sampled, _, tps = trainer.collect()
         r = cut(trainer, sampled, trainer.rank)
         scores = trainer.scorer(r, [""] * len(r.tokens))
@@ -79,9 +87,10 @@ def worker(base: str, out_dir: str) -> None:
         metrics = trainer.optimise(r, scores, tps)
         every = [None, None]
         dist.all_gather_object(every, mine)
+        weights = _weights(trainer)
         if trainer.rank == 0:
-            torch.save({"ranks": every, "metrics": metrics, "weights": _weights(trainer)},
-                       os.path.join(out_dir, f"{algo}.pt"))
+            torch.save({"ranks": every, "metrics": metrics, "weights": weights},
+                       os.path.join(out_dir, f"{backend}_{algo}.pt"))
         dist.barrier()
 
 
@@ -94,13 +103,13 @@ def base(tmp_path_factory, tokenizer_path):
 
 @pytest.fixture(scope="module")
 def launched(base, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rl_ddp")
+    out = tmp_path_factory.mktemp("rl_distributed")
     cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(random.randint(20000, 40000)),
            os.path.abspath(__file__), base, str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=REPO)
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, f"{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
-    return {algo: torch.load(os.path.join(out, f"{algo}.pt"), weights_only=False) for algo in ALGOS}
+    return {run: torch.load(os.path.join(out, "_".join(run) + ".pt"), weights_only=False) for run in RUNS}
 
 
 def _single_step(base, tmp_path, algo, saved):
@@ -118,9 +127,9 @@ def _single_step(base, tmp_path, algo, saved):
     return trainer.optimise(r, scores), _weights(trainer), ranks
 
 
-@pytest.mark.parametrize("algo", ALGOS)
-def test_two_process_ddp_first_step_matches_one_process_on_the_same_rollouts(base, launched, tmp_path, algo):
-    saved = launched[algo]
+@pytest.mark.parametrize("backend,algo", RUNS)
+def test_two_process_first_step_matches_one_process_on_the_same_rollouts(base, launched, tmp_path, backend, algo):
+    saved = launched[(backend, algo)]
     metrics, weights, ranks = _single_step(base, tmp_path, algo, saved)
     rows = 4 * (2 if algo == "grpo" else 1)
     assert [len(k["prompts"]) for k in ranks] == [rows // 2, rows // 2]
