@@ -169,15 +169,25 @@ def test_two_process_ddp_qlora_gives_the_single_process_losses(qruns):
     """Same global batch (2 ranks x micro 2 against 1 x micro 4): the all-reduced gradients
     of the adapters give the single-process losses; the 4-bit base is quantized identically
     on every rank."""
+    import socket
+    import subprocess
+
+    from tests.conftest import REPO
     from tests.sft_helpers import SFT_TINY
-    from tests.test_sft_distributed import launch, train_losses
+    from tests.test_sft_distributed import train_losses
 
     root = qruns["root"]
     run_dir = root / "ddp"
-    out = launch("torchrun", "launch/sft.py", [*SFT_TINY, f"run_dir={run_dir}", f"init_from={qruns['base']}",
-                                               f"sft.paths=[{root / 'chat0.jsonl'}]", *QLORA, *STEPS,
-                                               "backend=ddp", "train.micro_batch_size=2"])
-    assert "QLoRA: 14 base weights in NF4" in out
+    with socket.socket() as sock:  # a port the OS says is free (not a random guess)
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", port, "launch/sft.py", *SFT_TINY,
+           f"run_dir={run_dir}", f"init_from={qruns['base']}", f"sft.paths=[{root / 'chat0.jsonl'}]", *QLORA, *STEPS,
+           "backend=ddp", "train.micro_batch_size=2"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert "QLoRA: 14 base weights in NF4" in p.stdout + p.stderr
     ddp, single = train_losses(run_dir), qruns["straight"]["losses"]
     assert sorted(ddp) == sorted(single) == [1, 2, 3, 4]
     for s in ddp:
