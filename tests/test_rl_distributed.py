@@ -20,6 +20,7 @@ after one update, so a wrong gradient on either rank moves it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
@@ -31,7 +32,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRA = ["rl.prompts_per_step=4", "rl.epochs=2", "rl.minibatches=1", "train.max_steps=1", "rl.group_size=2"]
 ALGOS = ("ppo", "grpo")
-RUNS = [(backend, algo) for backend in ("ddp", "fsdp") for algo in ALGOS]
+LAUNCHERS = {"ddp": "torchrun", "fsdp": "torchrun", "deepspeed": "deepspeed"}
+RUNS = [(backend, algo) for backend in LAUNCHERS for algo in ALGOS]
+OVERRIDES = {"deepspeed": ["backend.zero_stage=3"]}
 TOL = 1e-5  # losses, metrics, sampling log-probs
 TOL_WEIGHTS = 2e-4  # weights after the step
 
@@ -39,13 +42,20 @@ TOL_WEIGHTS = 2e-4  # weights after the step
 def _cfg(run_dir, base, algo, backend):
     from tests.test_rl_training import rl_cfg
 
-    return rl_cfg(run_dir, base, algo, f"backend={backend}", *EXTRA)
+    return rl_cfg(run_dir, base, algo, f"backend={backend}", *OVERRIDES.get(backend, []), *EXTRA)
 
 
 def _weights(trainer) -> dict:
-    """Whole tensors (an FSDP shard is gathered: every rank calls this)."""
-    out = {"policy." + k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-           for k, v in trainer.backend.raw_model.state_dict().items()}
+    """Whole tensors (FSDP and ZeRO-3 shards gathered: every rank calls this)."""
+    model = trainer.backend.raw_model
+    gathered = contextlib.nullcontext()
+    if trainer.backend.name == "deepspeed":
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    with gathered:
+        out = {"policy." + k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+               for k, v in model.state_dict().items()}
     if hasattr(trainer.task, "critic"):
         out.update({"critic." + k: v.detach().clone() for k, v in trainer.task.critic.state_dict().items()})
     return out
@@ -63,20 +73,23 @@ def cut(trainer, r, rank: int):
     return build_rollout(prompts, resp, r.logprobs, trainer.stop_ids, trainer.pad_id)
 
 
-def worker(base: str, out_dir: str) -> None:
+def worker(base: str, out_dir: str, backends: list[str]) -> None:
     """Runs under torchrun: one step of each algorithm on this rank's prompts."""
     import torch.distributed as dist
 
     from train.rl.loop import RLTrainer
 
-    for backend, algo in RUNS:
+    for backend, algo in [run for run in RUNS if run[0] in backends]:
         trainer = RLTrainer(_cfg(os.path.join(out_dir, backend, algo), base, algo, backend))
         assert trainer.world == 2 and trainer.backend.name == backend
         if backend == "ddp":
             assert isinstance(trainer.policy, torch.nn.parallel.DistributedDataParallel)
-        else:  # sharded: each rank holds half of a block's weights; sampling gathers them once per batch
+        elif backend == "fsdp":  # sharded: each rank holds half of a block's weights
             w = trainer.policy.layers[0].attn.wq.weight
             assert w.to_local().shape[0] * 2 == w.shape[0]
+        else:  # ZeRO-3: each rank holds a partition
+            w = trainer.backend.raw_model.layers[0].attn.wq.weight
+            assert w.ds_tensor.numel() * 2 == w.ds_numel
         sampled, _, tps = trainer.collect()
         r = cut(trainer, sampled, trainer.rank)
         scores = trainer.scorer(r, [""] * len(r.tokens))
@@ -104,11 +117,14 @@ def base(tmp_path_factory, tokenizer_path):
 @pytest.fixture(scope="module")
 def launched(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("rl_distributed")
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(random.randint(20000, 40000)),
-           os.path.abspath(__file__), base, str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=REPO)
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert p.returncode == 0, f"{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    for launcher in ("torchrun", "deepspeed"):  # one launch each, every backend it starts
+        port = str(random.randint(20000, 40000))
+        start = ["torchrun", "--nproc_per_node", "2"] if launcher == "torchrun" else ["deepspeed", "--num_gpus", "2"]
+        backends = ",".join(b for b, how in LAUNCHERS.items() if how == launcher)
+        cmd = [*start, "--master_port", port, os.path.abspath(__file__), base, str(out), backends]
+        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+        assert p.returncode == 0, f"{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
     return {run: torch.load(os.path.join(out, "_".join(run) + ".pt"), weights_only=False) for run in RUNS}
 
 
@@ -169,4 +185,5 @@ def test_two_process_first_step_matches_one_process_on_the_same_rollouts(base, l
 if __name__ == "__main__":
     sys.path.insert(0, REPO)
     torch.set_num_threads(1)
-    worker(sys.argv[1], sys.argv[2])
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+    worker(args[0], args[1], args[2].split(","))

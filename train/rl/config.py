@@ -88,7 +88,7 @@ def validate_rl(cfg: Any) -> None:
     _check(r.value_clip > 0, "rl.value_clip", f"must be positive, got {r.value_clip}")
     _check(r.kl_coef >= 0, "rl.kl_coef", f"must be >= 0, got {r.kl_coef}")
     _check(r.beta >= 0, "rl.beta", f"must be >= 0, got {r.beta}")
-    _check(cfg.backend.name in ("single", "ddp", "fsdp"), "backend.name",
-           f"RLHF runs on backend=single, ddp or fsdp, got {cfg.backend.name}: under ZeRO-3 the rollouts would "
-           "gather the policy once per batch (train/rl/rollout.py), but the loop does not yet drive a DeepSpeed "
-           "engine (its backward/step own the loss scaling) nor the critic and reference beside it")
+    _check(cfg.backend.name in ("single", "ddp", "fsdp", "deepspeed"), "backend.name",
+           f"RLHF runs on backend=single, ddp, fsdp or deepspeed (ZeRO-3), got {cfg.backend.name}")
+    _check(cfg.backend.name != "deepspeed" or int(cfg.backend.zero_stage) == 3, "backend.zero_stage",
+           f"RLHF under DeepSpeed runs (and is tested) with ZeRO-3 only, got zero_stage={cfg.backend.zero_stage}")

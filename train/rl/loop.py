@@ -365,8 +365,8 @@ class RLTrainer:
         b.setup(policy)
         self.policy = b.model
         # sampling runs the bare module: no DDP hooks around a forward that never backpropagates
-        self.sampling_model = self.policy.module if isinstance(self.policy, torch.nn.parallel.DistributedDataParallel) \
-            else self.policy
+        # (DDP's or DeepSpeed's module; FSDP's root itself, gathered once per batch)
+        self.sampling_model = getattr(b, "raw_model", self.policy)
         self.task = TASKS[str(cfg.rl.algo)](self)
         self.init_state = None  # the critic has been built from it
         self.generator = torch.Generator(device=self.device).manual_seed(self._sampler_seed(0))
