@@ -97,8 +97,8 @@ def test_bad_settings_are_config_errors_naming_the_key(base, tmp_path):
         rl_cfg(tmp_path / "x", base, "ppo", "rl.reward_model=runs/reward")  # both reward sources set
     with pytest.raises(ConfigError, match="rl.minibatches"):
         rl_cfg(tmp_path / "x", base, "grpo", "rl.prompts_per_step=3", "rl.group_size=3", "rl.minibatches=2")
-    with pytest.raises(ConfigError, match="backend.name.*ZeRO-3"):
-        rl_cfg(tmp_path / "x", base, "ppo", "backend=deepspeed", "backend.zero_stage=3")
+    with pytest.raises(ConfigError, match="backend.zero_stage"):  # DeepSpeed: ZeRO-3 only (tested)
+        rl_cfg(tmp_path / "x", base, "ppo", "backend=deepspeed", "backend.zero_stage=2")
     with pytest.raises(ConfigError, match="rl.reward_fn"):
         fit(rl_cfg(tmp_path / "x", base, "ppo", "rl.reward_fn=tests.no_such_module:f"))
 
