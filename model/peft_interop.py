@@ -14,8 +14,12 @@ does not compute it: DoRA, LoRA biases, ``fan_in_fan_out``, ``modules_to_save``,
 replication, target modules kiln's Llama does not have, pickled ``adapter_model.bin``.
 rsLoRA (``use_rslora``: scale ``alpha / sqrt(r)``) is accepted: kiln stores the scale.
 
-This module imports nothing from ``train/``; exporting an adapter checkpoint goes through
-``launch/export_hf.py --peft`` (which loads the base and the adapter first).
+This module imports nothing from ``train/`` and reads no files: exporting an adapter
+checkpoint goes through ``launch/export_hf.py --peft`` (which loads the base and the adapter
+first), and importing a directory through ``train.sft.adapters.load_peft_adapter``, which reads
+its two files as untrusted checkpoint input (regular files only, malformed JSON an error naming
+the file) and hands the config and tensors to ``add_peft_adapter`` here, which checks every
+factor's shape against the projection it lands on.
 """
 
 from __future__ import annotations
@@ -87,12 +91,12 @@ def save_peft_adapter(model: nn.Module, adapter: str, out_dir: str, base_model_n
     return config
 
 
-def read_peft_config(directory: str) -> dict:
-    path = os.path.join(directory, PEFT_CONFIG)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory} has no {PEFT_CONFIG}: not a PEFT adapter directory")
-    with open(path) as f:
-        cfg = json.load(f)
+def check_peft_config(cfg, source: str = PEFT_CONFIG) -> dict:
+    """``cfg`` (the parsed ``adapter_config.json`` of ``source``) if kiln's LoRA computes it;
+    UnsupportedAdapterError naming the field otherwise. Reading the file is the caller's
+    (``train.sft.adapters.load_peft_adapter`` reads it as untrusted checkpoint input)."""
+    if not isinstance(cfg, dict):
+        raise UnsupportedAdapterError(source, type(cfg).__name__, "holds no JSON object")
     refuse = [("peft_type", cfg.get("peft_type", "LORA") != "LORA", "only LoRA adapters are supported"),
               ("use_dora", bool(cfg.get("use_dora")), "DoRA's magnitude vector is not kiln's LoRA"),
               ("bias", cfg.get("bias", "none") != "none", "kiln's projections have no biases"),
@@ -103,6 +107,9 @@ def read_peft_config(directory: str) -> dict:
     for field, bad, why in refuse:
         if bad:
             raise UnsupportedAdapterError(field, cfg.get(field), why)
+    for field in ("r", "lora_alpha"):
+        if isinstance(cfg.get(field), bool) or not isinstance(cfg.get(field), (int, float)) or cfg[field] <= 0:
+            raise UnsupportedAdapterError(field, cfg.get(field), "must be a positive number")
     return cfg
 
 
@@ -114,26 +121,23 @@ def _pattern_value(patterns: dict, hf_module: str, default):
     return default
 
 
-def load_peft_adapter(model: nn.Module, directory: str, name: str = "default") -> list[str]:
-    """Add the PEFT LoRA adapter in ``directory`` to a kiln ``Transformer`` as adapter ``name``
-    (active). Every tensor must find its place and every module its two factors. Returns
-    the new parameter names."""
-    from safetensors.torch import load_file
-
-    cfg = read_peft_config(directory)
-    path = os.path.join(directory, PEFT_WEIGHTS)
-    if not os.path.isfile(path):
-        raise UnsupportedAdapterError("weights", os.listdir(directory),
-                                      f"no {PEFT_WEIGHTS} (a pickled adapter_model.bin is not read)")
-    tensors = load_file(path)
+def add_peft_adapter(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor],
+                     name: str = "default") -> list[str]:
+    """Add a PEFT LoRA adapter (its checked config and its ``adapter_model.safetensors``
+    tensors) to a kiln ``Transformer`` as adapter ``name`` (active). Every tensor must find
+    its place and every module its two factors, of shapes (r, in) and (out, r) exactly
+    (UnsupportedAdapterError naming the tensor otherwise, before anything is added).
+    Returns the new parameter names. Reading the directory is
+    ``train.sft.adapters.load_peft_adapter``'s."""
+    cfg = check_peft_config(cfg)
     by_hf = {_hf_module(f"{parent}.{attr}"): (parent, attr) for parent, _, attr in target_modules(model, ATTN + MLP)}
-    factors: dict[str, dict[str, torch.Tensor]] = {}
+    factors: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
         stem = key.removeprefix(PREFIX)
         for part in ("lora_A", "lora_B"):
             for suffix in (f".{part}.weight", f".{part}.default.weight"):
                 if stem.endswith(suffix):
-                    factors.setdefault(stem.removesuffix(suffix), {})[part] = t
+                    factors.setdefault(stem.removesuffix(suffix), {})[part] = (key, t)
                     break
             else:
                 continue
@@ -141,28 +145,36 @@ def load_peft_adapter(model: nn.Module, directory: str, name: str = "default") -
         else:
             raise UnsupportedAdapterError(f"weights[{key}]", tuple(t.shape), "not a LoRA factor")
     r0, alpha0 = int(cfg["r"]), float(cfg["lora_alpha"])
-    names = []
+    planned = []
     for hf, ab in sorted(factors.items()):
         if hf not in by_hf:
             raise UnsupportedAdapterError(f"weights[{hf}]", None, "kiln's Llama has no such projection")
         if set(ab) != {"lora_A", "lora_B"}:
             raise UnsupportedAdapterError(f"weights[{hf}]", sorted(ab), "needs both lora_A and lora_B")
-        a, b = ab["lora_A"], ab["lora_B"]
         r = int(_pattern_value(cfg.get("rank_pattern") or {}, hf, r0))
         alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, hf, alpha0))
-        if a.shape[0] != r or b.shape[1] != r:
-            raise UnsupportedAdapterError(f"weights[{hf}]", (tuple(a.shape), tuple(b.shape)), f"rank is not r={r}")
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         parent, attr = by_hf[hf]
-        mod = lora_layer(model.get_submodule(parent), attr)
-        if name in mod.scale:
+        linear = getattr(model.get_submodule(parent), attr)
+        for part, want in (("lora_A", (r, linear.in_features)), ("lora_B", (linear.out_features, r))):
+            key, t = ab[part]
+            if tuple(t.shape) != want:  # copy_ would broadcast a size-1 dimension silently
+                raise UnsupportedAdapterError(f"weights[{key}]", tuple(t.shape),
+                                              f"must have shape {want} (rank r={r}, {parent}.{attr} is "
+                                              f"{linear.in_features} -> {linear.out_features})")
+        lora = getattr(linear, "scale", None)
+        if lora is not None and name in lora:
             raise ValueError(f"adapter {name!r} already exists on {parent}.{attr}")
+        planned.append((hf, parent, attr, r, alpha, ab["lora_A"][1], ab["lora_B"][1]))
+    if not planned:
+        raise UnsupportedAdapterError("weights", [], "no LoRA factor found")
+    names = []
+    for hf, parent, attr, r, alpha, a, b in planned:
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        mod = lora_layer(model.get_submodule(parent), attr)
         mod.add_adapter(name, r, scale * r, 0.0)
         with torch.no_grad():
             mod.A(name).copy_(a)
             mod.B(name).copy_(b)
         names += [f"{parent}.{attr}.lora_A_{name}", f"{parent}.{attr}.lora_B_{name}"]
-    if not names:
-        raise UnsupportedAdapterError("weights", [], "no LoRA factor found")
     set_active_adapter(model, name)
     return names

@@ -10,8 +10,10 @@ import json
 import pytest
 import torch
 
-from model.peft_interop import UnsupportedAdapterError, load_peft_adapter, save_peft_adapter
+from model.peft_interop import UnsupportedAdapterError, save_peft_adapter
 from tests.sft_helpers import chat_file, sft_cfg, tiny_checkpoint
+from train.checkpoint import CheckpointError
+from train.sft.adapters import load_peft_adapter
 
 X = torch.randint(4, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
 
@@ -120,8 +122,61 @@ def test_adapters_kiln_cannot_compute_are_refused_naming_the_field(made, tmp_pat
     kiln = load_base(str(made / "lora" / "checkpoints" / "step_00000002"))
     save_peft_adapter(kiln_with_adapter(made), "default", str(tmp_path / "d"))
     cfg = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
-    for field, value in (("use_dora", True), ("bias", "all"), ("fan_in_fan_out", True)):
+    for field, value in (("use_dora", True), ("bias", "all"), ("fan_in_fan_out", True),
+                         ("modules_to_save", ["lm_head"]), ("layer_replication", [[0, 2]])):
         (tmp_path / "d" / "adapter_config.json").write_text(json.dumps({**cfg, field: value}))
         with pytest.raises(UnsupportedAdapterError, match=field) as e:
             load_peft_adapter(kiln, str(tmp_path / "d"))
         assert e.value.field == field
+
+
+def test_a_peft_directory_is_read_as_untrusted_input(made, tmp_path):
+    """Symlinked files are never followed, malformed JSON names the file, a pickled
+    adapter_model.bin is not read, and a factor whose shape is not (r, in) / (out, r) exactly
+    (one with a size-1 dimension that copy_ would broadcast too) is refused naming the tensor,
+    leaving the model without the adapter."""
+    from safetensors.torch import load_file, save_file
+
+    from model.lora import LoRALinear
+    from train.sft.adapters import load_base
+
+    kiln = load_base(str(made / "lora" / "checkpoints" / "step_00000002"))
+    good = tmp_path / "good"
+    save_peft_adapter(kiln_with_adapter(made), "default", str(good))
+
+    for linked in ("adapter_config.json", "adapter_model.safetensors"):
+        d = tmp_path / f"link_{linked}"
+        d.mkdir()
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            (d / f).symlink_to(good / f) if f == linked else (d / f).write_bytes((good / f).read_bytes())
+        with pytest.raises(CheckpointError, match=f"{linked}: not a regular file"):
+            load_peft_adapter(kiln, str(d))
+
+    bad = tmp_path / "bad_json"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4,')
+    (bad / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="adapter_config.json: cannot be read as JSON"):
+        load_peft_adapter(kiln, str(bad))
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_bytes((good / "adapter_config.json").read_bytes())
+    torch.save(load_file(str(good / "adapter_model.safetensors")), str(pickled / "adapter_model.bin"))
+    with pytest.raises(UnsupportedAdapterError, match="adapter_model.bin is never read"):
+        load_peft_adapter(kiln, str(pickled))
+
+    tensors = load_file(str(good / "adapter_model.safetensors"))
+    key_a = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+    key_b = "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
+    r, dim = tensors[key_a].shape
+    for key, shape in ((key_a, (r, dim + 1)), (key_a, (r, 1)), (key_b, (1, r)),
+                       (key_b, (tensors[key_b].shape[0] + 1, r))):
+        wrong = tmp_path / f"shape_{key.rsplit('.', 3)[1]}_{shape[0]}_{shape[1]}"
+        wrong.mkdir()
+        (wrong / "adapter_config.json").write_bytes((good / "adapter_config.json").read_bytes())
+        save_file({**tensors, key: torch.zeros(shape)}, str(wrong / "adapter_model.safetensors"))
+        with pytest.raises(UnsupportedAdapterError, match=key.replace(".", r"\.")) as e:
+            load_peft_adapter(kiln, str(wrong), "wrong")
+        assert e.value.field == f"weights[{key}]"
+    assert not any(isinstance(m, LoRALinear) and "wrong" in m.scale for m in kiln.modules())

@@ -182,6 +182,36 @@ def merge_checkpoint(step_dir: str, out_dir: str, accept_base: bool = False) -> 
     return out_dir
 
 
+def load_peft_adapter(model: torch.nn.Module, directory: str, name: str = "default") -> list[str]:
+    """Add the PEFT LoRA adapter directory ``directory`` to a kiln ``Transformer`` as adapter
+    ``name`` (active); returns the new parameter names. Its two files are read like a
+    checkpoint's: regular files only (a symlink, FIFO or device is a CheckpointError naming
+    it), malformed JSON a CheckpointError naming the file; a pickled ``adapter_model.bin`` is
+    never read (UnsupportedAdapterError). ``model.peft_interop.add_peft_adapter`` checks the
+    config and every factor's shape."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from model.peft_interop import (PEFT_CONFIG, PEFT_WEIGHTS, UnsupportedAdapterError, add_peft_adapter,
+                                    check_peft_config)
+    from train.checkpoint.reading import _regular
+
+    config = os.path.join(directory, PEFT_CONFIG)
+    if not os.path.lexists(config):
+        raise FileNotFoundError(f"{directory} has no {PEFT_CONFIG}: not a PEFT adapter directory")
+    cfg = check_peft_config(ckpt.read_json(config), config)
+    weights = os.path.join(directory, PEFT_WEIGHTS)
+    if not os.path.lexists(weights):
+        raise UnsupportedAdapterError("weights", sorted(os.listdir(directory)),
+                                      f"no {PEFT_WEIGHTS} (a pickled adapter_model.bin is never read)")
+    _regular(weights)
+    try:
+        tensors = load_file(weights)
+    except (OSError, SafetensorError) as e:
+        raise ckpt.CheckpointError(f"{weights}: cannot be read as safetensors ({e})") from None
+    return add_peft_adapter(model, cfg, tensors, name)
+
+
 def export_peft(step_dir: str, out_dir: str, accept_base: bool = False) -> dict:
     """Write the adapter of the LoRA checkpoint ``step_dir`` as a PEFT adapter directory
     (``model.peft_interop``) for ``PeftModel.from_pretrained`` on the base's HF export
