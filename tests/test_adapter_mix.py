@@ -112,3 +112,43 @@ def test_generation_with_a_blend_is_the_merged_blends_generation(two):
     with using(model, {"a": 0.3, "b": 0.7}):
         out = generate(model, prompts, 8, temperature=0.0)
     assert torch.equal(out, generate(plain, prompts, 8, temperature=0.0))
+
+
+def test_merge_lora_blend_writes_the_blend_as_plain_weights(tmp_path_factory, tokenizer_path, tmp_path):
+    """Two adapter runs on one base, merged with --blend 0.5/0.5: the merged checkpoint gives
+    the logits of the run-time blend of the two adapters on the base."""
+    import sys
+
+    from model.adapter_mix import set_blend
+    from tests.conftest import REPO
+    from tests.sft_helpers import chat_file, sft_cfg, tiny_checkpoint
+    from train import checkpoint as ckpt
+    from train.checkpoint.full_state import load_weights, read_init_weights
+    from train.sft.adapters import add_adapter_from, load_base
+    from train.sft.trainer import SFTTrainer
+
+    base = tiny_checkpoint(tmp_path_factory, tokenizer_path)
+    lora = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "train.max_steps=2", "checkpoint.every=2"]
+    SFTTrainer(sft_cfg(tmp_path / "a", base, [chat_file(tmp_path, 16, seed=1)], *lora)).fit()
+    SFTTrainer(sft_cfg(tmp_path / "b", base, [chat_file(tmp_path, 16, seed=2)], *lora, "lora.targets=[wq,wv]")).fit()
+    sys.path.insert(0, f"{REPO}/launch")  # for the script's `import _bootstrap`, only while importing it
+    try:
+        from launch.merge_lora import main
+    finally:
+        sys.path.remove(f"{REPO}/launch")
+
+    assert main(["--blend", f"{tmp_path / 'a'}=0.5", f"{tmp_path / 'b'}=0.5", str(tmp_path / "merged")]) == 0
+    merged = str(tmp_path / "merged")
+    plain = Transformer(ckpt.read_model_config(merged)).eval()
+    load_weights(plain, read_init_weights(merged, plain.cfg, "off"), merged)
+    x = torch.randint(4, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    step_a, step_b = ckpt.resolve(str(tmp_path / "a")), ckpt.resolve(str(tmp_path / "b"))
+    model = load_base(step_a).eval()
+    add_adapter_from(model, step_a, "a")
+    add_adapter_from(model, step_b, "b")
+    with torch.no_grad():
+        set_blend(model, {"a": 0.5, "b": 0.5})
+        torch.testing.assert_close(plain(x)[0], model(x)[0], atol=1e-5, rtol=1e-5)
+        set_active_adapter(model, "a")
+        assert (plain(x)[0] - model(x)[0]).abs().max() > 1e-5  # b's half is in the merged weights
+    assert main(["--blend", f"{tmp_path / 'a'}=half", str(tmp_path / "m2")]) == 2  # a weight must be a number

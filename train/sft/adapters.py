@@ -235,3 +235,33 @@ def export_peft(step_dir: str, out_dir: str, accept_base: bool = False) -> dict:
               file=sys.stderr, flush=True)
     return save_peft_adapter(model, cfg["name"], out_dir, base_model_name_or_path=base,
                              dropout=float(cfg.get("dropout", 0.0)))
+
+
+def merge_blend(weights: dict[str, float], out_dir: str, accept_base: bool = False) -> str:
+    """Write a blend of LoRA adapter checkpoints, merged into their common base, as a plain kiln
+    checkpoint directory: base + sum_i w_i * delta_i (``model.adapter_mix``). Every adapter
+    must have been trained on the same base (equal ``base_digest``) and that base must still
+    be it (``check_base``); QLoRA and plain adapters are not blended together (they saw
+    different bases). Carried files (tokenizer, chat template) come from the first adapter."""
+    steps = {ckpt.resolve(p): float(w) for p, w in weights.items()}
+    if not steps:
+        raise ValueError("an adapter blend needs at least one adapter checkpoint")
+    cfgs = {s: adapter_config(s) for s in steps}
+    for s, c in cfgs.items():
+        if c.get("task") == "classification":
+            raise ValueError(f"{s}: a classification adapter has a head, not a language model to export")
+        check_base(s, accept_base)
+    if len({c.get("base_digest") for c in cfgs.values()}) != 1:
+        raise ValueError("the adapters were trained on different bases (base_digest): " +
+                         ", ".join(f"{s}: {c.get('base_digest')}" for s, c in cfgs.items()))
+    if len({c.get("quantize") for c in cfgs.values()}) != 1:
+        raise ValueError("QLoRA (lora.quantize=4bit) and full-precision adapters saw different bases: not blended")
+    first = next(iter(steps))
+    model = load_base(first, accept_base)
+    blend = {add_adapter_from(model, s, f"blend{i}"): w for i, (s, w) in enumerate(steps.items())}
+    plain = Transformer(model.cfg)
+    plain.load_state_dict(merged_state_dict(model, blend), strict=True)  # proves the merged weights form a plain model
+    os.makedirs(out_dir, exist_ok=True)
+    FullState(model=plain.state_dict()).save(out_dir)
+    ckpt.copy_carried(first, out_dir, (ckpt.MODEL_CONFIG, ckpt.TOKENIZER, ckpt.CHAT_TEMPLATE, ckpt.CONFIG))
+    return out_dir
