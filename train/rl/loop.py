@@ -16,15 +16,15 @@ step, the prompt stream's position, the sampling generator's state, every global
 the starting checkpoint's digest -- a resumed run rebuilds the reference from init_from and
 refuses one whose digest changed. A stopped run therefore continues exactly.
 
-Runs on ``backend=single``, ``ddp`` and ``fsdp`` (validated). Every rank takes the
+Runs on ``backend=single``, ``ddp``, ``fsdp`` and ``deepspeed`` with ZeRO-3 (validated). Every rank takes the
 same global ``rl.prompts_per_step`` prompts from the stream and samples its own contiguous
 slice (rank r: rows r*B..(r+1)*B-1) with its own generator; every statistic that spans the
 batch (advantage whitening, explained variance, the reported reward/KL/length) is computed
 over all ranks' rows, and each rank's loss is weighted by its share of the minibatch's valid
 tokens, so the gradient DDP/FSDP averages is the one-process gradient of the same rows
 (tested: the first step of a 2-process run equals one process's on the same rollouts). Under
-FSDP only the policy is sharded (gathered once per rollout batch); the critic is a DDP
-replica and the reference a whole frozen copy on every rank. ZeRO-3 is not driven yet.
+FSDP/ZeRO-3 only the policy is sharded (gathered once per rollout batch); the critic is a DDP
+replica and the reference a whole frozen copy on every rank.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ unsharded through every decoding step (one all-gather per module per batch, wher
 hooks gather every block at every step: tests/test_rl_fsdp_rollout.py counts both), then
 reshards them and puts back each module's reshard-after-forward setting. Ranks may then also
 stop decoding at different steps (no collective runs inside the batch). ZeRO-3 gathers all
-parameters with ``deepspeed.zero.GatheredParameters``; that branch is not exercised by a
-test yet (the RL loop itself runs on backend=single).
+parameters with ``deepspeed.zero.GatheredParameters`` (exercised by the RL loop's ZeRO-3
+test, tests/test_rl_distributed.py; its gathers are not counted by a test).
 """
 
 from __future__ import annotations
