@@ -48,8 +48,8 @@ from train.checkpoint.manager import CheckpointManager
 from train.checkpoint.rng import RNGStates
 from train.checkpoint.state import FilePiece, Progress
 from train.compile import compile_blocks
-from train.errors import ConfigError
 from train.data import DataPosition, pipeline_steps
+from train.errors import ConfigError
 from train.log import logger as log
 from train.log import setup as log_setup
 from train.metrics import MetricsLogger, peak_flops, peak_memory_gb

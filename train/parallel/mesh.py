@@ -16,7 +16,6 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from train.errors import ConfigError
 
-
 # What torch.distributed.tensor.experimental.context_parallel raised around CPU attention (2 gloo
 # processes, torch 2.13): the reason kiln has no context-parallel dimension yet.
 CP_CPU_ERROR = ("aten._scaled_dot_product_flash_attention_for_cpu.default does not have a sharding strategy "

@@ -25,8 +25,8 @@ from model.llama import ModelConfig, Transformer
 from train import checkpoint as ckpt
 from train.backends.base import RanksDisagree
 from train.checkpoint.full_state import FullState, read_init_weights
-from train.errors import ConfigError
 from train.data import build_train_stream, starvation_warning, validation_batches
+from train.errors import ConfigError
 from train.log import logger
 from train.metrics import plot_losses
 from train.sharded_init import build_on_device, builds_deferred, deferred
