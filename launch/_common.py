@@ -97,7 +97,8 @@ def _transformers_tokenizer(directory: str) -> TextTokenizer:
 
 def load_model_and_tokenizer(path: str, device: torch.device) -> tuple[Transformer, TextTokenizer, str]:
     """(model in eval mode on ``device``, tokenizer, resolved directory). An adapter checkpoint
-    is its base with the adapter on top; a base whose digest is not the ``base_digest`` the
+    is its base with the adapter on top (a prompt-tuning one: with its virtual-token table,
+    which the caller puts in front of each prompt with ``model.prompt_tuning.with_virtual_ids``); a base whose digest is not the ``base_digest`` the
     adapter recorded (or no recorded digest) raises CheckpointError (``adapters.check_base``)."""
     path = path.removeprefix("hf:")
     if is_hf_dir(path):
@@ -110,6 +111,15 @@ def load_model_and_tokenizer(path: str, device: torch.device) -> tuple[Transform
     from train import checkpoint as ckpt
 
     step_dir = ckpt.resolve(path)
+    from train.checkpoint.layout import PROMPT_TUNING_CONFIG
+
+    if os.path.lexists(os.path.join(step_dir, PROMPT_TUNING_CONFIG)):  # a prompt-tuning run: base plus the table
+        from train.sft.adapters import load_prompt_tuned
+
+        print(f"[kiln] {step_dir} holds a prompt-tuning table: loading its base model with the virtual tokens "
+              "(put in front of every prompt)", file=sys.stderr, flush=True)
+        model = load_prompt_tuned(step_dir)  # CheckpointError unless the base's digest is the one recorded
+        return model.to(device).eval(), _kiln_tokenizer(os.path.join(step_dir, SPM_FILE)), step_dir
     if os.path.isfile(os.path.join(step_dir, ckpt.ADAPTER_FILE)):  # a LoRA run: its base model plus the adapter
         from train.sft.adapters import add_adapter_from, adapter_config, load_base
 

@@ -130,6 +130,11 @@ def main(argv=None) -> int:
     device = pick_device(opts["device"])
     try:
         model, tok, model_dir = load_model_and_tokenizer(positional[0], device)
+        from model.prompt_tuning import prompt_embedding
+
+        if prompt_embedding(model) is not None:  # scoring without the virtual tokens would score the base
+            raise ValueError(f"{model_dir} is a prompt-tuning checkpoint: evaluate.py does not put its virtual "
+                             "tokens in front yet (generate.py does; the run's own eval reports its loss)")
         cfg = data_config(model_dir, opts["_data"])
     except (FileNotFoundError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)

@@ -55,7 +55,10 @@ def chat_text(prompt: str, system: str | None) -> str:
 def run(path: str, prompts: list[str], opts: dict) -> list[dict]:
     device = pick_device(opts["device"])
     model, tok, _ = load_model_and_tokenizer(path, device)
-    max_len = model.cfg.max_seq_len
+    from model.prompt_tuning import prompt_embedding, with_virtual_ids
+
+    n_virtual = prompt_embedding(model).n_tokens if prompt_embedding(model) is not None else 0
+    max_len = model.cfg.max_seq_len - n_virtual  # a prompt-tuned model reads its virtual tokens first
     g = torch.Generator(device=device).manual_seed(opts["seed"])
     results = []
     for start in range(0, len(prompts), opts["batch_size"]):
@@ -69,6 +72,8 @@ def run(path: str, prompts: list[str], opts: dict) -> list[dict]:
                 print(f"[generate] prompt of {len(t)} tokens cut to its last {max_len - 1}", file=sys.stderr)
                 t = t[-(max_len - 1):]
             ids.append(t)
+        if n_virtual:
+            ids = with_virtual_ids(model, ids)
         out = generate(model, ids, opts["max_new_tokens"], temperature=opts["temperature"],
                        top_k=opts["top_k"] or None, top_p=opts["top_p"], eos_id=tok.stop_ids,
                        use_cache=opts["use_cache"], generator=g)

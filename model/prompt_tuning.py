@@ -24,7 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PROMPT = "tok_embeddings.prompt"  # the trained table's parameter name
-PROMPT_CONFIG = "prompt_tuning.json"  # beside the table (adapter.safetensors) in a prompt-tuning checkpoint
 
 
 class PromptEmbedding(nn.Module):

@@ -140,3 +140,54 @@ def test_classification_with_prompt_tuning_trains_table_and_head(pt_runs, tmp_pa
     assert sorted(n for n, p in tr.backend.raw_model.named_parameters() if p.requires_grad) == [
         "score.weight", PROMPT]
     assert 0.0 <= res["classification"]["accuracy"] <= 1.0 and "macro_f1" in res["classification"]
+
+
+def test_generate_launcher_runs_a_prompt_tuned_checkpoint_like_the_runs_model(pt_runs, capsys):
+    """launch/generate.py on a prompt-tuning checkpoint loads its base (digest checked) with the
+    table and gives the greedy tokens of the run's own model with the virtual ids in front."""
+    import json
+    import os
+    import sys
+
+    from model.llama import generate as lm_generate
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "launch"))
+    import generate as launcher
+
+    step = pt_runs["root"] / "straight" / "checkpoints" / "step_00000004"
+    cfg = json.loads((step / "prompt_tuning.json").read_text())
+    assert cfg["base_digest"]
+    tr = pt_runs["trainer"]
+    prompts = ["What is a list?", "Say hi"]
+    got = launcher.run(str(step), prompts, {**launcher.OPTIONS, "temperature": 0.0, "max_new_tokens": 6,
+                                             "device": "cpu"})
+    model = tr.backend.raw_model.eval()
+    with torch.no_grad():
+        want = lm_generate(model, with_virtual_ids(model, [tr.tokenizer.encode(p) for p in prompts]), 6,
+                           temperature=0.0, eos_id=[tr.tokenizer.eos_id])
+    for r, row in zip(got, want.tolist()):
+        stop = next((i for i, t in enumerate(row) if t == tr.tokenizer.eos_id), len(row))
+        assert r["tokens"][:stop] == row[:stop]
+    # the loaded model is the run's (greedy tokens of a 5M model barely depend on the prompt)
+    from _common import load_model_and_tokenizer
+
+    loaded, _, _ = load_model_and_tokenizer(str(step), torch.device("cpu"))
+    ids = torch.tensor([with_virtual_ids(model, [tr.tokenizer.encode("What is a list?")])[0]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids)[0], model(ids)[0])
+        assert (loaded(ids)[0][:, -1] - loaded(ids[:, 6:])[0][:, -1]).abs().max() > 1e-3  # the table matters
+    import evaluate as eval_launcher  # it would score without the virtual tokens: refused, not silently the base
+
+    assert eval_launcher.main([str(step), "device=cpu"]) == 2
+    assert "prompt-tuning checkpoint" in capsys.readouterr().err
+    # the base is checked by the digest prompt_tuning.json records, as a LoRA adapter's is
+    import shutil
+
+    from train.checkpoint import CheckpointError
+    from train.sft.adapters import load_prompt_tuned
+
+    moved = pt_runs["root"] / "tampered"
+    shutil.copytree(step, moved)
+    (moved / "prompt_tuning.json").write_text(json.dumps({**cfg, "base_digest": "0" * 64}))
+    with pytest.raises(CheckpointError, match="0" * 64):
+        load_prompt_tuned(str(moved))

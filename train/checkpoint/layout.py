@@ -20,6 +20,7 @@ DS_DIR = "deepspeed"  # deepspeed: its own shards
 ADAPTER_FILE = "adapter.safetensors"  # LoRA runs: adapters (and a head) instead of full weights
 ADAPTER_OPTIM_FILE = "adapter_optimizer.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+PROMPT_TUNING_CONFIG = "prompt_tuning.json"  # prompt-tuning runs: N, base, base_digest (table in ADAPTER_FILE)
 LABELS_FILE = "labels.json"  # classification runs
 # What travels with the weights whenever a checkpoint is converted or merged.
 CARRIED = (TRAINER_STATE, CONFIG, MODEL_CONFIG, TOKENIZER, CHAT_TEMPLATE)

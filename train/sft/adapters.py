@@ -27,15 +27,35 @@ from model.llama import Transformer
 from model.lora import load_adapter_tensors, merged_state_dict, quantize_base_4bit, set_active_adapter
 from train import checkpoint as ckpt
 from train.checkpoint import ADAPTER_CONFIG
+from train.checkpoint.layout import ADAPTER_FILE, PROMPT_TUNING_CONFIG
 from train.checkpoint.full_state import FullState, load_init_weights, read_adapter_state
 
 
+def _config(step_dir: str, name: str, kind: str) -> dict:
+    """A small JSON config of an adapter checkpoint, read as untrusted input (``read_json``:
+    a regular file only, bad JSON a CheckpointError naming it)."""
+    path = os.path.join(step_dir, name)
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"{step_dir} has no {name}: not a {kind} checkpoint")
+    cfg = ckpt.read_json(path)
+    if not isinstance(cfg, dict) or "base" not in cfg:
+        raise ckpt.CheckpointError(f"{path}: not a {kind} configuration (no object with a 'base')")
+    return cfg
+
+
 def adapter_config(step_dir: str) -> dict:
-    path = os.path.join(step_dir, ADAPTER_CONFIG)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{step_dir} has no {ADAPTER_CONFIG}: not a LoRA checkpoint")
-    with open(path) as f:
-        return json.load(f)
+    return _config(step_dir, ADAPTER_CONFIG, "LoRA")
+
+
+def prompt_tuning_config(step_dir: str) -> dict:
+    return _config(step_dir, PROMPT_TUNING_CONFIG, "prompt-tuning")
+
+
+def _base_config(step_dir: str) -> tuple[str, dict]:
+    """(file, config) of whichever kind of adapter checkpoint ``step_dir`` is."""
+    if os.path.lexists(os.path.join(step_dir, PROMPT_TUNING_CONFIG)):
+        return os.path.join(step_dir, PROMPT_TUNING_CONFIG), prompt_tuning_config(step_dir)
+    return os.path.join(step_dir, ADAPTER_CONFIG), adapter_config(step_dir)
 
 
 def _sha256_json(obj) -> str:
@@ -107,7 +127,7 @@ def check_base(step_dir: str, accept_base: bool = False) -> str:
     ``base_digest`` (an adapter written before kiln recorded it) raises CheckpointError naming
     both digests and paths and what to do, unless ``accept_base``: then it is printed as a
     warning on stderr and the current base is used."""
-    cfg = adapter_config(step_dir)
+    config, cfg = _base_config(step_dir)
     base, stored = str(cfg["base"]), cfg.get("base_digest")
     try:
         current, now = identify(base)
@@ -115,7 +135,6 @@ def check_base(step_dir: str, accept_base: bool = False) -> str:
         raise ckpt.CheckpointError(f"the base {base} of the adapter {step_dir} cannot be read: {e}") from None
     if stored == current:
         return base
-    config = os.path.join(step_dir, ADAPTER_CONFIG)
     merge = f"python launch/merge_lora.py {step_dir} <out dir> --accept-base"
     if stored is None:
         problem = (f"{config} names its base {base} by path only (no base_digest: it was written before kiln "
@@ -143,6 +162,31 @@ def load_base(step_dir: str, accept_base: bool = False) -> Transformer:
     base = check_base(step_dir, accept_base)
     model = Transformer(ckpt.read_model_config(step_dir))
     load_init_weights(model, base)
+    return model.eval()
+
+
+def load_prompt_tuned(step_dir: str, accept_base: bool = False) -> Transformer:
+    """The model a prompt-tuning run trained: its base (``load_base``: the digest recorded in
+    prompt_tuning.json must match) with the virtual-token table of ``adapter.safetensors``
+    (``model.prompt_tuning``; generation puts ``with_virtual_ids`` in front of each prompt).
+    A table of another name or shape than prompt_tuning.json says is a CheckpointError."""
+    from model.prompt_tuning import PROMPT, add_prompt_tuning, prompt_embedding
+    from train.checkpoint.full_state import read_state_files
+
+    cfg = prompt_tuning_config(step_dir)
+    if cfg.get("task") == "classification":
+        raise ValueError(f"{step_dir}: a classification prompt-tuning checkpoint has a head, not a language model")
+    model = load_base(step_dir, accept_base)
+    table = read_state_files(step_dir, False, ADAPTER_FILE).model
+    n = cfg.get("n_tokens")
+    want = (n, model.cfg.d_model)
+    if set(table) != {PROMPT} or tuple(table[PROMPT].shape) != want:
+        raise ckpt.CheckpointError(f"{os.path.join(step_dir, ADAPTER_FILE)}: holds "
+                                   f"{ {k: tuple(v.shape) for k, v in table.items()} }, not {PROMPT} of shape {want} "
+                                   f"({PROMPT_TUNING_CONFIG} says n_tokens={n!r})")
+    add_prompt_tuning(model, n)
+    with torch.no_grad():
+        prompt_embedding(model).prompt.copy_(table[PROMPT])
     return model.eval()
 
 
@@ -192,8 +236,7 @@ def load_peft_adapter(model: torch.nn.Module, directory: str, name: str = "defau
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from model.peft_interop import (PEFT_CONFIG, PEFT_WEIGHTS, UnsupportedAdapterError, add_peft_adapter,
-                                    check_peft_config)
+    from model.peft_interop import PEFT_CONFIG, PEFT_WEIGHTS, UnsupportedAdapterError, add_peft_adapter, check_peft_config
     from train.checkpoint.reading import _regular
 
     config = os.path.join(directory, PEFT_CONFIG)

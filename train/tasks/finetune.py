@@ -180,22 +180,24 @@ class FinetuneTask(Task):
         return None
 
     def write_extra_files(self, directory: str) -> None:
-        if self.prompt_tuning:
-            from model.prompt_tuning import PROMPT_CONFIG
-
-            pt = self.cfg.prompt_tuning
-            with open(os.path.join(directory, PROMPT_CONFIG), "w") as f:
-                json.dump({"n_tokens": int(pt.n_tokens), "init_text": str(pt.init_text), "seed": int(pt.seed),
-                           "base": self.init_dir or str(self.cfg.init_from), "task": self.cfg.task,
-                           "labels": self.adapter_labels()}, f, indent=1)
-        if self.lora:
+        if self.prompt_tuning or self.lora:
             # The base by path and by identity: load_base refuses a base whose digest differs
             # (retrained or replaced at that path since). Computed once, at the first save.
             from train.sft.adapters import init_digest
 
-            lo, base = self.cfg.lora, self.init_dir or str(self.cfg.init_from)
+            base = self.init_dir or str(self.cfg.init_from)
             if self._base_digest is None:
                 self._base_digest = init_digest(base)
+        if self.prompt_tuning:
+            from train.checkpoint.layout import PROMPT_TUNING_CONFIG
+
+            pt = self.cfg.prompt_tuning
+            with open(os.path.join(directory, PROMPT_TUNING_CONFIG), "w") as f:
+                json.dump({"n_tokens": int(pt.n_tokens), "init_text": str(pt.init_text), "seed": int(pt.seed),
+                           "base": base, "base_digest": self._base_digest, "task": self.cfg.task,
+                           "labels": self.adapter_labels()}, f, indent=1)
+        if self.lora:
+            lo = self.cfg.lora
             info = {"name": lo.name, "rank": lo.rank, "alpha": lo.alpha, "dropout": lo.dropout,
                     "targets": list(lo.targets), "base": base, "base_digest": self._base_digest,
                     "task": self.cfg.task, "labels": self.adapter_labels(), "quantize": lo.quantize}
