@@ -192,3 +192,24 @@ def test_two_process_ddp_qlora_gives_the_single_process_losses(qruns):
     assert sorted(ddp) == sorted(single) == [1, 2, 3, 4]
     for s in ddp:
         assert ddp[s] == pytest.approx(single[s], rel=1e-4), (s, ddp[s], single[s])
+
+
+def test_qlora_and_full_precision_adapters_cannot_share_a_base(qruns):
+    """A QLoRA adapter needs the base NF4-rounded, a full-precision adapter needs it as it is:
+    loading one beside the other is refused (either order) and leaves the model unchanged."""
+    from train.sft.adapters import add_adapter_from, load_base
+
+    q = str(qruns["root"] / "straight" / "checkpoints" / "step_00000004")
+    full = str(qruns["root"] / "lora" / "checkpoints" / "step_00000004")
+    x = torch.randint(4, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    for first, second, kind in ((q, full, "full-precision adapter"), (full, q, "QLoRA")):
+        model = load_base(q)
+        add_adapter_from(model, first, "first")
+        with torch.no_grad():
+            before = model(x)[0]
+        with pytest.raises(ValueError, match=f"is a {kind}.*already holds .*\\['first'\\]"):
+            add_adapter_from(model, second, "second")
+        assert all(set(m.scale) == {"first"} for m in lora_modules(model))
+        assert all(is_quantized(m.weight) == (first == q) for m in lora_modules(model))
+        with torch.no_grad():
+            assert torch.equal(model(x)[0], before)

@@ -190,6 +190,27 @@ def load_prompt_tuned(step_dir: str, accept_base: bool = False) -> Transformer:
     return model.eval()
 
 
+def _check_same_base_precision(model: torch.nn.Module, quantize, source: str) -> None:
+    """Adapters on one model share its base weights: a QLoRA adapter needs them NF4-rounded,
+    any other adapter needs them full precision. Adding one of the other kind would change the
+    outputs of the adapters already there (or give the new one a base it was not trained on),
+    so it is a ValueError naming both."""
+    from model.lora import lora_modules
+    from model.quant import is_quantized
+
+    mods = lora_modules(model)
+    present = sorted({a for m in mods for a in m.scale})
+    if not present:
+        return
+    quantized = any(is_quantized(m.weight) for m in mods)
+    if quantized != (quantize == "4bit"):
+        have, new = ("QLoRA (4-bit NF4 base)", "full-precision") if quantized else \
+            ("full-precision", "QLoRA (4-bit NF4 base)")
+        raise ValueError(f"{source} is a {new} adapter, but the model already holds {have} adapters {present}: "
+                         "they share the base weights, and one base cannot be both; load it on a separate "
+                         "base model (train.sft.adapters.load_base)")
+
+
 def add_adapter_from(model: torch.nn.Module, step_dir: str, name: str | None = None) -> str:
     """Put the adapter of ``step_dir`` on ``model`` under ``name`` (default: its own name) and
     make it active. Several adapters can be added to one base and switched with
@@ -197,9 +218,12 @@ def add_adapter_from(model: torch.nn.Module, step_dir: str, name: str | None = N
 
     An adapter trained with ``lora.quantize=4bit`` (QLoRA) saw the NF4-rounded base, not the
     full-precision one: its target projections are quantized again here (NF4 quantization
-    is deterministic), so generation and ``merge_checkpoint`` reproduce the trained model."""
+    is deterministic), so generation and ``merge_checkpoint`` reproduce the trained model.
+    A QLoRA adapter and a full-precision one cannot share a model (ValueError): the
+    quantization would change the other's outputs."""
     cfg = adapter_config(step_dir)
     name = name or cfg["name"]
+    _check_same_base_precision(model, cfg.get("quantize"), step_dir)
     tensors = read_adapter_state(step_dir).model
     load_adapter_tensors(model, tensors, cfg["name"], name, cfg["rank"], cfg["alpha"], cfg["targets"])
     if cfg.get("quantize") == "4bit":
@@ -243,6 +267,7 @@ def load_peft_adapter(model: torch.nn.Module, directory: str, name: str = "defau
     if not os.path.lexists(config):
         raise FileNotFoundError(f"{directory} has no {PEFT_CONFIG}: not a PEFT adapter directory")
     cfg = check_peft_config(ckpt.read_json(config), config)
+    _check_same_base_precision(model, None, directory)  # a PEFT LoRA adapter is full precision
     weights = os.path.join(directory, PEFT_WEIGHTS)
     if not os.path.lexists(weights):
         raise UnsupportedAdapterError("weights", sorted(os.listdir(directory)),
