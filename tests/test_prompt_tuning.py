@@ -129,17 +129,27 @@ def test_a_prompt_tuning_run_resumes_exactly(pt_runs):
 
 
 def test_classification_with_prompt_tuning_trains_table_and_head(pt_runs, tmp_path):
+    """On data the first word separates, 10 steps of table + head reach accuracy and macro-F1
+    >= 0.9 on the 18 held-out rows (measured: 1.0) where the untrained model does not (0.39),
+    and the checkpoint holds exactly the table and the head."""
+    from safetensors.torch import load_file
+
     from tests.sft_helpers import sft_cfg, write_jsonl
     from train.sft.trainer import SFTTrainer
 
-    rows = [{"text": f"{w} page number {i}", "label": w} for i in range(12) for w in ("good", "spam")]
+    rows = [{"text": f"{w} page number {i}", "label": w} for i in range(24) for w in ("good", "spam")]
     data = write_jsonl(tmp_path / "c.jsonl", rows)
     tr = SFTTrainer(sft_cfg(tmp_path / "cls", pt_runs["base"], [data], *PT[:3], "data.seq_len=32", "task=classification",
-                            "train.max_steps=2", "checkpoint.every=2", "sft.val_fraction=0.3", "train.eval_every=2"))
+                            "train.max_steps=10", "checkpoint.every=10", "sft.val_fraction=0.3", "train.eval_every=10",
+                            "optim.lr=3e-2"))
+    tr.task.evaluate()
+    assert tr.task.metrics["n"] == 18 and tr.task.metrics["accuracy"] < 0.9  # untrained
     res = tr.fit()
     assert sorted(n for n, p in tr.backend.raw_model.named_parameters() if p.requires_grad) == [
         "score.weight", PROMPT]
-    assert 0.0 <= res["classification"]["accuracy"] <= 1.0 and "macro_f1" in res["classification"]
+    assert res["classification"]["accuracy"] >= 0.9 and res["classification"]["macro_f1"] >= 0.9
+    saved = load_file(tmp_path / "cls" / "checkpoints" / "step_00000010" / "adapter.safetensors")
+    assert sorted(saved) == ["score.weight", PROMPT]
 
 
 def test_generate_launcher_runs_a_prompt_tuned_checkpoint_like_the_runs_model(pt_runs, capsys):
