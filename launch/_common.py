@@ -98,8 +98,9 @@ def _transformers_tokenizer(directory: str) -> TextTokenizer:
 def load_model_and_tokenizer(path: str, device: torch.device) -> tuple[Transformer, TextTokenizer, str]:
     """(model in eval mode on ``device``, tokenizer, resolved directory). An adapter checkpoint
     is its base with the adapter on top (a prompt-tuning one: with its virtual-token table,
-    which the caller puts in front of each prompt with ``model.prompt_tuning.with_virtual_ids``); a base whose digest is not the ``base_digest`` the
-    adapter recorded (or no recorded digest) raises CheckpointError (``adapters.check_base``)."""
+    which the caller puts in front of each prompt with ``model.prompt_tuning.with_virtual_ids``);
+    a base whose digest is not the ``base_digest`` the adapter recorded (or no recorded digest)
+    raises CheckpointError (``adapters.check_base``)."""
     path = path.removeprefix("hf:")
     if is_hf_dir(path):
         cfg, state = load_hf_llama(path)

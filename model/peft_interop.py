@@ -164,11 +164,11 @@ def add_peft_adapter(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tenso
         lora = getattr(linear, "scale", None)
         if lora is not None and name in lora:
             raise ValueError(f"adapter {name!r} already exists on {parent}.{attr}")
-        planned.append((hf, parent, attr, r, alpha, ab["lora_A"][1], ab["lora_B"][1]))
+        planned.append((parent, attr, r, alpha, ab["lora_A"][1], ab["lora_B"][1]))
     if not planned:
         raise UnsupportedAdapterError("weights", [], "no LoRA factor found")
     names = []
-    for hf, parent, attr, r, alpha, a, b in planned:
+    for parent, attr, r, alpha, a, b in planned:
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         mod = lora_layer(model.get_submodule(parent), attr)
         mod.add_adapter(name, r, scale * r, 0.0)

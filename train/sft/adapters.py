@@ -27,8 +27,8 @@ from model.llama import Transformer
 from model.lora import load_adapter_tensors, merged_state_dict, quantize_base_4bit, set_active_adapter
 from train import checkpoint as ckpt
 from train.checkpoint import ADAPTER_CONFIG
-from train.checkpoint.layout import ADAPTER_FILE, PROMPT_TUNING_CONFIG
 from train.checkpoint.full_state import FullState, load_init_weights, read_adapter_state
+from train.checkpoint.layout import ADAPTER_FILE, PROMPT_TUNING_CONFIG
 
 
 def _config(step_dir: str, name: str, kind: str) -> dict:
