@@ -213,3 +213,14 @@ def test_qlora_and_full_precision_adapters_cannot_share_a_base(qruns):
         assert all(is_quantized(m.weight) == (first == q) for m in lora_modules(model))
         with torch.no_grad():
             assert torch.equal(model(x)[0], before)
+
+    # two QLoRA adapters share a base only when they quantize the same projections
+    model = load_base(q)
+    add_lora(model, "wq_only", rank=2, alpha=2, targets=["wq"])
+    quantize_base_4bit(model, adapter="wq_only")
+    with pytest.raises(ValueError, match="QLoRA adapters share one base only with the same targets"):
+        add_adapter_from(model, q, "second")
+    model = load_base(q)
+    add_adapter_from(model, q, "one")
+    add_adapter_from(model, q, "two")  # same targets: allowed
+    assert all(set(m.scale) == {"one", "two"} and is_quantized(m.weight) for m in lora_modules(model))

@@ -190,12 +190,13 @@ def load_prompt_tuned(step_dir: str, accept_base: bool = False) -> Transformer:
     return model.eval()
 
 
-def _check_same_base_precision(model: torch.nn.Module, quantize, source: str) -> None:
+def _check_same_base_precision(model: torch.nn.Module, quantize, source: str, targets=None) -> None:
     """Adapters on one model share its base weights: a QLoRA adapter needs them NF4-rounded,
     any other adapter needs them full precision. Adding one of the other kind would change the
     outputs of the adapters already there (or give the new one a base it was not trained on),
-    so it is a ValueError naming both."""
-    from model.lora import lora_modules
+    so it is a ValueError naming both; so is a QLoRA adapter whose projections (``targets``)
+    are not the ones already quantized (it would round, or miss, layers of the others' base)."""
+    from model.lora import LoRALinear, lora_modules, target_modules
     from model.quant import is_quantized
 
     mods = lora_modules(model)
@@ -209,6 +210,14 @@ def _check_same_base_precision(model: torch.nn.Module, quantize, source: str) ->
         raise ValueError(f"{source} is a {new} adapter, but the model already holds {have} adapters {present}: "
                          "they share the base weights, and one base cannot be both; load it on a separate "
                          "base model (train.sft.adapters.load_base)")
+    if quantized and targets is not None:
+        rounded = {n for n, m in model.named_modules() if isinstance(m, LoRALinear) and is_quantized(m.weight)}
+        wanted = {f"{p}.{a}" for p, _, a in target_modules(model, targets)}
+        if rounded != wanted:
+            raise ValueError(f"{source} is a QLoRA adapter on {len(wanted)} projections, but the QLoRA adapters "
+                             f"{present} already on the model quantized {len(rounded)} others or more "
+                             f"(e.g. {sorted(rounded ^ wanted)[:3]}): QLoRA adapters share one base only with "
+                             "the same targets; load it on a separate base model (train.sft.adapters.load_base)")
 
 
 def add_adapter_from(model: torch.nn.Module, step_dir: str, name: str | None = None) -> str:
@@ -223,7 +232,7 @@ def add_adapter_from(model: torch.nn.Module, step_dir: str, name: str | None = N
     quantization would change the other's outputs."""
     cfg = adapter_config(step_dir)
     name = name or cfg["name"]
-    _check_same_base_precision(model, cfg.get("quantize"), step_dir)
+    _check_same_base_precision(model, cfg.get("quantize"), step_dir, cfg["targets"])
     tensors = read_adapter_state(step_dir).model
     load_adapter_tensors(model, tensors, cfg["name"], name, cfg["rank"], cfg["alpha"], cfg["targets"])
     if cfg.get("quantize") == "4bit":
