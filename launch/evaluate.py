@@ -9,6 +9,9 @@ evaluated on the validation documents it was held out from; ``data=<name>`` swap
 ``conf/data/<name>.yaml`` and ``data.<key>=...`` overrides single keys. An HF directory
 has no run config and uses ``conf/data/sample.yaml`` unless told otherwise.
 
+A prompt-tuning checkpoint is scored with its virtual tokens in front of every window, as
+its run trained and evaluated it (they predict nothing; a window is shorter by their number).
+
 Every validation document is scored as the model saw documents in training: preceded by
 EOS (the previous document's end) and followed by EOS, which is predicted too. A document
 longer than ``seq_len`` (default: the run's data.seq_len) is cut into consecutive windows,
@@ -43,6 +46,7 @@ from omegaconf import OmegaConf
 from _common import load_model_and_tokenizer, parse_kv, pick_device
 from data_pipeline.config import DataConfig
 from data_pipeline.pipeline import document_stream
+from model.prompt_tuning import prepend, prompt_embedding
 from train.checkpoint import CONFIG, read_yaml
 from train.config import REPO_ROOT, register_configs
 
@@ -82,8 +86,10 @@ def score_texts(model, tok, texts, seq_len: int, batch_size: int, device, end_eo
         for i, w in enumerate(windows):
             inp[i, :len(w) - 1] = torch.tensor(w[:-1])
             tgt[i, :len(w) - 1] = torch.tensor(w[1:])
-        logits, _ = model(inp.to(device))  # causal: right padding cannot affect real positions
-        tgt = tgt.to(device)
+        inp, tgt = inp.to(device), tgt.to(device)
+        if prompt_embedding(model) is not None:  # a prompt-tuned model reads its virtual tokens first
+            inp, tgt, _ = prepend(model, inp, tgt)  # their positions predict nothing (-100)
+        logits, _ = model(inp)  # causal: right padding cannot affect real positions
         nats += float(F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100,
                                       reduction="sum"))
         tokens += int((tgt != -100).sum())
@@ -130,16 +136,12 @@ def main(argv=None) -> int:
     device = pick_device(opts["device"])
     try:
         model, tok, model_dir = load_model_and_tokenizer(positional[0], device)
-        from model.prompt_tuning import prompt_embedding
-
-        if prompt_embedding(model) is not None:  # scoring without the virtual tokens would score the base
-            raise ValueError(f"{model_dir} is a prompt-tuning checkpoint: evaluate.py does not put its virtual "
-                             "tokens in front yet (generate.py does; the run's own eval reports its loss)")
         cfg = data_config(model_dir, opts["_data"])
     except (FileNotFoundError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
-    seq_len = min(opts["seq_len"] or cfg.seq_len, model.cfg.max_seq_len)
+    table = prompt_embedding(model)
+    seq_len = min(opts["seq_len"] or cfg.seq_len, model.cfg.max_seq_len - (table.n_tokens if table else 0))
     if opts["texts"]:
         try:
             texts = read_texts(opts["texts"])

@@ -186,10 +186,29 @@ def test_generate_launcher_runs_a_prompt_tuned_checkpoint_like_the_runs_model(pt
     with torch.no_grad():
         assert torch.equal(loaded(ids)[0], model(ids)[0])
         assert (loaded(ids)[0][:, -1] - loaded(ids[:, 6:])[0][:, -1]).abs().max() > 1e-3  # the table matters
-    import evaluate as eval_launcher  # it would score without the virtual tokens: refused, not silently the base
+    # launch/evaluate.py scores with the virtual tokens in front, as the run's model does (not the base)
+    import evaluate as eval_launcher
 
-    assert eval_launcher.main([str(step), "device=cpu"]) == 2
-    assert "prompt-tuning checkpoint" in capsys.readouterr().err
+    from model.prompt_tuning import prepend
+
+    texts = ["A list holds items in order.", "Say hi to the reader, then stop."]
+    texts_file, out = pt_runs["root"] / "texts.jsonl", pt_runs["root"] / "eval.json"
+    texts_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert eval_launcher.main([str(step), "device=cpu", f"texts={texts_file}", f"out={out}"]) == 0
+    got = json.loads(out.read_text())
+    nats, count, base_nats = 0.0, 0, 0.0
+    with torch.no_grad():
+        for t in texts:
+            ids = [tr.tokenizer.eos_id, *tr.tokenizer.encode(t), tr.tokenizer.eos_id]
+            x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+            xv, yv, _ = prepend(model, x, y)
+            nats += float(torch.nn.functional.cross_entropy(model(xv)[0][0], yv[0], ignore_index=-100,
+                                                            reduction="sum"))
+            base_nats += float(torch.nn.functional.cross_entropy(model(x)[0][0], y[0], reduction="sum"))
+            count += len(ids) - 1
+    assert got["tokens"] == count
+    assert abs(got["nats"] - nats) <= 1e-4 * nats
+    assert abs(got["nats"] - base_nats) > 1e-3  # without the table the same texts score otherwise
     # the base is checked by the digest prompt_tuning.json records, as a LoRA adapter's is
     import shutil
 
