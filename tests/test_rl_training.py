@@ -123,3 +123,20 @@ def test_lora_trains_adapters_only_and_its_reference_is_the_base(base, tmp_path)
         policy_lp = response_logprobs(t.policy, r, 1.0)[0]
     assert torch.allclose(t.reference_logprobs(r), base_lp, atol=1e-5)
     assert not torch.allclose(policy_lp, base_lp, atol=1e-3)  # the adapters did train
+    # the checkpoint is an adapter checkpoint launch/generate.py loads as an LM: its base plus the adapter
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "launch"))
+    from _common import load_model_and_tokenizer
+
+    step = tmp_path / "lora" / "checkpoints" / "step_00000002"
+    assert os.path.isfile(step / "adapter_config.json") and not os.path.exists(step / "model.safetensors")
+    loaded, _, _ = load_model_and_tokenizer(str(step), torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.allclose(response_logprobs(loaded, r, 1.0)[0], policy_lp, atol=1e-5)
+    # and a resumed run reads it back: the adapter weights are the trained ones
+    t2 = RLTrainer(rl_cfg(tmp_path / "lora", base, "grpo", "train.max_steps=3", "rl.prompts_per_step=2",
+                          "rl.group_size=2", "rl.minibatches=1", "lora.enabled=true"))
+    assert t2.resume().endswith("step_00000002")
+    with torch.no_grad():
+        assert torch.allclose(response_logprobs(t2.policy, r, 1.0)[0], policy_lp, atol=1e-6)

@@ -11,7 +11,9 @@ update); with a reward model the critic starts from the reward model (``rl.criti
 
 Checkpoints (kiln's atomic, verified ones, through ``CheckpointManager``) are written
 between steps, when no rollout is in flight: the policy's weights and optimizer (files any
-kiln reader loads as an LM), the critic's (``critic.safetensors`` and its optimizer), the
+kiln reader loads as an LM; with ``lora.enabled``, the adapter and its optimizer only, with
+``adapter_config.json`` naming the base by path and digest, as fine-tuning writes them, so
+launch/generate.py loads the base with the adapter on top -- tested), the critic's (``critic.safetensors`` and its optimizer), the
 step, the prompt stream's position, the sampling generator's state, every global RNG, and
 the starting checkpoint's digest -- a resumed run rebuilds the reference from init_from and
 refuses one whose digest changed. A stopped run therefore continues exactly.
@@ -439,13 +441,28 @@ class RLTrainer:
         return r, float(r.response_mask.sum()) / max(dt, 1e-9)
 
     def _save_weights(self, directory: str, background: bool = False):
+        if self.lora:  # the adapter (and its AdamW moments) only, as the fine-tuning task writes it
+            from train.backends.base import Writing
+
+            st = self.backend.export_full(trainable_only=True)  # every rank: gathering is collective
+            if self.backend.is_main:
+                if not st.model:
+                    raise RuntimeError("adapter checkpoint: the backend returned no trained parameter")
+                st.save(directory, ckpt.ADAPTER_FILE, ckpt.ADAPTER_OPTIM_FILE)
+                self.task.save(directory)
+            return Writing()
         writing = self.backend.save(directory, False)
         if self.backend.is_main:
             self.task.save(directory)
         return writing
 
     def _load_weights(self, directory: str, meta: dict) -> None:
-        self.backend.load(directory, meta)
+        if self.lora:
+            from train.checkpoint.full_state import read_adapter_state
+
+            self.backend.import_full(read_adapter_state(directory) if self.backend.is_main else None, partial=True)
+        else:
+            self.backend.load(directory, meta)
         self.task.load(directory)
 
     def _write_run_files(self, directory: str) -> None:
@@ -456,6 +473,13 @@ class RLTrainer:
         shutil.copyfile(self.tokenizer.path, os.path.join(directory, ckpt.TOKENIZER))
         with open(os.path.join(directory, TEMPLATE_FILE), "w", encoding="utf-8") as f:
             f.write(JINJA_TEMPLATE)
+        if self.lora:  # what train.sft.adapters (launch/generate.py, merge_lora.py) reads: base by path and digest
+            lo = self.cfg.lora
+            info = {"name": lo.name, "rank": lo.rank, "alpha": lo.alpha, "dropout": lo.dropout,
+                    "targets": list(lo.targets), "base": self.init_dir, "base_digest": self.reference_digest,
+                    "task": self.task.name, "labels": None, "quantize": None}
+            with open(os.path.join(directory, ckpt.ADAPTER_CONFIG), "w") as f:
+                json.dump(info, f, indent=1)
 
     def save(self) -> Optional[str]:
         b = self.backend
