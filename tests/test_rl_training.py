@@ -103,6 +103,22 @@ def test_bad_settings_are_config_errors_naming_the_key(base, tmp_path):
         fit(rl_cfg(tmp_path / "x", base, "ppo", "rl.reward_fn=tests.no_such_module:f"))
 
 
+@pytest.mark.parametrize("override,key,why", [
+    ("lora.rank=0", "lora.rank", "positive"),
+    ("lora.alpha=-1", "lora.alpha", "positive"),
+    ("lora.targets=[wz]", "lora.targets", "unknown projection"),
+    ("lora.name=a-b", "lora.name", "identifier"),
+    ("lora.quantize=4bit", "lora.quantize", "does not implement QLoRA"),
+    ("prompt_tuning.enabled=true", "prompt_tuning.enabled", "does not implement prompt tuning"),
+    ("rl.max_new_tokens=56", "rl.max_new_tokens", "no room for a prompt"),
+])
+def test_fine_tuning_settings_rl_cannot_honour_are_config_errors_at_validation(base, tmp_path, override, key, why):
+    """validate_rl (which runs before any model is built) names the key and says why."""
+    with pytest.raises(ConfigError, match=why) as e:
+        rl_cfg(tmp_path / "x", base, "grpo", "lora.enabled=true", override)
+    assert e.value.key == key
+
+
 def test_lora_trains_adapters_only_and_its_reference_is_the_base(base, tmp_path):
     from train.checkpoint.full_state import load_model
     from train.rl.loop import RLTrainer

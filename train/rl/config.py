@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from train.config import _check
 from train.errors import ConfigError
 from train.rl.losses import KL_ESTIMATORS
-from train.sft.config import SFTConfig
+from train.sft.config import SFTConfig, validate_sft
 
 ALGOS = ("ppo", "grpo")
 
@@ -44,7 +44,9 @@ class RLConfig:
     beta: float = 0.04  # grpo: weight of the k3 KL to the reference in the loss
     whiten_advantages: bool = True  # ppo: advantages whitened over the batch's valid tokens
     critic_lr: Optional[float] = None  # ppo: the critic's peak lr (null: optim.lr)
-    eval_prompts: int = 16  # held-out prompts scored greedily before and after (0: none)
+    # held-out prompts sampled at rl.temperature with one fixed seed (the same draws before and
+    # after training) and scored by the reward (0: none)
+    eval_prompts: int = 16
     seed: int = 0  # the sampling generator's seed (its state is checkpointed)
 
 
@@ -61,7 +63,8 @@ def register_rl_configs() -> None:
 
 
 def validate_rl(cfg: Any) -> None:
-    """The ``rl`` block's relations. Raises ConfigError naming the key."""
+    """The ``rl`` block's relations, and the fine-tuning keys through ``validate_sft``. Raises
+    ConfigError naming the key, before any model is built."""
     r = cfg.rl
     _check(r.algo in ALGOS, "rl.algo", f"unknown algorithm {r.algo!r} ({' | '.join(ALGOS)})")
     if bool(r.reward_model) == bool(r.reward_fn):
@@ -88,6 +91,18 @@ def validate_rl(cfg: Any) -> None:
     _check(r.value_clip > 0, "rl.value_clip", f"must be positive, got {r.value_clip}")
     _check(r.kl_coef >= 0, "rl.kl_coef", f"must be >= 0, got {r.kl_coef}")
     _check(r.beta >= 0, "rl.beta", f"must be >= 0, got {r.beta}")
+    _check(r.max_new_tokens < cfg.data.seq_len, "rl.max_new_tokens",
+           f"{r.max_new_tokens} leaves no room for a prompt in data.seq_len={cfg.data.seq_len} (prompt + reply "
+           "must fit): lower it or raise data.seq_len")
+    # The fine-tuning keys RL reads (init_from, sft.paths, lora.*) are validated by their owner;
+    # the two fine-tuning modes the RL trainer does not implement are refused first, by name.
+    _check(not cfg.prompt_tuning.enabled, "prompt_tuning.enabled",
+           "the RL trainer does not implement prompt tuning (it would train the LoRA adapters or the whole policy "
+           "and ignore the setting): use lora.enabled=true or full fine-tuning")
+    _check(cfg.lora.quantize is None, "lora.quantize",
+           f"the RL trainer does not implement QLoRA ({cfg.lora.quantize!r}: its policy and reference would keep "
+           "full-precision base weights, not the 4-bit ones asked for): set lora.quantize=null")
+    validate_sft(cfg)
     _check(cfg.backend.name in ("single", "ddp", "fsdp", "deepspeed"), "backend.name",
            f"RLHF runs on backend=single, ddp, fsdp or deepspeed (ZeRO-3), got {cfg.backend.name}")
     _check(cfg.backend.name != "deepspeed" or int(cfg.backend.zero_stage) == 3, "backend.zero_stage",
