@@ -156,3 +156,48 @@ def test_lora_trains_adapters_only_and_its_reference_is_the_base(base, tmp_path)
     assert t2.resume().endswith("step_00000002")
     with torch.no_grad():
         assert torch.allclose(response_logprobs(t2.policy, r, 1.0)[0], policy_lp, atol=1e-6)
+
+
+def _reward_dir(path, base, max_seq_len=None, tokenizer_bytes=None) -> str:
+    """A reward-model weights directory (model_config.yaml, model.safetensors, tokenizer.model) on
+    the tiny base's architecture: its tokenizer, or other bytes; its max_seq_len, or another."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from model.value_head import ValueModel
+    from train import checkpoint as ckpt
+    from train.checkpoint.full_state import FullState
+
+    step = ckpt.resolve(str(base), "off")
+    mc = ckpt.read_model_config(step)
+    if max_seq_len is not None:
+        mc.max_seq_len = max_seq_len
+    os.makedirs(path)
+    FullState(model=ValueModel(mc).state_dict()).save(str(path))
+    OmegaConf.save(OmegaConf.structured(mc), os.path.join(path, ckpt.MODEL_CONFIG))
+    shutil.copyfile(os.path.join(step, ckpt.TOKENIZER), os.path.join(path, ckpt.TOKENIZER))
+    if tokenizer_bytes is not None:
+        with open(os.path.join(path, ckpt.TOKENIZER), "wb") as f:
+            f.write(tokenizer_bytes)
+    return str(path)
+
+
+def test_a_reward_model_of_another_tokenizer_or_shorter_context_is_refused(base, tmp_path):
+    """The reward model must read the policy's token ids and hold prompt + reply (data.seq_len=56)."""
+    from train.rl.loop import RLTrainer
+
+    def trainer(reward):
+        return RLTrainer(rl_cfg(tmp_path / "run", base, "ppo", "rl.reward_fn=null", f"rl.reward_model={reward}",
+                                "train.max_steps=1", "rl.prompts_per_step=2", "rl.minibatches=1"))
+
+    good = trainer(_reward_dir(tmp_path / "same", base))  # same tokenizer file, same context: accepted
+    r, _ = good.rollout(good.val_prompts[:2], torch.Generator().manual_seed(0))
+    assert good.scorer(r, ["a", "b"]).shape == (2,)
+    del good
+    with pytest.raises(ConfigError, match="another tokenizer") as e:
+        trainer(_reward_dir(tmp_path / "other_tok", base, tokenizer_bytes=b"another vocabulary"))
+    assert e.value.key == "rl.reward_model"
+    with pytest.raises(ConfigError, match="max_seq_len=32") as e:
+        trainer(_reward_dir(tmp_path / "short", base, max_seq_len=32))
+    assert e.value.key == "rl.reward_model"

@@ -3,7 +3,9 @@
 A reward model is launch/reward.py's checkpoint read into ``model.value_head.ValueModel``
 (same parameter names, ``value.weight`` included); its score of a row is the value at the
 row's last real token -- the stop token, or the last sampled one -- exactly where the
-reward model was trained to read it (the end-of-turn closing the reply). A reward function
+reward model was trained to read it (the end-of-turn closing the reply). The reward model
+must share the policy's tokenizer (same tokenizer.model content) and hold data.seq_len
+positions, else the run stops with a ConfigError on rl.reward_model (tested). A reward function
 (``rl.reward_fn=module:function``) is called once per batch with keyword arguments
 ``prompts``, ``responses`` (decoded text through the stop) and ``response_ids`` and returns
 one float per row: verifiable rewards (a test passes, an answer matches).
@@ -12,6 +14,7 @@ one float per row: verifiable rewards (a test passes, an answer matches).
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 
 import torch
@@ -31,8 +34,14 @@ def load_reward_fn(spec: str) -> Callable:
     return fn
 
 
-def load_reward_model(path: str, verify: str, device: torch.device) -> torch.nn.Module:
-    """A frozen ``ValueModel`` holding the reward checkpoint at ``path`` (any backend's format)."""
+def load_reward_model(path: str, verify: str, device: torch.device, tokenizer_path: str | None = None,
+                      seq_len: int | None = None) -> torch.nn.Module:
+    """A frozen ``ValueModel`` holding the reward checkpoint at ``path`` (any backend's format).
+
+    With ``tokenizer_path`` (the policy's tokenizer) the reward checkpoint's tokenizer.model must
+    be the same file (same content digest): token ids mean nothing to a model trained on another
+    vocabulary. With ``seq_len`` (data.seq_len, which prompt + reply can reach) its max_seq_len
+    must hold that many positions. Either mismatch is a ConfigError on rl.reward_model."""
     from model.value_head import ValueModel
     from train import checkpoint as ckpt
     from train.checkpoint.full_state import read_full_state
@@ -42,6 +51,19 @@ def load_reward_model(path: str, verify: str, device: torch.device) -> torch.nn.
     except FileNotFoundError as e:
         raise ConfigError("rl.reward_model", f"{e}. Make the default one with `python launch/reward.py`") from None
     mc = ckpt.read_model_config(step_dir)
+    if tokenizer_path is not None:
+        theirs = os.path.join(step_dir, ckpt.TOKENIZER)
+        if not os.path.isfile(theirs):
+            raise ConfigError("rl.reward_model", f"{step_dir} has no {ckpt.TOKENIZER}, so whether it reads the "
+                              f"policy's token ids ({tokenizer_path}) cannot be checked")
+        if ckpt.file_digest(theirs) != ckpt.file_digest(tokenizer_path):
+            raise ConfigError("rl.reward_model", f"{step_dir} was trained with another tokenizer than the policy's "
+                              f"({theirs} and {tokenizer_path} differ): it would score token ids of another "
+                              "vocabulary; train the reward model from the policy's lineage (launch/reward.py)")
+    if seq_len is not None and mc.max_seq_len < int(seq_len):
+        raise ConfigError("rl.reward_model", f"{step_dir} has max_seq_len={mc.max_seq_len}, shorter than "
+                          f"data.seq_len={seq_len} that prompt + reply can reach: lower data.seq_len (or "
+                          "rl.max_new_tokens with it) or use a reward model with a longer context")
     mc.dropout = 0.0
     model = ValueModel(mc)
     try:
@@ -60,8 +82,8 @@ class Scorer:
     def __init__(self, cfg, tokenizer, device: torch.device, autocast):
         self.tok, self.device, self.autocast = tokenizer, device, autocast
         r = cfg.rl
-        self.model = load_reward_model(str(r.reward_model), str(cfg.checkpoint.verify), device) \
-            if r.reward_model else None
+        self.model = load_reward_model(str(r.reward_model), str(cfg.checkpoint.verify), device, tokenizer.path,
+                                       int(cfg.data.seq_len)) if r.reward_model else None
         self.fn = load_reward_fn(r.reward_fn) if r.reward_fn else None
 
     @torch.no_grad()
