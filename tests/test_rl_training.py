@@ -201,3 +201,31 @@ def test_a_reward_model_of_another_tokenizer_or_shorter_context_is_refused(base,
     with pytest.raises(ConfigError, match="max_seq_len=32") as e:
         trainer(_reward_dir(tmp_path / "short", base, max_seq_len=32))
     assert e.value.key == "rl.reward_model"
+
+
+def test_resume_refuses_a_reference_whose_checkpoint_changed(base, tmp_path):
+    """The reference is rebuilt from init_from at resume: init_from retrained in place since
+    the stop (new weights, a valid manifest) is refused, naming init_from and both digests."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.ckpt_helpers import reseal
+    from train import checkpoint as ckpt
+
+    init = tmp_path / "init"
+    shutil.copytree(base, init)
+    small = ("train.max_steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.minibatches=1")
+    stopped = fit(rl_cfg(tmp_path / "run", init, "grpo", *small, "train.stop_at_step=1"))
+    assert stopped["final_step"] == 1
+    step = ckpt.resolve(str(init), "off")
+    before = ckpt.digest(step)
+    weights = load_file(os.path.join(step, ckpt.MODEL_FILE))
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 0.01  # "retrained": other weights at the same path
+    save_file(weights, os.path.join(step, ckpt.MODEL_FILE))
+    reseal(step)
+    assert ckpt.resolve(str(init), "full") == step and ckpt.digest(step) != before  # a valid, other checkpoint
+    with pytest.raises(ConfigError, match="digest") as e:
+        fit(rl_cfg(tmp_path / "run", init, "grpo", *small))
+    assert e.value.key == "init_from" and before in str(e.value) and ckpt.digest(step) in str(e.value)
