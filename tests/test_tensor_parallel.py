@@ -8,7 +8,9 @@ One launch set, shared by every test here:
   chunks (``model.loss_chunk=48``), activation checkpointing and evaluation on, gradients
   clipped (``optim.grad_clip`` 1.0: the norm is about 1, so some steps clip);
 - the tp=2 checkpoint resumed in one process (DCP resharded to a plain model), and the
-  reference's step-5 checkpoint (portable full state) resumed at tp=2.
+  reference's step-5 checkpoint (portable full state) resumed at tp=2;
+- 4 processes at data-parallel 2 x tensor-parallel 2 (micro-batch 2 per data rank: the same
+  global batch), stopped at step 5 and resumed in one process.
 
 Both tensor-parallel ranks must read the same micro-batch and the loop must count it once:
 otherwise the losses move by far more than the tolerances (test_distributed.py says why
@@ -46,8 +48,16 @@ def runs(tmp_path_factory, tokenizer_path):
     single_to_tp2 = root / "single-to-tp2"
     launch("torchrun", common + TP2 + [f"run_dir={single_to_tp2}",
                                         f"resume={ref / 'checkpoints' / 'step_00000005'}"])
+    # dp2 x tp2: 4 processes, each data rank reading its own micro-batch of 2.
+    dp2tp2 = root / "dp2-tp2"
+    header4 = launch("torchrun", common + TP2 + [f"run_dir={dp2tp2}", "train.stop_at_step=5",
+                                                  "train.micro_batch_size=2"], nproc=4)
+    dp2tp2_losses, dp2tp2_val = losses(dp2tp2), losses(dp2tp2, "eval")
+    launch("python", common + [f"run_dir={dp2tp2}"])  # its DCP checkpoint resumed in one process
     return {"ref": losses(ref), "ref_val": losses(ref, "eval"), "tp2": tp2_losses, "tp2_val": tp2_val,
-            "tp2_to_single": losses(tp2), "single_to_tp2": losses(single_to_tp2), "header": header}
+            "tp2_to_single": losses(tp2), "single_to_tp2": losses(single_to_tp2), "header": header,
+            "dp2tp2": dp2tp2_losses, "dp2tp2_val": dp2tp2_val, "dp2tp2_to_single": losses(dp2tp2),
+            "header4": header4}
 
 
 def test_tp2_step0_validation_equals_one_process(runs):
@@ -66,6 +76,14 @@ def test_tp2_checkpoint_resumes_in_one_process(runs):
 
 def test_one_process_checkpoint_resumes_at_tp2(runs):
     assert_close(runs["single_to_tp2"], runs["ref"], range(6, 11))
+
+
+def test_dp2_tp2_on_four_processes_matches_one_process_and_resumes_in_one(runs):
+    assert "data-parallel 2 =" in runs["header4"]  # two data ranks, each a tp pair reading one micro-batch
+    assert abs(runs["dp2tp2_val"][0] - runs["ref_val"][0]) <= VAL_TOL, (runs["dp2tp2_val"], runs["ref_val"])
+    assert sorted(runs["dp2tp2"]) == [1, 2, 3, 4, 5]
+    assert_close(runs["dp2tp2"], runs["ref"], range(1, 6))
+    assert_close(runs["dp2tp2_to_single"], runs["ref"], range(6, 11))
 
 
 def test_tp2_sharded_init_holds_the_one_process_weights(tmp_path, tokenizer_path):
