@@ -13,7 +13,6 @@ issue 13: at most 60% of the full fp32 model plus 1.5 GB per rank.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -33,15 +32,14 @@ def peak_rss_gb() -> float:
 def worker(args) -> None:
     from model.llama import param_count
     from tests.conftest import compose
-    from train import sharded_init
     from train.trainer import Trainer
 
     if args.full_init:  # the old way, for the comparison row: build whole, then shard
-        sharded_init.builds_deferred = lambda backend: False
-        import train.trainer as trainer_module
+        from train.backends.deepspeed import DeepSpeedBackend
+        from train.backends.fsdp import FSDPBackend
 
-        trainer_module.builds_deferred = sharded_init.builds_deferred
-        trainer_module.deferred = lambda backend: contextlib.nullcontext()
+        FSDPBackend.builds_deferred = False
+        DeepSpeedBackend.builds_deferred = property(lambda self: False)
     before = peak_rss_gb()
     overrides = [f"model={args.model}", f"model.vocab_size={args.vocab}", "train.device=cpu",
                  f"tokenizer.path={args.tokenizer}", f"run_dir={args.run_dir}", "data.seq_len=256",

@@ -24,7 +24,6 @@ from omegaconf import OmegaConf  # noqa: E402
 from model.llama import ModelConfig, Transformer  # noqa: E402
 from tests.conftest import TINY, compose  # noqa: E402
 from train.backends import build_backend  # noqa: E402
-from train.sharded_init import builds_deferred, deferred  # noqa: E402
 
 BATCH = (4, 33)  # inputs and next-token targets of 32 positions
 
@@ -64,9 +63,9 @@ def probe(overrides: list[str]) -> tuple[dict, object]:
     cfg = compose(TINY + ["model.vocab_size=128", *overrides])
     b = build_backend(cfg)
     torch.manual_seed(cfg.train.seed)  # as the trainer does before building the model
-    with deferred(b):
+    with b.model_init_context():
         model = Transformer(ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True)),
-                            init_weights=not builds_deferred(b))
+                            init_weights=not b.builds_deferred)
     b.setup(model)
     out = {"groups": optimizer_groups(b)}
     if b.name == "deepspeed":

@@ -21,7 +21,6 @@ from tests.backend_optimizers_probe import train  # noqa: E402
 from tests.conftest import TINY, compose  # noqa: E402
 from train.backends import build_backend  # noqa: E402
 from train.compile import compile_blocks  # noqa: E402
-from train.sharded_init import builds_deferred, deferred  # noqa: E402
 
 
 def probe(overrides: list[str], compile_: bool) -> tuple[dict, object]:
@@ -30,9 +29,9 @@ def probe(overrides: list[str], compile_: bool) -> tuple[dict, object]:
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(cfg.train.seed)
-    with deferred(b):
+    with b.model_init_context():
         model = Transformer(ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True)),
-                            init_weights=not builds_deferred(b))
+                            init_weights=not b.builds_deferred)
     if compile_:
         compile_blocks(model, b.compile_outside_hooks)
     b.setup(model)

@@ -1,9 +1,10 @@
 """Build a model that never exists whole on one rank.
 
-A sharding backend (FSDP, DeepSpeed ZeRO-3) asks for the model to be built inside
-``deferred(backend)``: on the meta device for FSDP (no storage at all; ``fully_shard`` then
-allocates each rank's shard), or under DeepSpeed's ``zero.Init`` (each layer is partitioned
-as soon as it is built). The backend then fills only its local slice of every parameter
+A sharding backend (FSDP, DeepSpeed ZeRO-3: ``backend.builds_deferred``) has the model built
+inside its ``backend.model_init_context()``: the meta device for FSDP (no storage at all;
+``fully_shard`` then allocates each rank's shard), DeepSpeed's ``zero.Init`` for ZeRO-3
+(each layer is partitioned as soon as it is built). The backend decides; this module only
+knows how to fill what was deferred. The backend then fills only its local slice of every parameter
 with ``fill_slice``, which draws exactly the values a one-process build with the same seed
 would hold there (``model.llama.init_rows``). Peak host memory while launching is one
 rank's shard plus one block of rows, not the model: the 7B config would otherwise cost 27 GB
@@ -17,46 +18,11 @@ copied, and torch's default initialisation, which ``init_rows`` overwrites anywa
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 
 from model.llama import init_rows
-
-
-def builds_deferred(backend) -> bool:
-    """Whether ``backend`` takes a model built without its weights (see ``deferred``)."""
-    if backend.name == "fsdp":
-        return True
-    return backend.name == "deepspeed" and int(backend.cfg.backend.zero_stage) == 3
-
-
-def deferred(backend):
-    """Context to build the model in, for ``backend``: the meta device (FSDP), zero.Init
-    (ZeRO-3), or nothing (the other backends hold the whole model anyway)."""
-    if backend.name == "fsdp":
-        return torch.device("meta")
-    if builds_deferred(backend):
-        import deepspeed
-
-        from train.backends.deepspeed import build_ds_config
-
-        ds = build_ds_config(backend.cfg, backend.bf16)
-        remote = "cpu" if backend.cfg.backend.offload_params else None
-        # dtype=None: zero.Init takes the parameters' dtype from the config, as the engine
-        # does. An explicit dtype goes through DeepSpeed's fallback instead (since 0.14.1,
-        # still in 0.19.8), ``dtype or torch.float16 if accelerator.is_fp16_supported() else
-        # torch.bfloat16 if ...``, which Python reads as ``(dtype or fp16) if fp16 else bf16``:
-        # where fp16 is unsupported (CPUs without AVX512-FP16/AMX-FP16, and every CPU before
-        # DeepSpeed 0.16.8) it ignores the dtype asked for and partitions fp32 training in bf16.
-        init = deepspeed.zero.Init(config_dict_or_path=ds, remote_device=remote, dtype=None)
-        want = zero3_dtype(ds)
-        if getattr(init, "dtype", want) != want:
-            raise RuntimeError(f"DeepSpeed's zero.Init would build the parameters in {init.dtype}, not the "
-                               f"{want} this run trains in")
-        return init
-    return contextlib.nullcontext()
 
 
 def build_on_device(model_cls, model_cfg, device: torch.device) -> torch.nn.Module:

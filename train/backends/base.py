@@ -103,6 +103,9 @@ class Backend:
     # ``torch.compiler.disable``d): then only the blocks' ``forward`` is compiled, with the
     # hooks left to run eagerly around it (train/compile.py).
     compile_outside_hooks = False
+    # Whether the model is built without its weights, inside ``model_init_context``, and each
+    # rank fills only its own shard in ``setup`` (train/sharded_init.py): FSDP, ZeRO-3.
+    builds_deferred = False
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -116,6 +119,11 @@ class Backend:
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
     # -- set-up ---------------------------------------------------------------------
+    def model_init_context(self):
+        """The context the model is built in: nothing where the backend holds the whole model
+        (it is built on the training device, ``sharded_init.build_on_device``)."""
+        return contextlib.nullcontext()
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

@@ -30,7 +30,7 @@ from train.checkpoint.full_state import MOMENTS, FullState, adamw_step, named_pa
 from train.checkpoint.safe_unpickle import check_deepspeed_files
 from train.config import ConfigError
 from train.optim import adamw_kwargs, param_groups
-from train.sharded_init import init_zero3_partitions
+from train.sharded_init import init_zero3_partitions, zero3_dtype
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -191,6 +191,32 @@ class DeepSpeedBackend(Backend):
     @property
     def compile_outside_hooks(self) -> bool:
         return int(self.cfg.backend.zero_stage) == 3
+
+    @property
+    def builds_deferred(self) -> bool:
+        return int(self.cfg.backend.zero_stage) == 3
+
+    def model_init_context(self):
+        """ZeRO-3: DeepSpeed's ``zero.Init``, which partitions each layer as soon as it is built
+        (each rank then fills its own partitions, ``init_zero3_partitions``); else nothing."""
+        if not self.builds_deferred:
+            return super().model_init_context()
+        import deepspeed
+
+        ds = build_ds_config(self.cfg, self.bf16)
+        remote = "cpu" if self.cfg.backend.offload_params else None
+        # dtype=None: zero.Init takes the parameters' dtype from the config, as the engine
+        # does. An explicit dtype goes through DeepSpeed's fallback instead (since 0.14.1,
+        # still in 0.19.8), ``dtype or torch.float16 if accelerator.is_fp16_supported() else
+        # torch.bfloat16 if ...``, which Python reads as ``(dtype or fp16) if fp16 else bf16``:
+        # where fp16 is unsupported (CPUs without AVX512-FP16/AMX-FP16, and every CPU before
+        # DeepSpeed 0.16.8) it ignores the dtype asked for and partitions fp32 training in bf16.
+        init = deepspeed.zero.Init(config_dict_or_path=ds, remote_device=remote, dtype=None)
+        want = zero3_dtype(ds)
+        if getattr(init, "dtype", want) != want:
+            raise RuntimeError(f"DeepSpeed's zero.Init would build the parameters in {init.dtype}, not the "
+                               f"{want} this run trains in")
+        return init
 
     def setup(self, model: torch.nn.Module) -> None:
         import deepspeed

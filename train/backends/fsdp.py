@@ -71,6 +71,11 @@ def shard_root(model: torch.nn.Module, mesh, offload: dict) -> None:
 
 class FSDPBackend(Backend):
     name = "fsdp"
+    builds_deferred = True
+
+    def model_init_context(self):
+        """The meta device: no storage at all until ``fully_shard`` allocates each rank's shard."""
+        return torch.device("meta")
 
     def __init__(self, cfg):
         super().__init__(cfg)

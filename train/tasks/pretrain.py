@@ -29,7 +29,7 @@ from train.data import build_train_stream, starvation_warning, validation_batche
 from train.errors import ConfigError
 from train.log import logger
 from train.metrics import plot_losses
-from train.sharded_init import build_on_device, builds_deferred, deferred
+from train.sharded_init import build_on_device
 from train.tasks.base import Task
 
 
@@ -47,9 +47,9 @@ class PretrainTask(Task):
         initialises its own shard in ``backend.setup``), else built and initialised on the
         training device (train/sharded_init.py)."""
         mc = self.trainer.model_cfg
-        if not builds_deferred(self.backend):
+        if not self.backend.builds_deferred:
             return build_on_device(Transformer, mc, self.backend.device)
-        with deferred(self.backend):
+        with self.backend.model_init_context():
             return Transformer(mc, init_weights=False)
 
     def load_initial_weights(self) -> None:
