@@ -23,7 +23,7 @@ from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 from model import hf_interop
 from model.llama import ModelConfig, Transformer
 from train import checkpoint as ckpt
-from train.backends.base import RanksDisagree
+from train.backends.collectives import RanksDisagree
 from train.checkpoint.full_state import FullState, read_init_weights
 from train.data import build_train_stream, starvation_warning, validation_batches
 from train.errors import ConfigError
