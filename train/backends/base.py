@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from train.backends.collectives import HostCollectives
 from train.checkpoint.full_state import FullState
+from train.checkpoint.writing import Writing
 
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
@@ -63,35 +64,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-class Writing:
-    """A rank's write of its checkpoint files, finished or still running in a background
-    thread (``future``); ``wait`` re-raises the writer's error."""
-
-    def __init__(self, future=None):
-        self.future = future
-        self.blocked_s = 0.0  # training time spent waiting on this write outside the manager (FSDP staging)
-
-    def done(self) -> bool:
-        return self.future is None or self.future.done()
-
-    def wait(self) -> None:
-        if self.future is not None:
-            self.future.result()
-
-
-_writer = None
-
-
-def background_writer():
-    """The one thread that writes checkpoint files in the background (one save at a time)."""
-    global _writer
-    if _writer is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-ckpt")
-    return _writer
 
 
 class Backend(HostCollectives):

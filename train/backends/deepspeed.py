@@ -24,11 +24,12 @@ import os
 
 import torch
 
-from train.backends.base import Backend, Writing, uses_bf16
+from train.backends.base import Backend, uses_bf16
 from train.checkpoint import DS_DIR, deepspeed_tag, ds_files, storage_format
 from train.checkpoint.full_state import MOMENTS, FullState, adamw_step, named_params, read_full_state
 from train.checkpoint.safe_unpickle import check_deepspeed_files
-from train.config import ConfigError
+from train.checkpoint.writing import Writing
+from train.errors import ConfigError
 from train.optim import adamw_kwargs, param_groups
 from train.sharded_init import init_zero3_partitions, zero3_dtype
 

@@ -30,10 +30,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-from train.backends.base import Backend, Writing, init_distributed
+from train.backends.base import Backend, init_distributed
 from train.checkpoint import DCP_DIR, storage_format
 from train.checkpoint.full_state import MOMENTS, FullState, read_full_state
 from train.checkpoint.safe_unpickle import dcp_load
+from train.checkpoint.writing import Writing
 from train.optim import build_adamw
 from train.parallel.mesh import build_mesh, data_mesh, layout, tp_mesh
 from train.parallel.tensor_parallel import apply_tensor_parallel, clip_grads

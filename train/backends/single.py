@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from train.backends.base import Backend, Writing, background_writer
+from train.backends.base import Backend
 from train.checkpoint.full_state import FullState, adamw_export, adamw_import, read_full_state
+from train.checkpoint.writing import Writing, background_writer
 from train.optim import build_adamw
 
 

@@ -34,6 +34,7 @@ from train.checkpoint import (  # the layout's owner
     listed,
     storage_format,
 )
+from train.errors import ConfigError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -237,8 +238,6 @@ def shape_model(model_cfg):
 def _read_init(path: str, model_cfg, verify: str = "full") -> tuple[dict, str]:
     from model import hf_interop
     from train.checkpoint import resolve
-    from train.config import ConfigError
-
     if path.startswith("hf:"):
         _, state = hf_interop.load_hf_llama(path[3:])
         return state, path
@@ -253,8 +252,6 @@ def _read_init(path: str, model_cfg, verify: str = "full") -> tuple[dict, str]:
 def load_weights(model: torch.nn.Module, state: dict, source: str, assign: bool = False) -> None:
     """``state`` into ``model``; parameters the model has beyond it (a head, adapters) keep
     their values, anything else that does not fit is a ConfigError naming init_from."""
-    from train.config import ConfigError
-
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
     except RuntimeError as e:  # a shape mismatch

@@ -44,6 +44,8 @@ from train.checkpoint.store import (
     wait_for_deletions,
     write_json_atomic,
 )
+from train.checkpoint.writing import background_writer
+from train.errors import ConfigError
 from train.log import logger
 
 
@@ -135,7 +137,6 @@ class CheckpointManager:
         optimizer first, then each small piece its own fields. A field that does not load
         is a CheckpointError naming the file and field; a setting of this run that does not
         fit it (train.data_sharding, ...) stays the ConfigError naming the key."""
-        from train.config import ConfigError  # train.config imports this package
 
         self.weights.load(path, read_meta(path))
         state = read_trainer_state(path)
@@ -211,8 +212,6 @@ class CheckpointManager:
         if b.is_main:
             write_json_atomic(os.path.join(tmp, TRAINER_STATE), fields)
             self.describe(tmp)
-        from train.backends.base import background_writer
-
         def hash_mine() -> tuple[dict, float]:
             writing.wait()
             h0 = time.perf_counter()

@@ -31,7 +31,7 @@ class Stateful(Protocol):
 
 
 class FileState(Protocol):
-    def save(self, directory: str, background: bool):  # -> train.backends.base.Writing
+    def save(self, directory: str, background: bool):  # -> train.checkpoint.writing.Writing
         ...
 
     def load(self, directory: str, meta: dict) -> None: ...

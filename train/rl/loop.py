@@ -14,7 +14,7 @@ between steps, when no rollout is in flight: the policy's weights and optimizer 
 kiln reader loads as an LM; with ``lora.enabled``, the adapter and its optimizer only, with
 ``adapter_config.json`` naming the base by path and digest, as fine-tuning writes them, so
 launch/generate.py loads the base with the adapter on top -- tested), the critic's (``critic.safetensors`` and its optimizer), the
-step, the prompt stream's position, the sampling generator's state, every global RNG, and
+step, the prompt stream's position, every rank's sampling generator state, every global RNG, and
 the starting checkpoint's digest -- a resumed run rebuilds the reference from init_from and
 refuses one whose digest changed. A stopped run therefore continues exactly.
 
@@ -147,15 +147,19 @@ class PromptStream:
 
 
 class SamplerState:
-    """The sampling generator's state and the reference's identity, as trainer_state.json fields."""
+    """Every rank's sampling generator state and the reference's identity, as trainer_state.json
+    fields: ``sampler`` holds one state per rank (gathered, like ``RNGStates``), and each rank
+    restores its own. ``restored`` says whether it did: a checkpoint written by another number
+    of ranks (or before states were kept per rank) restores rank 0's only."""
 
     fields = ("sampler", "reference_digest")
 
-    def __init__(self, generator: torch.Generator, reference_digest: str):
-        self.g, self.digest = generator, reference_digest
+    def __init__(self, generator: torch.Generator, reference_digest: str, backend):
+        self.g, self.digest, self.b = generator, reference_digest, backend
+        self.restored = False
 
     def state_dict(self) -> dict:
-        return {"sampler": self.g.get_state().tolist(), "reference_digest": self.digest}
+        return {"sampler": self.b.all_gather_object(self.g.get_state().tolist()), "reference_digest": self.digest}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("reference_digest")
@@ -163,7 +167,13 @@ class SamplerState:
             raise ConfigError("init_from", f"the reference (init_from) has digest {self.digest}, but this run "
                               f"started from one with digest {saved}: it was retrained or replaced since; "
                               "start afresh (resume=none) or restore it")
-        self.g.set_state(torch.tensor(state["sampler"], dtype=torch.uint8))
+        states = state["sampler"]
+        if states and not isinstance(states[0], list):
+            states = [states]  # one state: rank 0's (checkpoints written before every rank's was kept)
+        mine = states[self.b.rank] if len(states) == self.b.world_size else states[0] if self.b.rank == 0 else None
+        self.restored = mine is not None
+        if mine is not None:
+            self.g.set_state(torch.tensor(mine, dtype=torch.uint8))
 
 
 # ---- the algorithms -----------------------------------------------------------------------
@@ -375,11 +385,12 @@ class RLTrainer:
         self.prompts = PromptStream(self.train_prompts, int(cfg.sft.seed))
         self.state = Progress()
         self.ckpt_root = cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+        self.sampler_state = SamplerState(self.generator, self.reference_digest, b)
         self.checkpoints = CheckpointManager(b, self.ckpt_root, str(cfg.checkpoint.verify),
                                              int(cfg.checkpoint.keep_last), False)
         self.checkpoints.track(FilePiece(self._save_weights, self._load_weights),
-                               {"progress": self.state, "prompts": self.prompts,
-                                "sampler": SamplerState(self.generator, self.reference_digest), "rng": RNGStates(b)},
+                               {"progress": self.state, "prompts": self.prompts, "sampler": self.sampler_state,
+                                "rng": RNGStates(b)},
                                self._write_run_files)
 
     # -- pieces ---------------------------------------------------------------------------
@@ -442,7 +453,7 @@ class RLTrainer:
 
     def _save_weights(self, directory: str, background: bool = False):
         if self.lora:  # the adapter (and its AdamW moments) only, as the fine-tuning task writes it
-            from train.backends.base import Writing
+            from train.checkpoint.writing import Writing
 
             st = self.backend.export_full(trainable_only=True)  # every rank: gathering is collective
             if self.backend.is_main:
@@ -522,7 +533,7 @@ class RLTrainer:
         if theirs != self.model_cfg.shape():
             raise ConfigError("init_from", f"{path} holds another model than init_from={self.cfg.init_from}")
         self.checkpoints.load(path)
-        if self.rank > 0:  # the checkpoint holds rank 0's sampler state: a fresh stream for this rank
+        if not self.sampler_state.restored:  # written by another number of ranks: a fresh stream for this rank
             self.generator.manual_seed(self._sampler_seed(self.state.step))
         return path
 

@@ -26,9 +26,9 @@ from data_pipeline.tokenizer import Tokenizer
 from model.llama import ModelConfig, Transformer, generate
 from model.lora import add_lora, quantize_base_4bit, train_only
 from train import checkpoint as ckpt
-from train.backends.base import Writing
 from train.checkpoint import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_OPTIM_FILE
 from train.checkpoint.full_state import FullState, load_weights, read_adapter_state, read_init_weights
+from train.checkpoint.writing import Writing
 from train.errors import ConfigError
 from train.log import logger
 from train.metrics import plot_runs
