@@ -99,6 +99,13 @@ def worker(base: str, out_dir: str, backends: list[str]) -> None:
                 "sampled": sampled.responses.clone(), "sampled_logprobs": sampled.logprobs.clone(),
                 "responses": r.responses.clone(), "logprobs": r.logprobs.clone(), "scores": scores.clone()}
         metrics = trainer.optimise(r, scores, tps)
+        if backend == "ddp" and algo == "grpo":  # every rank's sampler state is checkpointed and restored
+            trainer.save()
+            again = RLTrainer(_cfg(os.path.join(out_dir, backend, algo), base, algo, backend))
+            assert again.resume() is not None
+            mine["sampler_state"] = trainer.generator.get_state().clone()
+            mine["resumed_sampler_state"] = again.generator.get_state().clone()
+            del again
         every = [None, None]
         dist.all_gather_object(every, mine)
         weights = _weights(trainer)
@@ -142,6 +149,16 @@ def _single_step(base, tmp_path, algo, saved):
     scores = trainer.scorer(r, [""] * len(prompts))
     assert torch.equal(scores, torch.cat([k["scores"] for k in ranks]))  # the reward reads the same rows
     return trainer.optimise(r, scores), _weights(trainer), ranks
+
+
+def test_a_resumed_two_process_run_restores_each_ranks_own_sampler_state(launched):
+    """After a 2-process DDP step, a save and a resume: each rank's sampling generator is back
+    where that rank's was (not rank 0's, not a fresh seed), so the resumed run samples as the
+    uninterrupted one would."""
+    ranks = launched[("ddp", "grpo")]["ranks"]
+    assert not torch.equal(ranks[0]["sampler_state"], ranks[1]["sampler_state"])
+    for k in ranks:
+        assert torch.equal(k["resumed_sampler_state"], k["sampler_state"])
 
 
 @pytest.mark.parametrize("backend,algo", RUNS)
