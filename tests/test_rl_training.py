@@ -111,6 +111,7 @@ def test_bad_settings_are_config_errors_naming_the_key(base, tmp_path):
     ("lora.quantize=4bit", "lora.quantize", "does not implement QLoRA"),
     ("prompt_tuning.enabled=true", "prompt_tuning.enabled", "does not implement prompt tuning"),
     ("rl.max_new_tokens=56", "rl.max_new_tokens", "no room for a prompt"),
+    ("init_from=no/such/run", "init_from", "launch/sft.py"),
 ])
 def test_fine_tuning_settings_rl_cannot_honour_are_config_errors_at_validation(base, tmp_path, override, key, why):
     """validate_rl (which runs before any model is built) names the key and says why."""

@@ -5,6 +5,7 @@ optimisation epochs over it."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -102,6 +103,10 @@ def validate_rl(cfg: Any) -> None:
     _check(cfg.lora.quantize is None, "lora.quantize",
            f"the RL trainer does not implement QLoRA ({cfg.lora.quantize!r}: its policy and reference would keep "
            "full-precision base weights, not the 4-bit ones asked for): set lora.quantize=null")
+    init = str(cfg.init_from or "")
+    _check(bool(init) and os.path.isdir(init), "init_from",
+           f"checkpoint directory not found: {init!r}. The policy starts from a fine-tuned run: make the default one "
+           "with `python launch/sft.py` (writes runs/sft), or pass init_from=<your run dir>")
     validate_sft(cfg)
     _check(cfg.backend.name in ("single", "ddp", "fsdp", "deepspeed"), "backend.name",
            f"RLHF runs on backend=single, ddp, fsdp or deepspeed (ZeRO-3), got {cfg.backend.name}")
