@@ -13,8 +13,9 @@ Checkpoints (kiln's atomic, verified ones, through ``CheckpointManager``) are wr
 between steps, when no rollout is in flight: the policy's weights and optimizer (files any
 kiln reader loads as an LM; with ``lora.enabled``, the adapter and its optimizer only, with
 ``adapter_config.json`` naming the base by path and digest, as fine-tuning writes them, so
-launch/generate.py loads the base with the adapter on top -- tested), the critic's (``critic.safetensors`` and its optimizer), the
-step, the prompt stream's position, every rank's sampling generator state, every global RNG, and
+launch/generate.py loads the base with the adapter on top -- tested), the critic's
+(``critic.safetensors`` and its optimizer), the step, the prompt stream's position, every
+rank's sampling generator state (each rank restores its own), every global RNG, and
 the starting checkpoint's digest -- a resumed run rebuilds the reference from init_from and
 refuses one whose digest changed. A stopped run therefore continues exactly.
 
