@@ -1,4 +1,4 @@
-"""Shared by the inference launchers (generate, evaluate): argument parsing and loading a
+"""Shared by the inference launchers (generate, evaluate): their argparse options and loading a
 model with its tokenizer from a kiln checkpoint or a Hugging Face directory.
 
 kiln's SentencePiece ``Tokenizer`` is used whenever the directory has ``tokenizer.model``
@@ -9,6 +9,7 @@ on such a model is refused by the trainer instead.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from dataclasses import dataclass
@@ -25,34 +26,22 @@ from model.llama import Transformer
 from train.checkpoint.full_state import load_model
 
 
-def parse_kv(args: list[str], allowed: dict[str, object]) -> tuple[list[str], dict[str, object]]:
-    """Split ``key=value`` arguments (typed like the defaults in ``allowed``) from positional
-    ones; keys starting with ``data`` are passed through untouched as config overrides."""
-    positional, opts = [], dict(allowed)
-    opts["_data"] = []
-    for a in args:
-        if "=" not in a:
-            positional.append(a)
-            continue
-        key, value = a.split("=", 1)
-        if key == "data" or key.startswith("data."):
-            opts["_data"].append(a)
-            continue
-        if key not in allowed:
-            raise SystemExit(f"unknown option {key!r}; known: {', '.join(sorted(allowed))}, data=..., data.<key>=...")
-        default = allowed[key]
-        try:
-            if isinstance(default, bool):
-                opts[key] = value.lower() in ("1", "true", "yes", "on")
-            elif isinstance(default, int):
-                opts[key] = int(value)
-            elif isinstance(default, float):
-                opts[key] = float(value)
-            else:
-                opts[key] = None if value.lower() in ("none", "null", "") else value
-        except ValueError:
-            raise SystemExit(f"option {key}: expected {type(default).__name__}, got {value!r}") from None
-    return positional, opts
+def options_parser(doc: str, options: dict[str, object], helps: dict[str, str],
+                   choices: dict[str, list[str]] | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--flag-name`` per entry of ``options`` (name -> default),
+    typed like its default (a bool gets ``--x/--no-x``): the tools' one argument style, so a
+    mistyped or unknown flag exits with status 2 and argparse's message naming it."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --max-doc is a typo, not --max-docs
+    for name, default in options.items():
+        flag, help_ = "--" + name.replace("_", "-"), f"{helps[name]} (default: {default!r})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=name, default=default, action=argparse.BooleanOptionalAction,
+                                help=help_)
+        else:
+            parser.add_argument(flag, dest=name, default=default, type=type(default), help=help_,
+                                choices=(choices or {}).get(name))
+    return parser
 
 
 def pick_device(name: str) -> torch.device:

@@ -1,30 +1,32 @@
 """Perplexity and bits-per-byte of a model on the held-out split of a dataset.
 
     python launch/evaluate.py <checkpoint or hf dir> [data=<conf/data name>] [data.<key>=<value> ...]
-        [seq_len=N] [batch_size=8] [max_docs=0] [device=auto] [out=result.json]
-        [texts=docs.jsonl] [end_eos=true]
+        [--seq-len N] [--batch-size 8] [--max-docs 0] [--device auto] [--out result.json]
+        [--texts docs.jsonl] [--end-eos|--no-end-eos]
 
 The data config is the checkpoint's own (its config.yaml), so by default the model is
 evaluated on the validation documents it was held out from; ``data=<name>`` swaps in
-``conf/data/<name>.yaml`` and ``data.<key>=...`` overrides single keys. An HF directory
-has no run config and uses ``conf/data/sample.yaml`` unless told otherwise.
+``conf/data/<name>.yaml`` and ``data.<key>=...`` overrides single keys. These two are Hydra-style
+config overrides, so they stay ``key=value`` words after the path; the tool's own options are
+``--flags``. An HF directory has no run config and uses ``conf/data/sample.yaml`` unless told
+otherwise.
 
 A prompt-tuning checkpoint is scored with its virtual tokens in front of every window, as
 its run trained and evaluated it (they predict nothing; a window is shorter by their number).
 
 Every validation document is scored as the model saw documents in training: preceded by
 EOS (the previous document's end) and followed by EOS, which is predicted too. A document
-longer than ``seq_len`` (default: the run's data.seq_len) is cut into consecutive windows,
+longer than ``--seq-len`` (default: the run's data.seq_len) is cut into consecutive windows,
 each starting from the previous window's last token, so every token is scored exactly once.
 
     loss = total nats / predicted tokens        perplexity = exp(loss)
     bits_per_byte = total nats / ln 2 / UTF-8 bytes of the documents' text
 
 Bits per byte does not depend on the tokenizer, so models with different vocabularies
-compare. The result is printed as one JSON line and written to ``out=`` if given.
+compare. The result is printed as one JSON line and written to ``--out`` if given.
 
-``texts=docs.jsonl`` scores the ``text`` field of each line of a JSONL file instead of a
-held-out split (a bad line stops with its file and line number). ``end_eos=false`` does not
+``--texts docs.jsonl`` scores the ``text`` field of each line of a JSONL file instead of a
+held-out split (a bad line stops with its file and line number). ``--no-end-eos`` does not
 predict the closing EOS: what lm-evaluation-harness's rolling log-likelihood measures with
 ``prefix_token_id`` set to EOS, so for documents that fit in one window the two programs'
 bits per byte agree (tests/test_readme_commands.py compares them).
@@ -43,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from _common import load_model_and_tokenizer, parse_kv, pick_device
+from _common import load_model_and_tokenizer, options_parser, pick_device
 from data_pipeline.config import DataConfig
 from data_pipeline.pipeline import document_stream
 from model.prompt_tuning import prepend, prompt_embedding
@@ -52,6 +54,24 @@ from train.config import REPO_ROOT, register_configs
 
 OPTIONS = {"seq_len": 0, "batch_size": 8, "max_docs": 0, "device": "auto", "out": "", "texts": "",
            "end_eos": True}
+HELP = {"seq_len": "tokens per scored window; 0: the data config's seq_len (at most the model's context)",
+        "batch_size": "windows scored together",
+        "max_docs": "score at most this many documents; 0: all",
+        "device": "auto (cuda when available), cpu, cuda, cuda:N",
+        "out": "also write the JSON result to this file",
+        "texts": "score the 'text' field of each line of this JSONL file instead of a held-out split",
+        "end_eos": "predict the EOS closing each document (--no-end-eos: as lm-evaluation-harness's rolling "
+                   "log-likelihood)"}
+
+
+def parser():
+    """Flags for the tool's options; the data config's overrides stay Hydra-style words."""
+    p = options_parser(__doc__, OPTIONS, HELP)
+    p.add_argument("path", help="a kiln run, checkpoints or step directory, or a Hugging Face Llama directory")
+    p.add_argument("overrides", nargs="*", metavar="data=<group> | data.<key>=<value>",
+                   help="Hydra-style overrides of the data config (config overrides, not tool flags): "
+                        "data=<conf/data name> swaps the group, data.<key>=<value> sets one key")
+    return p
 
 
 def data_config(model_dir: str, overrides: list[str]):
@@ -128,15 +148,17 @@ def read_texts(path: str) -> list[str]:
 
 @_bootstrap.exit_on_checkpoint_error
 def main(argv=None) -> int:
-    positional, opts = parse_kv(sys.argv[1:] if argv is None else argv, OPTIONS)
-    if len(positional) != 1:
-        print(__doc__, file=sys.stderr)
-        return 2
+    p = parser()
+    args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    for o in args.overrides:
+        if not (o.startswith("data=") or (o.startswith("data.") and "=" in o)):
+            p.error(f"argument {o!r} is not a data=<group> or data.<key>=<value> override")
+    opts = vars(args)
     t0 = time.time()
     device = pick_device(opts["device"])
     try:
-        model, tok, model_dir = load_model_and_tokenizer(positional[0], device)
-        cfg = data_config(model_dir, opts["_data"])
+        model, tok, model_dir = load_model_and_tokenizer(args.path, device)
+        cfg = data_config(model_dir, args.overrides)
     except (FileNotFoundError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2

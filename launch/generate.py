@@ -1,14 +1,14 @@
 """Generate text from a kiln checkpoint or a Hugging Face Llama directory.
 
-    python launch/generate.py <checkpoint or hf dir> prompt="Once upon a time" [prompts.txt]
-        [max_new_tokens=64] [temperature=0.8] [top_k=40] [top_p=1.0] [seed=0]
-        [batch_size=8] [use_cache=true] [device=auto] [format=text|jsonl] [out=results.jsonl]
-        [chat=false] [system=...]
+    python launch/generate.py <checkpoint or hf dir> [prompts.txt ...] --prompt "Once upon a time"
+        [--max-new-tokens 64] [--temperature 0.8] [--top-k 40] [--top-p 1.0] [--seed 0]
+        [--batch-size 8] [--use-cache|--no-use-cache] [--device auto] [--format text|jsonl]
+        [--out results.jsonl] [--chat] [--system ...]
 
-Prompts come from ``prompt=`` and/or a file (one prompt per line; a ``.jsonl`` file holds
+Prompts come from ``--prompt`` and/or files (one prompt per line; a ``.jsonl`` file holds
 objects with a "prompt" key). They are generated in left-padded batches with a KV cache;
-temperature=0 is greedy. A row stops at EOS or at ``<|end_of_turn|>``; the stop token is
-not part of the printed completion. With a fixed ``seed`` a run is reproducible; a
+``--temperature 0`` is greedy. A row stops at EOS or at ``<|end_of_turn|>``; the stop token is
+not part of the printed completion. With a fixed ``--seed`` a run is reproducible; a
 prompt's sampled completion depends on the batch it is in (one random stream per batch),
 greedy ones do not.
 
@@ -16,25 +16,48 @@ An adapter checkpoint (a LoRA run) is generated from as its base plus the adapte
 must still be the checkpoint the adapter was trained on (its digest equals adapter_config.json's
 ``base_digest``), else the command ends with exit status 3 naming both digests.
 
-``chat=true`` wraps every prompt as a user turn of kiln's chat template (optionally after a
-``system`` turn) and asks for the assistant's reply: exactly the ids fine-tuning trained on
+``--chat`` wraps every prompt as a user turn of kiln's chat template (optionally after a
+``--system`` turn) and asks for the assistant's reply: exactly the ids fine-tuning trained on
 (``train/sft/chat.py``), and the same string the exported ``chat_template.jinja`` renders.
 """
 
 import _bootstrap  # noqa: F401, I001  (sys.path first: the imports below need it)
 
 import json
+import os
 import sys
 
 import torch
 
-from _common import load_model_and_tokenizer, parse_kv, pick_device
+from _common import load_model_and_tokenizer, options_parser, pick_device
 from model.llama import generate
 from train.checkpoint import CheckpointError
 
 OPTIONS = {"prompt": "", "max_new_tokens": 64, "temperature": 0.8, "top_k": 40, "top_p": 1.0, "seed": 0,
            "batch_size": 8, "use_cache": True, "device": "auto", "format": "text", "out": "",
            "chat": False, "system": ""}
+HELP = {"prompt": "a prompt (added before the prompts of the files)",
+        "max_new_tokens": "tokens generated per prompt at most",
+        "temperature": "sampling temperature; 0 is greedy",
+        "top_k": "sample among the k most likely tokens; 0: all",
+        "top_p": "nucleus sampling: the smallest set of tokens with this probability",
+        "seed": "seed of the sampling generator",
+        "batch_size": "prompts generated together (left-padded)",
+        "use_cache": "generate with a KV cache",
+        "device": "auto (cuda when available), cpu, cuda, cuda:N",
+        "format": "text: prompt and completion; jsonl: one JSON object per prompt",
+        "out": "also write the results to this JSONL file",
+        "chat": "wrap each prompt as a user turn of kiln's chat template",
+        "system": "with --chat: a system turn before each prompt"}
+
+
+def parser():
+    """The command line: the model, prompt files, and a flag per entry of OPTIONS."""
+    p = options_parser(__doc__, OPTIONS, HELP, choices={"format": ["text", "jsonl"]})
+    p.add_argument("path", help="a kiln run, checkpoints or step directory, or a Hugging Face Llama directory")
+    p.add_argument("prompt_files", nargs="*", metavar="prompts.txt",
+                   help="files of prompts: one per line, or a .jsonl file of objects with a 'prompt' key")
+    return p
 
 
 def read_prompts(path: str) -> list[str]:
@@ -87,18 +110,19 @@ def run(path: str, prompts: list[str], opts: dict) -> list[dict]:
 
 @_bootstrap.exit_on_checkpoint_error
 def main(argv=None) -> int:
-    positional, opts = parse_kv(sys.argv[1:] if argv is None else argv, OPTIONS)
-    if not positional:
-        print(__doc__, file=sys.stderr)
-        return 2
+    p = parser()
+    args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    opts = vars(args)
     prompts = [opts["prompt"]] if opts["prompt"] else []
-    for f in positional[1:]:
+    for f in args.prompt_files:
+        if not os.path.isfile(f):  # key=value was the old style: say that options are flags now
+            p.error(f"prompts file {f!r} not found" + (" (options are --flags: --key value)" if "=" in f else ""))
         prompts += read_prompts(f)
     if not prompts:
-        print("generate: no prompt given (prompt=... or a prompts file)", file=sys.stderr)
+        print("generate: no prompt given (--prompt ... or a prompts file)", file=sys.stderr)
         return 2
     try:
-        results = run(positional[0], prompts, opts)
+        results = run(args.path, prompts, opts)
     except CheckpointError:
         raise  # exit status 3 with its message: a checkpoint that cannot be read, an adapter's changed base
     except (FileNotFoundError, ValueError) as e:

@@ -92,7 +92,7 @@ def reader_command(reader: str, step: str, common: list[str], tmp_path, resume_e
                 "train.max_steps=1", "data.seq_len=32"],
         "score_rewards": [sys.executable, "launch/score_rewards.py", step, PAIRS],
         "export": [sys.executable, "launch/export_hf.py", step, str(tmp_path / "hf")],
-        "generate": [sys.executable, "launch/generate.py", step, "prompt=Hello", "max_new_tokens=4"],
+        "generate": [sys.executable, "launch/generate.py", step, "--prompt", "Hello", "--max-new-tokens", "4"],
         "evaluate": [sys.executable, "launch/evaluate.py", step],
         "convert": [sys.executable, "launch/convert_checkpoint.py", step, str(tmp_path / "out"), "--to", "full"],
     }[reader]

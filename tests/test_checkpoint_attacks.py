@@ -162,7 +162,7 @@ def test_manifest_entries_out_of_the_directory_are_refused_without_being_opened(
     ckpt.write_json_atomic(str(step / ckpt.META), meta)
     problems = ckpt.verify(str(step))
     assert sum("leaves the checkpoint directory" in p or "is absolute" in p for p in problems) == 2
-    p = launch([sys.executable, "launch/generate.py", str(step), "prompt=Hi", "max_new_tokens=2"], ok=False)
+    p = launch([sys.executable, "launch/generate.py", str(step), "--prompt", "Hi", "--max-new-tokens", "2"], ok=False)
     assert p.returncode == 3 and "manifest entry" in p.stderr
 
 
@@ -208,7 +208,7 @@ def test_a_python_yaml_tag_is_a_named_checkpoint_error_and_never_runs(runs, tmp_
     marker = tmp_path / "yaml-ran"
     (step / ckpt.MODEL_CONFIG).write_text(f'd_model: !!python/object/apply:os.system ["touch {marker}"]\n')
     reseal(step)
-    p = launch([sys.executable, "launch/generate.py", str(step), "prompt=Hi", "max_new_tokens=2"], ok=False)
+    p = launch([sys.executable, "launch/generate.py", str(step), "--prompt", "Hi", "--max-new-tokens", "2"], ok=False)
     assert not marker.exists()
     assert p.returncode == 3 and f"{step / ckpt.MODEL_CONFIG}: cannot be read" in p.stderr, p.stderr[-2000:]
 

@@ -122,7 +122,7 @@ def strip_base_digest(src, dst) -> str:
 
 
 def generate(path) -> list:
-    return ["launch/generate.py", path, "prompt=What is a list?", "chat=true", "temperature=0", "max_new_tokens=4"]
+    return ["launch/generate.py", path, "--prompt", "What is a list?", "--chat", "--temperature", "0", "--max-new-tokens", "4"]
 
 
 @pytest.fixture(scope="module")

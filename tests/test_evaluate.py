@@ -63,7 +63,8 @@ def test_scores_equal_a_direct_computation(loaded):
 def test_evaluate_cli_on_the_validation_split(tmp_path, loaded):
     run_dir, step_dir, model, tok = loaded
     out = tmp_path / "eval.json"
-    p = hf_helpers.launch("evaluate.py", run_dir, "max_docs=1", "seq_len=64", "batch_size=16", f"out={out}")
+    p = hf_helpers.launch("evaluate.py", run_dir, "--max-docs", "1", "--seq-len", "64", "--batch-size", "16",
+                          "--out", str(out))
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert json.loads(out.read_text()) == result
     assert result["model"] == step_dir and result["split"] == "val" and result["docs"] == 1
@@ -79,8 +80,20 @@ def test_evaluate_cli_on_the_validation_split(tmp_path, loaded):
     assert abs(result["loss"] - math.log(model.cfg.vocab_size)) < 0.5
 
 
-def test_evaluate_cli_rejects_unknown_options(loaded):
+def test_evaluate_cli_rejects_unknown_options_with_exit_2_naming_them(loaded, capsys):
     from evaluate import main
 
-    with pytest.raises(SystemExit, match="unknown option 'max_doc'"):
-        main([loaded[0], "max_doc=2"])
+    for argv, named in ((["--max-doc", "2"], "unrecognized arguments: --max-doc"),  # no abbreviations
+                        (["--max-docs", "two"], "argument --max-docs: invalid int value: 'two'"),
+                        (["max_docs=2"], "argument 'max_docs=2' is not a data=<group> or data.<key>=<value>")):
+        with pytest.raises(SystemExit) as e:
+            main([loaded[0], *argv])
+        assert e.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_evaluate_cli_data_overrides_after_flags_reach_the_data_config(loaded, capsys):
+    """data.<key>=<value> words may follow the flags: with no document held out, nothing to score."""
+    from evaluate import main
+
+    assert main([loaded[0], "--max-docs", "1", "data.val_fraction=0.0"]) == 1
+    assert "data.val_fraction=0.0" in capsys.readouterr().err

@@ -117,11 +117,11 @@ def test_generate_cli_on_checkpoint_and_hf_export(tmp_path, tmp_path_factory):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("The Python interpreter\n\nDebian 12 <|user|> hello\n")
     prompts = ["Once upon", "The Python interpreter", "Debian 12 <|user|> hello"]
-    args = ["prompt=Once upon", str(prompts_file), "max_new_tokens=12", "temperature=0", "batch_size=2",
-            "format=jsonl"]
+    args = ["--prompt", "Once upon", str(prompts_file), "--max-new-tokens", "12", "--temperature", "0",
+            "--batch-size", "2", "--format", "jsonl"]
     outputs = []
     for target in (run_dir, export):
-        p = hf_helpers.launch("generate.py", target, *args, f"out={tmp_path / 'out.jsonl'}")
+        p = hf_helpers.launch("generate.py", target, *args, "--out", str(tmp_path / "out.jsonl"))
         rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
         assert [r["prompt"] for r in rows] == prompts
         assert [json.loads(line) for line in open(tmp_path / "out.jsonl")] == rows
@@ -135,3 +135,15 @@ def test_generate_cli_on_checkpoint_and_hf_export(tmp_path, tmp_path_factory):
         stop = next((i for i, t in enumerate(want) if t in (tok.eos_id, tok.control["<|end_of_turn|>"])), None)
         assert r["tokens"] == want[:stop] and r["completion"] == tok.decode(r["tokens"])
         assert r["stopped"] == (stop is not None)
+
+
+def test_generate_cli_rejects_bad_arguments_with_exit_2_naming_them(tmp_path):
+    """Options are argparse flags: a bad value, a typo'd flag or an old key=value word stops
+    with status 2 and argparse's message naming it, before any model is loaded."""
+    for argv, named in ((["--max-new-tokens", "many"], "argument --max-new-tokens: invalid int value: 'many'"),
+                        (["--format", "csv"], "argument --format: invalid choice: 'csv'"),
+                        (["--temp", "0"], "unrecognized arguments: --temp"),
+                        (["max_new_tokens=4"], "prompts file 'max_new_tokens=4' not found (options are --flags")):
+        p = hf_helpers.launch("generate.py", str(tmp_path / "no_model"), "--prompt", "x", *argv, check=False)
+        assert p.returncode == 2 and named in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr

@@ -194,7 +194,7 @@ def test_generate_launcher_runs_a_prompt_tuned_checkpoint_like_the_runs_model(pt
     texts = ["A list holds items in order.", "Say hi to the reader, then stop."]
     texts_file, out = pt_runs["root"] / "texts.jsonl", pt_runs["root"] / "eval.json"
     texts_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    assert eval_launcher.main([str(step), "device=cpu", f"texts={texts_file}", f"out={out}"]) == 0
+    assert eval_launcher.main([str(step), "--device", "cpu", "--texts", str(texts_file), "--out", str(out)]) == 0
     got = json.loads(out.read_text())
     nats, count, base_nats = 0.0, 0, 0.0
     with torch.no_grad():

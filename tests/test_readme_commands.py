@@ -175,7 +175,7 @@ def test_lm_evaluation_harness_and_evaluate_agree_on_bits_per_byte(workspace):
     """The README's lm_eval and evaluate.py lines (run above, in order) score the same shipped
     documents with the same model, once exported to transformers and once as a kiln
     checkpoint: the harness's rolling log-likelihood from EOS and evaluate.py with
-    end_eos=false must give the same bits per byte."""
+    --no-end-eos must give the same bits per byte."""
     import glob
     import json
     import math

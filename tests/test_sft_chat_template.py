@@ -1,6 +1,6 @@
 """One chat template everywhere: what SFT trains on, what the checkpoint stores
 (chat_template.jinja), what the exported HF tokenizer's apply_chat_template produces, and what
-launch/generate.py chat=true feeds the model are the same token ids."""
+launch/generate.py --chat feeds the model are the same token ids."""
 
 from __future__ import annotations
 
@@ -80,6 +80,6 @@ def test_generate_chat_mode_uses_the_training_ids(sft_run, tokenizer, capsys):
     for system in ("", "You answer in one line."):
         text = generate.chat_text("What is a list?", system or None)
         assert tokenizer.encode(text) == encode_prompt(tokenizer, "What is a list?", system or None)
-    rc = generate.main([str(sft_run), "prompt=What is a list?", "chat=true", "temperature=0", "max_new_tokens=4",
-                        "format=jsonl"])
+    rc = generate.main([str(sft_run), "--prompt", "What is a list?", "--chat", "--temperature", "0",
+                        "--max-new-tokens", "4", "--format", "jsonl"])
     assert rc == 0 and '"prompt": "What is a list?"' in capsys.readouterr().out

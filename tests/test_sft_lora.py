@@ -185,8 +185,8 @@ def test_generate_runs_an_adapter_only_checkpoint_as_its_merged_model(tmp_path, 
     run_sft(tmp_path / "run", base, chat_file(tmp_path, 24), *LORA, "train.max_steps=2", "checkpoint.every=2")
 
     def gen(path):
-        p = subprocess.run([sys.executable, "launch/generate.py", str(path), "prompt=What is a list?", "chat=true",
-                            "temperature=0", "max_new_tokens=6"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        p = subprocess.run([sys.executable, "launch/generate.py", str(path), "--prompt", "What is a list?", "--chat",
+                            "--temperature", "0", "--max-new-tokens", "6"], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
         return p
 
@@ -204,9 +204,9 @@ def test_bad_option_values_and_missing_directories_name_the_key_without_a_traceb
 
     from tests.conftest import REPO
 
-    p = subprocess.run([sys.executable, "launch/generate.py", base, "prompt=x", "temperature=abc"], cwd=REPO,
+    p = subprocess.run([sys.executable, "launch/generate.py", base, "--prompt", "x", "--temperature", "abc"], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
-    assert p.returncode != 0 and "option temperature: expected float, got 'abc'" in p.stderr
+    assert p.returncode == 2 and "argument --temperature: invalid float value: 'abc'" in p.stderr
     assert "Traceback" not in p.stderr
     p = subprocess.run([sys.executable, "launch/pretrain.py", "init_from=hf:/nonexistent", f"run_dir={tmp_path / 'r'}"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)

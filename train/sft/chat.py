@@ -8,7 +8,7 @@ searching the text. Because the tokenizer splits text at user-defined symbols (b
 SentencePiece and the exported HF tokenizer do), span-wise ids equal the ids of the
 rendered string; ``JINJA_TEMPLATE`` renders the same string for transformers'
 ``apply_chat_template`` and is saved with every instruction checkpoint, and generation
-(``launch/generate.py chat=true``) renders prompts with ``render_text``. Content that
+(``launch/generate.py --chat``) renders prompts with ``render_text``. Content that
 contains a control token string is refused: it would inject a turn boundary.
 """
 
