@@ -5,12 +5,12 @@ made by the ``runs`` fixture in conftest)."""
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import subprocess
 import sys
 
 from tests.conftest import REPO
+from tests.ports import free_port
 from train import checkpoint as ckpt
 
 RUN = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
@@ -38,7 +38,7 @@ def make_native_runs(tmp_path_factory, tokenizer_path):
     out = {"common": common, "root": root}
     pretrain(*common, f"run_dir={root / 'full'}")
     pretrain(*common, "backend=fsdp", f"run_dir={root / 'dcp'}")
-    port = str(random.randint(20000, 40000))
+    port = free_port()
     pretrain(*common, "backend=deepspeed", "backend.zero_stage=1", f"run_dir={root / 'deepspeed'}",
              launcher=("deepspeed", "--num_gpus", "1", "--master_port", port))
     return out

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import REPO
+from tests.ports import free_port
 
 TOL = 1e-5
 DECAY = ["optim.weight_decay=20"]
@@ -36,7 +36,7 @@ RUNS = {
 def probed(tmp_path_factory):
     out = tmp_path_factory.mktemp("probe") / "probe.json"
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(random.randint(20000, 40000)), OMP_NUM_THREADS="1")
+               MASTER_PORT=free_port(), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "tests/backend_optimizers_probe.py", str(out), json.dumps(RUNS)]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

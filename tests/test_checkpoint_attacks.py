@@ -27,6 +27,7 @@ from tests.ckpt_helpers import (
     reader_command,
     reseal,
 )
+from tests.ports import free_port
 from train import checkpoint as ckpt
 
 
@@ -127,10 +128,9 @@ def test_resume_auto_skips_a_checkpoint_with_an_added_pointer_file_and_the_paylo
 
 @pytest.mark.parametrize("attacked", ["linked_tag"], indirect=True)
 def test_native_zero_resume_refuses_a_linked_tag_directory(runs, attacked, tmp_path):
-    import random
 
     _, step, marker = attacked
-    port = str(random.randint(20000, 40000))
+    port = free_port()
     p = pretrain(*runs["common"], f"run_dir={tmp_path / 'z'}", f"resume={step}", "train.max_steps=6",
                  "backend=deepspeed", "backend.zero_stage=1",
                  launcher=("deepspeed", "--num_gpus", "1", "--master_port", port), ok=False)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import REPO
+from tests.ports import free_port
 
 TOL = 1e-5  # one rank, fp32: compiled kernels reorder sums
 ZERO = {stage: ["backend=deepspeed", f"backend.zero_stage={stage}"] for stage in (1, 2, 3)}
@@ -32,7 +32,7 @@ def probed(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile") / "probe.json"
     runs = {**{name: (o, True) for name, o in BACKENDS.items()}, "eager": ([], False)}
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(random.randint(20000, 40000)), OMP_NUM_THREADS="1")
+               MASTER_PORT=free_port(), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "tests/compile_probe.py", str(out), json.dumps(runs)]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

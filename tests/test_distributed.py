@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
+from tests.ports import free_port
 
 TOL = 1e-4
 COMMON = [
@@ -58,7 +58,7 @@ BACKENDS = {  # name: (launcher, overrides, what the header must say)
 
 
 def launch(launcher: str, args: list[str], nproc: int = 2, timeout: int = 600) -> str:
-    port = str(random.randint(20000, 40000))
+    port = free_port()
     if launcher == "python":
         cmd = [sys.executable, "launch/pretrain.py", *args]
     elif launcher == "torchrun":
@@ -156,7 +156,7 @@ def test_validation_loss_equals_the_one_process_value_on_every_backend(runs, nam
 
 
 def test_single_backend_under_a_two_process_launcher_is_a_config_error(tmp_path):
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(random.randint(20000, 40000)),
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", free_port(),
            "launch/pretrain.py", "backend=single", f"run_dir={tmp_path / 'run'}"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import REPO, TINY
+from tests.ports import free_port
 from tests.sft_helpers import tiny_checkpoint, write_jsonl
 
 PREFS = os.path.join(REPO, "data_pipeline", "assets", "sft", "python_prefs.jsonl")
@@ -38,7 +38,7 @@ def base(tmp_path_factory, tokenizer_path):
 
 
 def dpo(run_dir, base, pairs, *extra, launcher=None):
-    port = str(random.randint(20000, 40000))
+    port = free_port()
     start = {None: [sys.executable], "deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", port],
              "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", port]}[launcher]
     cmd = [*start, "launch/dpo.py", *COMMON, f"run_dir={run_dir}", f"init_from={base}", f"sft.paths=[{pairs}]", *extra]

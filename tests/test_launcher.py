@@ -2,6 +2,7 @@
 
 import pytest
 
+from tests.ports import free_port
 from train.launcher import choose_backend, detect_launch
 
 TORCHRUN = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "TORCHELASTIC_RUN_ID": "none"}
@@ -58,12 +59,11 @@ def test_config_error_names_the_backend_key(monkeypatch):
 
 def test_deepspeed_stage_0_with_bf16_is_refused_naming_the_key(tmp_path, tokenizer_path):
     import os
-    import random
     import subprocess
 
     from tests.conftest import REPO, TINY
 
-    cmd = ["deepspeed", "--num_gpus", "1", "--master_port", str(random.randint(20000, 40000)), "launch/pretrain.py",
+    cmd = ["deepspeed", "--num_gpus", "1", "--master_port", free_port(), "launch/pretrain.py",
            *TINY, "backend=deepspeed", "backend.zero_stage=0", "train.precision=bf16",
            f"tokenizer.path={tokenizer_path}", f"run_dir={tmp_path / 'run'}"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,

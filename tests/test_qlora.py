@@ -169,19 +169,16 @@ def test_two_process_ddp_qlora_gives_the_single_process_losses(qruns):
     """Same global batch (2 ranks x micro 2 against 1 x micro 4): the all-reduced gradients
     of the adapters give the single-process losses; the 4-bit base is quantized identically
     on every rank."""
-    import socket
     import subprocess
 
     from tests.conftest import REPO
+    from tests.ports import free_port
     from tests.sft_helpers import SFT_TINY
     from tests.test_sft_distributed import train_losses
 
     root = qruns["root"]
     run_dir = root / "ddp"
-    with socket.socket() as sock:  # a port the OS says is free (not a random guess)
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", port, "launch/sft.py", *SFT_TINY,
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", free_port(), "launch/sft.py", *SFT_TINY,
            f"run_dir={run_dir}", f"init_from={qruns['base']}", f"sft.paths=[{root / 'chat0.jsonl'}]", *QLORA, *STEPS,
            "backend=ddp", "train.micro_batch_size=2"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,

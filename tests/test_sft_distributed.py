@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 
 import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.ports import free_port
 from tests.sft_helpers import SFT_TINY, chat_file, sft_cfg
 
 PRETRAIN = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",
@@ -30,7 +30,7 @@ LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8"]
 
 
 def launch(launcher: str, script: str, args: list[str], timeout: int = 600) -> str:
-    port = str(random.randint(20000, 40000))
+    port = free_port()
     if launcher == "torchrun":
         cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", port, script, *args]
     else:

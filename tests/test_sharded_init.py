@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import REPO, TINY
+from tests.ports import free_port
 
 COMMON = TINY + ["model.tie_embeddings=true", "model.n_layers=3", "train.seed=11"]
 
 
 def probe(launcher: str, overrides: list[str], out) -> dict:
-    port = str(random.randint(20000, 40000))
+    port = free_port()
     starter = {"torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", port],
                "deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", port]}[launcher]
     cmd = [*starter, "tests/sharded_init_probe.py", str(out), *COMMON, *overrides]

@@ -24,7 +24,6 @@ import os
 import pathlib
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -32,6 +31,7 @@ import time
 import pytest
 
 from tests.conftest import REPO, SAMPLE_WARC
+from tests.ports import free_port
 
 SLURM_DIR = os.path.join(REPO, "slurm")
 TOL = 1e-4  # across backends (see tests/test_distributed.py); a resumed run must match exactly
@@ -43,11 +43,6 @@ TINY = [
     "checkpoint.every=1000", "optim.warmup_steps=2", "optim.lr=3e-3",
 ]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
@@ -104,7 +99,7 @@ def slurm(tmp_path_factory):
     state.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "KILN_"))}
     env.update(SLURM_LOCAL_DIR=str(state), SLURM_CONF=str(state / "slurm.conf"),
-               SLURM_LOCAL_CTLD_PORT=str(_free_port()), SLURM_LOCAL_SLURMD_PORT=str(_free_port()),
+               SLURM_LOCAL_CTLD_PORT=free_port(), SLURM_LOCAL_SLURMD_PORT=free_port(),
                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
     up = subprocess.run(["bash", os.path.join(SLURM_DIR, "local", "up.sh")], env=env, capture_output=True,
                         text=True, timeout=1200)

@@ -9,11 +9,11 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 
 from tests.conftest import REPO
+from tests.ports import free_port
 from train import checkpoint as ckpt
 from train.trainer import Trainer
 
@@ -58,11 +58,6 @@ def test_signal_handler_requests_a_stop(tiny_cfg):
     assert [s for s, _ in ckpt.list_checkpoints(trainer.ckpt_root)] == [2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _children(pid: int) -> list[int]:
     out = []
@@ -88,7 +83,7 @@ def test_sigusr1_to_one_rank_stops_both_ranks_at_the_same_step(tmp_path, tokeniz
             "train.log_every=1",
             "train.sample_tokens=0", "logger.plot=false", "train.max_steps=2000", "checkpoint.every=10000",
             "backend=ddp", f"tokenizer.path={tokenizer_path}", f"run_dir={run_dir}"]
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", free_port(),
            "launch/pretrain.py", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
     env.pop("KILN_STOP_FILE", None)
