@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from tests.ports import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRA = ["rl.prompts_per_step=4", "rl.epochs=2", "rl.minibatches=1", "train.max_steps=1", "rl.group_size=2"]
@@ -85,12 +86,18 @@ def worker(base: str, out_dir: str, backends: list[str]) -> None:
         assert trainer.world == 2 and trainer.backend.name == backend
         if backend == "ddp":
             assert isinstance(trainer.policy, torch.nn.parallel.DistributedDataParallel)
-        elif backend == "fsdp":  # sharded: each rank holds half of a block's weights
-            w = trainer.policy.layers[0].attn.wq.weight
-            assert w.to_local().shape[0] * 2 == w.shape[0]
-        else:  # ZeRO-3: each rank holds a partition
-            w = trainer.backend.raw_model.layers[0].attn.wq.weight
-            assert w.ds_tensor.numel() * 2 == w.ds_numel
+            assert all(p.numel() == q.numel() for p, q in zip(trainer.reference.parameters(),
+                                                               trainer.policy.module.parameters()))
+        elif backend == "fsdp":  # sharded: each rank holds half of every weight, the reference's too
+            for model in (trainer.policy, trainer.reference):
+                held = [(p.to_local().numel(), p.numel()) for p in model.parameters()]
+                assert all(2 * local == whole for local, whole in held), held
+            assert not any(p.requires_grad for p in trainer.reference.parameters())
+        else:  # ZeRO-3: each rank holds a partition, of the reference too
+            for model in (trainer.backend.raw_model, trainer.reference):
+                held = [(p.ds_tensor.numel(), p.ds_numel) for p in model.parameters()]
+                assert all(2 * local == whole for local, whole in held), held
+            assert not any(p.requires_grad for p in trainer.reference.parameters())
         sampled, _, tps = trainer.collect()
         r = cut(trainer, sampled, trainer.rank)
         scores = trainer.scorer(r, [""] * len(r.tokens))
@@ -127,7 +134,7 @@ def launched(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("rl_distributed")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=REPO)
     for launcher in ("torchrun", "deepspeed"):  # one launch each, every backend it starts
-        port = str(random.randint(20000, 40000))
+        port = free_port()
         start = ["torchrun", "--nproc_per_node", "2"] if launcher == "torchrun" else ["deepspeed", "--num_gpus", "2"]
         backends = ",".join(b for b, how in LAUNCHERS.items() if how == launcher)
         cmd = [*start, "--master_port", port, os.path.abspath(__file__), base, str(out), backends]

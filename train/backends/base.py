@@ -118,6 +118,12 @@ class Backend(HostCollectives):
         """Place/wrap the model and build the optimizer."""
         raise NotImplementedError
 
+    def frozen_copy(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` frozen, to run forward only (RL's reference policy), held as this backend
+        holds trained weights: whole on every rank here; FSDP and ZeRO-3 shard it, so a second
+        model costs a rank 1/world of its size rather than all of it."""
+        return model.requires_grad_(False).eval().to(self.device)
+
     # -- one optimizer step -----------------------------------------------------------
     def micro_step_context(self, is_last: bool):
         """Context for forward+backward of one micro-batch (DDP skips all-reduce if not last)."""

@@ -181,6 +181,7 @@ class DeepSpeedBackend(Backend):
         super().__init__(cfg)
         import deepspeed
 
+        self._frozen_engines = []  # frozen_copy's
         choice = cfg.backend.dist_backend
         if choice == "auto":
             choice = "nccl" if self.device.type == "cuda" else "gloo"
@@ -247,6 +248,18 @@ class DeepSpeedBackend(Backend):
         self.model = engine
         self.raw_model = engine.module
         self.optimizer = optimizer
+
+    def frozen_copy(self, model: torch.nn.Module) -> torch.nn.Module:
+        """ZeRO-3: partitioned by an engine of its own with no optimizer (DeepSpeed's ZeRO-3
+        inference: each forward gathers a layer's parameters and frees them after it), in the
+        trained engine's precision; other stages hold it whole."""
+        if int(self.cfg.backend.zero_stage) != 3:
+            return super().frozen_copy(model)
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(model=model.requires_grad_(False).eval(), config=self.ds_config)
+        self._frozen_engines.append(engine)  # its hooks' owner lives as long as the backend
+        return engine.module.eval()
 
     def shutdown(self) -> None:
         """Leave the group, then remove this rank's shared-memory segment of DeepSpeed's CPU

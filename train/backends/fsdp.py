@@ -144,6 +144,21 @@ class FSDPBackend(Backend):
         opt_device = torch.device("cpu") if bcfg.offload_params else self.device
         self.optimizer = build_adamw(model, self.cfg.optim, opt_device)
 
+    def frozen_copy(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Sharded like the trained model, on the same data mesh and precision, but every
+        module (the root too) reshards after its forward: there is no backward to keep the
+        gathered weights for. (Sharded over the data-parallel ranks only: not split for
+        tensor parallelism.)"""
+        model = model.requires_grad_(False).eval()
+        offload = {"offload_policy": CPUOffloadPolicy()} if self.cfg.backend.offload_params else {}
+        if not offload:
+            model = model.to(self.device)
+        mesh = data_mesh(self.mesh if self.mesh is not None else self._mesh())
+        for block in model.layers:
+            fully_shard(block, mesh=mesh, reshard_after_forward=True, **block_precision(self.bf16), **offload)
+        fully_shard(model, mesh=mesh, reshard_after_forward=True, **offload)
+        return model
+
     @contextlib.contextmanager
     def micro_step_context(self, is_last: bool):
         """HSDP (``backend.hybrid_shard``): every micro-batch still reduce-scatters within

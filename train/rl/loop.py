@@ -26,8 +26,9 @@ batch (advantage whitening, explained variance, the reported reward/KL/length) i
 over all ranks' rows, and each rank's loss is weighted by its share of the minibatch's valid
 tokens, so the gradient DDP/FSDP averages is the one-process gradient of the same rows
 (tested: the first step of a 2-process run equals one process's on the same rollouts). Under
-FSDP/ZeRO-3 only the policy is sharded (gathered once per rollout batch); the critic is a DDP
-replica and the reference a whole frozen copy on every rank.
+FSDP/ZeRO-3 the policy is sharded (gathered once per rollout batch) and so is the
+full-fine-tuning reference (``Backend.frozen_copy``: gathered a layer at a time by its
+forward, 1/world of its weights per rank); the critic is a DDP replica.
 """
 
 from __future__ import annotations
@@ -363,9 +364,9 @@ class RLTrainer:
             lo = cfg.lora
             add_lora(policy, lo.name, lo.rank, lo.alpha, lo.dropout, list(lo.targets))
             train_only(policy, lo.name)
-            self.reference = None  # the policy with its adapters off
+            reference = None  # the policy with its adapters off
         else:
-            self.reference = copy.deepcopy(policy).requires_grad_(False).eval().to(self.device)
+            reference = copy.deepcopy(policy)  # before the backend wraps or shards the policy
         self.world, self.rank = b.data_parallel_size, b.data_parallel_rank
         rows = int(cfg.rl.prompts_per_step)
         if rows % self.world:
@@ -376,6 +377,7 @@ class RLTrainer:
             raise ConfigError("rl.minibatches", f"{cfg.rl.minibatches} does not divide the {local} rollouts each "
                               f"of the {self.world} ranks holds")
         b.setup(policy)
+        self.reference = None if reference is None else b.frozen_copy(reference)  # sharded like the policy
         self.policy = b.model
         # sampling runs the bare module: no DDP hooks around a forward that never backpropagates
         # (DDP's or DeepSpeed's module; FSDP's root itself, gathered once per batch)
