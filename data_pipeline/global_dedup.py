@@ -15,9 +15,17 @@ stages that each run as a Slurm array (task i of N, from SLURM_ARRAY_TASK_ID/_CO
    keys at a time, never all signatures.
 3. ``clusters`` (one task): union-find over the edges; in each cluster the survivor is the
    earliest document by (input file index, position in the file), so the result does not
-   depend on N or on the order tasks ran; ``<work>/remove/<file>.npy`` lists the others.
+   depend on N or on the order tasks ran; ``<work>/remove/<file>.npy`` lists the others
+   (rows of the file) and ``<work>/remove/<file>.survivors.npz`` the survivor each of them
+   duplicates (``kept``: its global id, file index << 32 | row) and whether the texts are
+   the same (``exact``; else they are MinHash near duplicates).
 4. ``filter``: rewrites the output files i, i+N, ... without them into --output-dir, with
-   ``.done`` markers holding the counts.
+   ``.done`` markers holding the counts, and beside each output the audit of its drops
+   (``<output>.audit.jsonl.gz``, prepare_data's format, data_pipeline/audit.py): one line
+   per removed document, step ``global_dedup``, reason ``exact_duplicate`` or
+   ``near_duplicate``, and the survivor's ``kept_id``, ``kept_url`` and ``kept_file`` (read
+   from its input file, or from a token shard's ids and URLs), so ``launch/why_dropped.py``
+   on the output directory names the document each drop duplicates.
 
 A stage's outputs are written atomically and a rerun skips finished ones, as for
 prepare_data. Inputs: the finished outputs of a prepare_data run, ``--format jsonl``
@@ -33,11 +41,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 
 import numpy as np
 
 from data_pipeline.runner import is_done, read_done, write_done
+
+log = logging.getLogger(__name__)
 
 
 class DedupInputError(ValueError):
@@ -46,6 +57,8 @@ class DedupInputError(ValueError):
 
 STAGES = ("signatures", "buckets", "clusters", "filter")
 EXACT_BAND = -1
+STEP = "global_dedup"  # the step name of the filter's audit lines
+ROW_MASK = 0xFFFFFFFF  # a global id is file index << 32 | row
 
 
 def input_files(input_dir: str) -> list[str]:
@@ -183,7 +196,8 @@ def stage_buckets(files, work, task, tasks, data_cfg) -> None:
 
 def stage_clusters(files, work, data_cfg) -> dict:
     done = os.path.join(work, "remove", "clusters.json")
-    if os.path.exists(done):
+    # A work directory from before survivors were recorded is clustered again (same result).
+    if os.path.exists(done) and all(os.path.exists(_survivors_path(work, i)) for i in range(len(files))):
         with open(done) as f:
             return json.load(f)
     num_bands = data_cfg.minhash_dedup.num_bands
@@ -203,14 +217,16 @@ def stage_clusters(files, work, data_cfg) -> dict:
         ra, rb = find(a), find(b)
         if ra != rb:  # the smaller id (earlier file, earlier document) stays the root: the survivor
             parent[max(ra, rb)] = min(ra, rb)
-    removed: dict[int, list[int]] = {}
-    for x in parent:
-        if find(x) != x:
-            removed.setdefault(x >> 32, []).append(x & 0xFFFFFFFF)
-    for i in range(len(files)):
-        rows = np.asarray(sorted(removed.get(i, [])), dtype=np.int64)
-        _save_atomic(os.path.join(work, "remove", f"{i:06d}.npy"), rows)
-    summary = {"files": len(files), "edges": int(len(edges)), "removed": sum(len(v) for v in removed.values()),
+    gone = np.asarray(sorted(x for x in parent if find(x) != x), dtype=np.int64)  # by file, then row
+    roots = np.asarray([find(x) for x in gone.tolist()], dtype=np.int64)
+    keys = _exact_keys(work, len(files), np.concatenate([gone, roots]))
+    exact = keys[: len(gone)] == keys[len(gone):]
+    bounds = np.searchsorted(gone >> 32, np.arange(len(files) + 1))
+    for i in range(len(files)):  # the survivors first: a removal list always has its survivors
+        mine = slice(bounds[i], bounds[i + 1])
+        _save_atomic(_survivors_path(work, i), kept=roots[mine], exact=exact[mine])
+        _save_atomic(os.path.join(work, "remove", f"{i:06d}.npy"), gone[mine] & ROW_MASK)
+    summary = {"files": len(files), "edges": int(len(edges)), "removed": int(len(gone)),
                "clusters": len({find(x) for x in parent})}
     tmp = f"{done}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -219,36 +235,128 @@ def stage_clusters(files, work, data_cfg) -> dict:
     return summary
 
 
+def _survivors_path(work: str, i: int) -> str:
+    return os.path.join(work, "remove", f"{i:06d}.survivors.npz")
+
+
+def _exact_keys(work: str, n_files: int, gids: np.ndarray) -> np.ndarray:
+    """The exact-content key of each document ``gids``, loading each file's keys once."""
+    keys = np.zeros(len(gids), dtype=np.int64)
+    order = np.argsort(gids >> 32, kind="stable")
+    bounds = np.searchsorted((gids >> 32)[order], np.arange(n_files + 1))
+    for i in range(n_files):
+        at = order[bounds[i]:bounds[i + 1]]
+        if len(at):
+            with np.load(os.path.join(work, "sig", f"{i:06d}.npz")) as z:
+                keys[at] = z["exact"][gids[at] & ROW_MASK]
+    return keys
+
+
+def _ids_and_urls(path: str, rows: set[int]) -> dict[int, tuple[str, str]]:
+    """``(id, url)`` of the documents at ``rows`` of an input file, read no further than the
+    last of them (token shards: from the ids and URLs kept beside them, not the tokens)."""
+    from data_pipeline.token_shards import DOCS_META_SUFFIX, read_token_shard
+
+    found: dict[int, tuple[str, str]] = {}
+    if not rows:
+        return found
+    meta = path[: -len(".bin")] + DOCS_META_SUFFIX if path.endswith(".bin") else path
+    if not os.path.exists(meta):  # a shard written before ids were kept: its placeholder ids
+        return {j: (r["id"], r["url"]) for j, r in enumerate(read_token_shard(path)) if j in rows}
+    last = max(rows)
+    with gzip.open(meta, "rt", encoding="utf-8") as f:
+        for j, line in enumerate(f):
+            if j in rows:
+                doc = json.loads(line)
+                found[j] = (doc.get("id", ""), doc.get("url", ""))
+            if j >= last:
+                break
+    return found
+
+
+def _survivors(files: list[str], work: str, i: int, drop: np.ndarray) -> dict[int, dict] | None:
+    """For each removed row of file ``i``: its reason and the audit facts of the document it
+    duplicates (id, URL, file); None for a work directory clustered before survivors were
+    recorded (rerun the clusters stage to get them)."""
+    path = _survivors_path(work, i)
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as z:
+        kept, exact = z["kept"], z["exact"]
+    if len(kept) != len(drop):
+        raise DedupInputError(f"dedup_global: {path} does not match its removal list: rerun the clusters stage")
+    wanted: dict[int, set[int]] = {}
+    for g in kept.tolist():
+        wanted.setdefault(g >> 32, set()).add(g & ROW_MASK)
+    where = {f: _ids_and_urls(files[f], rows) for f, rows in wanted.items()}
+    out = {}
+    for row, g, same in zip(drop.tolist(), kept.tolist(), exact.tolist()):
+        kept_id, kept_url = where[g >> 32][g & ROW_MASK]
+        out[row] = {"reason": "exact_duplicate" if same else "near_duplicate",
+                    "details": {"kept_id": kept_id, "kept_url": kept_url, "kept_file": files[g >> 32]}}
+    return out
+
+
 def stage_filter(files, work, out_dir, task, tasks) -> None:
+    from data_pipeline.audit import AUDIT_SUFFIX, Audit
+
     os.makedirs(out_dir, exist_ok=True)
     for i in range(task, len(files), tasks):
         out = os.path.join(out_dir, os.path.basename(files[i]))
         if is_done(out):
             continue
-        drop = set(np.load(os.path.join(work, "remove", f"{i:06d}.npy")).tolist())
-        if files[i].endswith(".bin"):
-            _filter_token_shard(files[i], out, drop)
-            continue
-        kept = 0
-        tmp = f"{out}.tmp{os.getpid()}"
-        with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=5) as f:
-            for j, doc in enumerate(read_docs(files[i])):
-                if j not in drop:
-                    f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-                    kept += 1
-        os.replace(tmp, out)
-        write_done(out, {"input": files[i], "output": out, "docs": kept, "removed_as_duplicates": len(drop)})
+        drop = np.load(os.path.join(work, "remove", f"{i:06d}.npy"))
+        removed = _survivors(files, work, i, drop)
+        audit = Audit(out + AUDIT_SUFFIX) if removed is not None else None
+        if removed is None:
+            log.warning("%s: no survivors recorded in %s (clustered by an older version): no audit written; "
+                        "rerun the clusters stage for one", out, work)
+            removed = dict.fromkeys(drop.tolist())
+        try:
+            if files[i].endswith(".bin"):
+                counts = _filter_token_shard(files[i], out, removed, audit)
+            else:
+                counts = {"docs": _write_jsonl(out, _not_removed(read_docs(files[i]), removed, audit, files[i]))}
+        except BaseException:
+            if audit is not None:
+                audit.abandon()
+            raise
+        stats = {"input": files[i], "output": out, **counts, "removed_as_duplicates": len(drop)}
+        if audit is not None:
+            audit.close()  # before the done marker: a finished output always has its audit
+            stats["audit"] = {"path": audit.path, "lines": audit.lines}
+        write_done(out, stats)
 
 
-def _filter_token_shard(path: str, out: str, drop: set) -> None:
-    """A token shard without the rows in ``drop``, with the source's tokenizer beside it."""
+def _not_removed(docs, removed: dict, audit, path: str):
+    """The documents whose position is not in ``removed``; each removed one is audited
+    with the survivor it duplicates."""
+    for j, doc in enumerate(docs):
+        if j not in removed:
+            yield doc
+        elif audit is not None:
+            audit.dropped(STEP, removed[j]["reason"], url=doc.get("url") or "", doc_id=doc.get("id") or "",
+                          file=path, offset=j, details=removed[j]["details"])
+
+
+def _write_jsonl(out: str, docs) -> int:
+    tmp, n = f"{out}.tmp{os.getpid()}", 0
+    with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=5) as f:
+        for doc in docs:
+            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, out)
+    return n
+
+
+def _filter_token_shard(path: str, out: str, removed: dict, audit) -> dict:
+    """A token shard without the rows in ``removed``, with the source's tokenizer beside it;
+    returns the counts for the done marker."""
     from data_pipeline.token_shards import install_tokenizer, read_token_shard, write_token_rows
 
     install_tokenizer(_tokenizer_of(path).path, os.path.dirname(out))
-    manifest = read_done(path)
-    rows = (r for j, r in enumerate(read_token_shard(path)) if j not in drop)
-    counts = write_token_rows(rows, out[: -len(".bin")], manifest)
-    write_done(out, {"input": path, "output": out, **counts, "removed_as_duplicates": len(drop)})
+    rows = _not_removed(read_token_shard(path), removed, audit, path)
+    return write_token_rows(rows, out[: -len(".bin")], read_done(path))
 
 
 def run_stage(stage: str, files: list[str], work: str, task: int, tasks: int, data_cfg,

@@ -1,6 +1,7 @@
-"""Why was this URL dropped? Reads the audits ``prepare_data --audit`` wrote.
+"""Why was this URL dropped? Reads the audits ``prepare_data --audit`` wrote, or those
+``dedup_global`` writes beside its outputs (each cross-file duplicate with the document kept).
 
-    python launch/why_dropped.py <prepare_data output dir> <url> [<url> ...]
+    python launch/why_dropped.py <prepare_data or dedup_global output dir> <url> [<url> ...]
     python launch/why_dropped.py <output dir> --contains docs.python.org/3.11/genindex
 
 For each URL: the step, reason, statistic and threshold that dropped it, the input file
@@ -29,14 +30,17 @@ def describe(row: dict) -> str:
     lang = ""
     if "language" in row:  # the score is the statistic of a low-score drop; a wrong language's is said here
         lang = f" ({row['language']})" if "stat" in row else f", language {row['language']} at {row['language_score']}"
-    dup = f", duplicate of {row.get('kept_url') or '?'} (id {row.get('kept_id') or '?'})" if "kept_id" in row else ""
+    where_kept = f" in {row['kept_file']}" if row.get("kept_file") else ""  # global dedup: another file
+    dup = (f", duplicate of {row.get('kept_url') or '?'} (id {row.get('kept_id') or '?'}{where_kept})"
+           if "kept_id" in row else "")
     where = f"{row['file']} at {row['offset']}" if row.get("file") else "?"
     return f"dropped by {row['step']}: {row['reason']}{stat}{lang}{dup} ({where})"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("output_dir", help="a launch/prepare_data.py --output-dir that was run with --audit")
+    ap.add_argument("output_dir", help="a launch/prepare_data.py --output-dir that was run with --audit, or a "
+                    "launch/dedup_global.py --output-dir")
     ap.add_argument("urls", nargs="*", help="exact URLs")
     ap.add_argument("--contains", help="every URL containing this text instead")
     a = ap.parse_args(argv)
@@ -44,7 +48,8 @@ def main(argv=None) -> int:
         ap.error(f"{a.output_dir}: not a directory")
     files = audit_files(a.output_dir)
     if not files:
-        print(f"why_dropped: no *.audit.jsonl.gz in {a.output_dir}: run launch/prepare_data.py with --audit",
+        print(f"why_dropped: no *.audit.jsonl.gz in {a.output_dir}: run launch/prepare_data.py with --audit "
+              "(launch/dedup_global.py's filter stage writes them always)",
               file=sys.stderr)
         return 2
     if not a.urls and not a.contains:

@@ -1,9 +1,11 @@
-"""Exact and MinHash dedup: what counts as a duplicate, bounded memory, checkpointable state."""
+"""Exact and MinHash dedup: what counts as a duplicate, bounded memory, checkpointable state;
+global dedup across files accounts for every document it drops (its audit)."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import random
 
 import numpy as np
@@ -133,3 +135,139 @@ def test_minhash_state_survives_a_checkpoint(threshold):
 
 def test_minhash_empty_text_is_passed_through():
     assert kept(MinHashDedup(), ["", ""]) == [0, 1]
+
+
+# Global dedup (data_pipeline/global_dedup.py) across files: its filter stage's audit.
+
+def story(k: int) -> str:
+    return f"Story {k}: " + " ".join(f"w{k}x{i}" for i in range(80)) + "."
+
+
+NEAR2 = story(2).replace("w2x40", "changed")  # one word of 82: Jaccard of 5-gram shingles ~0.9
+# file -> (id, text); a copy's survivor is its cluster's earliest document, which may be in another file
+GLOBAL_FILES = {
+    0: [("a0", story(0)), ("a1", story(1)), ("a2", story(2))],
+    1: [("b0", story(3)), ("b1", story(0)), ("b2", story(4)), ("b3", NEAR2)],
+    2: [("c0", story(0)), ("c1", story(5)), ("c2", story(3)), ("c3", NEAR2)],
+}
+# dropped id -> (reason, survivor id): c3 is an exact copy of b3, but b3 is itself removed and
+# the cluster's survivor a2 is only a near duplicate of it
+GLOBAL_DROPS = {"b1": ("exact_duplicate", "a0"), "b3": ("near_duplicate", "a2"), "c0": ("exact_duplicate", "a0"),
+                "c2": ("exact_duplicate", "b0"), "c3": ("near_duplicate", "a2")}
+
+
+def _url(doc_id: str) -> str:
+    return f"https://g.example/{doc_id}"
+
+
+def _global_inputs(directory, fmt: str, tokenizer=None) -> None:
+    import gzip
+
+    from data_pipeline.runner import write_done
+    from data_pipeline.token_shards import install_tokenizer, write_token_shard
+
+    directory.mkdir()
+    for f, docs in GLOBAL_FILES.items():
+        if fmt == "tokens":
+            prefix = str(directory / f"part{f}")
+            counts = write_token_shard([Document(id=i, text=t, url=_url(i)) for i, t in docs], tokenizer, prefix)
+            write_done(prefix + ".bin", counts)
+        else:
+            with gzip.open(directory / f"part{f}.jsonl.gz", "wt") as out:
+                out.writelines(json.dumps({"id": i, "text": t, "url": _url(i)}) + "\n" for i, t in docs)
+    if fmt == "tokens":
+        install_tokenizer(tokenizer.path, str(directory))
+
+
+def _run_global(src, work: str, dedup, tasks: int) -> list[str]:
+    from data_pipeline import global_dedup
+    from data_pipeline.runner import load_data_cfg
+
+    cfg = load_data_cfg([])
+    files = global_dedup.input_files(str(src))
+    global_dedup.check_inputs(work, files, cfg)
+    for stage in global_dedup.STAGES:
+        for task in range(tasks):
+            global_dedup.run_stage(stage, files, work, task, tasks, cfg, str(dedup))
+    return files
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "tokens"])
+def test_global_dedup_audits_every_drop_with_the_survivor_it_duplicates(tmp_path, fmt, request):
+    """Every document the filter stage drops is in the audit beside its output exactly once,
+    naming the cluster's survivor (in another file, read from that file's docs or a token
+    shard's ids and URLs); kept plus audited is every input document; why_dropped on the
+    output directory names the kept document; the audits are not taken for inputs."""
+    import collections
+    import subprocess
+    import sys
+
+    from data_pipeline import global_dedup
+    from data_pipeline.audit import kept_documents, output_files, read_audits
+    from data_pipeline.runner import read_done
+
+    tokenizer = request.getfixturevalue("tokenizer") if fmt == "tokens" else None
+    src, dedup = tmp_path / "prepared", tmp_path / "dedup"
+    _global_inputs(src, fmt, tokenizer)
+    files = _run_global(src, str(tmp_path / "work"), dedup, tasks=2)
+    assert len(files) == 3
+
+    outputs = output_files(str(dedup))
+    assert [os.path.basename(p) for p in outputs] == [os.path.basename(p) for p in files]
+    assert global_dedup.input_files(str(dedup)) == outputs  # the audits beside them are not inputs
+    file_of = {i: files[f] for f, docs in GLOBAL_FILES.items() for i, _ in docs}
+    audited = []
+    for f, out in enumerate(outputs):
+        done = read_done(out)
+        rows = list(read_audits([done["audit"]["path"]]))
+        assert done["audit"]["path"] == out + ".audit.jsonl.gz"
+        assert len(rows) == done["removed_as_duplicates"] == done["audit"]["lines"]
+        kept = [d["id"] for d in kept_documents(str(dedup)) if file_of[d["id"]] == files[f]]
+        assert len(kept) == done["docs"]
+        assert sorted(kept + [r["id"] for r in rows]) == sorted(i for i, _ in GLOBAL_FILES[f])
+        for r in rows:
+            assert r["step"] == "global_dedup" and r["file"] == files[f] and r["url"] == _url(r["id"])
+            assert [i for i, _ in GLOBAL_FILES[f]][r["offset"]] == r["id"]
+        audited += rows
+    assert collections.Counter(r["id"] for r in audited) == collections.Counter(list(GLOBAL_DROPS))  # each once
+    for r in audited:
+        reason, survivor = GLOBAL_DROPS[r["id"]]
+        assert (r["reason"], r["kept_id"], r["kept_url"], r["kept_file"]) == (reason, survivor, _url(survivor),
+                                                                            file_of[survivor])
+        assert r["kept_file"] != r["file"]
+    kept_ids = {d["id"] for d in kept_documents(str(dedup))}
+    assert kept_ids == {i for docs in GLOBAL_FILES.values() for i, _ in docs} - set(GLOBAL_DROPS)
+
+    said = subprocess.run([sys.executable, "launch/why_dropped.py", str(dedup), _url("c3"), _url("a2")],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          capture_output=True, text=True)
+    assert said.returncode == 0, said.stdout + said.stderr
+    assert (f"{_url('c3')}: dropped by global_dedup: near_duplicate, duplicate of {_url('a2')} "
+            f"(id a2 in {files[0]}) ({files[2]} at 3)") in said.stdout
+    assert f"{_url('a2')}: kept" in said.stdout
+
+
+def test_global_dedup_rerun_keeps_finished_audits_and_reclusters_a_work_dir_without_survivors(tmp_path):
+    """A rerun skips finished files (their audits untouched); a work directory clustered
+    before survivors were recorded is clustered again, so a redone file gets its audit."""
+    import glob
+
+    from data_pipeline.audit import read_audits
+
+    src, work, dedup = tmp_path / "prepared", str(tmp_path / "work"), tmp_path / "dedup"
+    _global_inputs(src, "jsonl")
+    _run_global(src, work, dedup, tasks=1)
+    audits = sorted(glob.glob(str(dedup / "*.audit.jsonl.gz")))
+    assert len(audits) == 3
+    before = {p: (os.stat(p).st_mtime_ns, open(p, "rb").read()) for p in audits}
+    survivors = sorted(glob.glob(os.path.join(work, "remove", "*.survivors.npz")))
+    assert len(survivors) == 3
+    for p in survivors:  # as an older version left the work directory
+        os.remove(p)
+    os.remove(audits[2])
+    os.remove(str(dedup / "part2.jsonl.gz.done"))
+    _run_global(src, work, dedup, tasks=1)
+    assert sorted(glob.glob(os.path.join(work, "remove", "*.survivors.npz"))) == survivors
+    after = {p: (os.stat(p).st_mtime_ns, open(p, "rb").read()) for p in audits}
+    assert {p: after[p] for p in audits[:2]} == {p: before[p] for p in audits[:2]}  # skipped
+    assert [(r["id"], r["kept_id"]) for r in read_audits([audits[2]])] == [("c0", "a0"), ("c2", "b0"), ("c3", "a2")]
