@@ -189,3 +189,25 @@ def test_a_skip_reason_pickles_with_its_offset_and_url():
 
     s = pickle.loads(pickle.dumps(Skip("too_large", 123, "https://e.example/")))
     assert s == "too_large" and s.offset == 123 and s.url == "https://e.example/"
+
+
+def test_a_glob_or_directory_of_outputs_reads_the_documents_not_their_audits(tmp_path):
+    """prepare_data and dedup_global write ``<output>.audit.jsonl.gz`` (its text audits carry a
+    ``text`` field) and token shards' ``<name>.docs.jsonl.gz`` beside their outputs: the
+    README's next step globs ``data/dedup/*.jsonl.gz``, which must not read them as documents.
+    A side file named on its own is still read (the user asked for it)."""
+    from data_pipeline.audit import AUDIT_SUFFIX
+    from data_pipeline.readers.base import expand_paths
+    from data_pipeline.token_shards import DOCS_META_SUFFIX
+
+    out = tmp_path / "dedup"
+    out.mkdir()
+    doc = write_jsonl(out / "part0.jsonl.gz", ROWS[:3])
+    audit = write_jsonl(out / f"part0.jsonl.gz{AUDIT_SUFFIX}", [{"id": "dropped", "text": "an audited page"}])
+    write_jsonl(out / f"shard0{DOCS_META_SUFFIX}", [{"id": "doc0", "url": "https://x.org/0"}])
+    for spec in (str(out / "*.jsonl.gz"), str(out), str(out / "**" / "*.gz")):
+        files = expand_paths(spec)
+        assert files == [doc], spec
+        cfg = SourceConfig(name="x", format="jsonl", paths=[spec])
+        assert [d.id for d in build_reader(cfg)] == ["doc0", "doc1", "doc2"]
+    assert expand_paths(audit) == [audit]

@@ -24,8 +24,15 @@ from data_pipeline.step import StepStats
 def expand_paths(paths) -> list[str]:
     """Globs, fsspec URLs and manifests (``*.paths[.gz]``, e.g. Common Crawl's
     ``warc.paths.gz``: data_pipeline/readers/remote.py) to a de-duplicated list of files,
-    sorted per pattern (a manifest keeps its order); error if none."""
+    sorted per pattern (a manifest keeps its order); error if none. A glob or a directory
+    never yields the files kiln writes beside an output (its audit, a token shard's document
+    list): ``data/dedup/*.jsonl.gz`` means the documents, not their audits."""
+    from data_pipeline.audit import AUDIT_SUFFIX
     from data_pipeline.readers.remote import is_manifest, manifest_entries
+    from data_pipeline.token_shards import DOCS_META_SUFFIX
+
+    def documents(found):
+        return sorted(f for f in found if not f.endswith((AUDIT_SUFFIX, DOCS_META_SUFFIX)))
 
     if isinstance(paths, str):
         paths = [paths]
@@ -37,11 +44,11 @@ def expand_paths(paths) -> list[str]:
         elif "://" in p:
             _fs, _, found = fsspec.get_fs_token_paths(p)
             proto = p.split("://", 1)[0]
-            out.extend(sorted(f if "://" in f else f"{proto}://{f}" for f in found))
+            out.extend(documents(f if "://" in f else f"{proto}://{f}" for f in found))
         elif any(ch in p for ch in "*?["):
-            out.extend(sorted(glob.glob(p, recursive=True)))
+            out.extend(documents(glob.glob(p, recursive=True)))
         elif os.path.isdir(p):
-            out.extend(sorted(os.path.join(p, f) for f in os.listdir(p) if not f.startswith(".")))
+            out.extend(documents(os.path.join(p, f) for f in os.listdir(p) if not f.startswith(".")))
         elif os.path.exists(p):
             out.append(p)
         else:
