@@ -1,9 +1,10 @@
-"""Rollout generation throughput: sampled tokens/s of train/rl/rollout.py's ``sample`` on one
-process against 2 CPU processes under FSDP (gloo), with the parameters gathered once per
-rollout batch (``gathered_for_generation``) and, for comparison, gathered by FSDP's own hooks
-for every decoding step (plain ``generate`` on the sharded model).
+"""Rollout generation throughput per backend: sampled tokens/s of train/rl/rollout.py's
+``sample`` on one process against 2 CPU processes (gloo) under DDP, FSDP and ZeRO-3. Under
+FSDP and ZeRO-3 the parameters are gathered once per rollout batch
+(``gathered_for_generation``) and, for comparison, by the backend's own hooks for every
+decoding step (plain ``generate`` on the sharded model).
 
-  python benchmarks/bench_rollout.py                 # runs the single row, then torchrun for the FSDP rows
+  python benchmarks/bench_rollout.py                 # the single row, then torchrun (DDP, FSDP) and deepspeed (ZeRO-3)
   python benchmarks/bench_rollout.py --rows 8 --new 32 --d-model 256 --layers 4
 
 Every rank samples its own batch of ``--rows`` prompts for exactly ``--new`` tokens (no stop
@@ -25,6 +26,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from tests.ports import free_port  # noqa: E402
+
 
 def build(args, backend_name: str):
     import torch
@@ -35,7 +38,9 @@ def build(args, backend_name: str):
     from train.config import register_configs
 
     register_configs()
-    cfg = compose([f"backend={backend_name}", "train.device=cpu", "train.precision=fp32", f"run_dir={args.tmp}"])
+    extra = ["backend.zero_stage=3"] if backend_name == "deepspeed" else []
+    cfg = compose([f"backend={backend_name}", *extra, "train.device=cpu", "train.precision=fp32",
+                   f"run_dir={args.tmp}"])
     b = build_backend(cfg)
     torch.manual_seed(0)
     mc = ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=8, n_kv_heads=4, vocab_size=args.vocab,
@@ -84,7 +89,7 @@ def run(args, backend_name: str) -> dict:
     dt, r = timed(gathered)
     out["gathered_tokens_per_s"] = args.rows * args.new * b.world_size / dt
     out["tokens_rank0"] = r.responses[:, :args.new].tolist()
-    if b.world_size > 1:
+    if b.world_size > 1 and backend_name != "ddp":  # a replica has nothing to gather
         def per_step(i):
             g = torch.Generator().manual_seed(100 + i)
             return generate(model, prompts, args.new, temperature=1.0, generator=g, device=b.device)
@@ -116,21 +121,32 @@ def main() -> None:
         run(args, args.worker)
         return
     single = run(args, "single")
-    out = os.path.join(args.tmp, "fsdp.json")
     os.makedirs(args.tmp, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.abspath(__file__),
-           "--worker", "fsdp", "--out", out] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                                                 if k in ("rows", "new", "d_model", "layers", "vocab", "repeats")]
-    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    with open(out) as f:
-        fsdp = json.load(f)
+    sizes = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+             if k in ("rows", "new", "d_model", "layers", "vocab", "repeats")]
+    rows = {}
+    for backend, start in (("ddp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]),
+                           ("fsdp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]),
+                           ("deepspeed", ["deepspeed", "--no_local_rank", "--num_gpus", "2"])):
+        out = os.path.join(args.tmp, f"{backend}.json")
+        cmd = [*start, "--master_port", free_port(), os.path.abspath(__file__), "--worker", backend, "--out", out,
+               *sizes]
+        subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        with open(out) as f:
+            rows[backend] = json.load(f)
     print(f"rollout generation, {args.rows} prompts x {args.new} new tokens per process, d_model={args.d_model} "
           f"layers={args.layers} vocab={args.vocab}, CPU, fp32, median of {args.repeats}")
-    print(f"  single, 1 process:                        {single['gathered_tokens_per_s']:8.1f} tokens/s")
-    print(f"  FSDP, 2 processes, gathered once per batch: {fsdp['gathered_tokens_per_s']:8.1f} tokens/s (both ranks)")
-    print(f"  FSDP, 2 processes, gathered every step:     {fsdp['per_step_tokens_per_s']:8.1f} tokens/s (both ranks)")
-    same = fsdp["tokens_rank0"] == single["tokens_rank0"]
-    print(f"  FSDP rank 0 sampled the same tokens as one process: {same}")
+    print(f"  single, 1 process:                              {single['gathered_tokens_per_s']:8.1f} tokens/s")
+    print(f"  DDP, 2 processes:                               {rows['ddp']['gathered_tokens_per_s']:8.1f} tokens/s "
+          "(both ranks)")
+    for backend, name in (("fsdp", "FSDP"), ("deepspeed", "ZeRO-3")):
+        r = rows[backend]
+        print(f"  {name + ', 2 processes, gathered once per batch:':47} {r['gathered_tokens_per_s']:8.1f} tokens/s "
+              "(both ranks)")
+        print(f"  {name + ', 2 processes, gathered every step:':47} {r['per_step_tokens_per_s']:8.1f} tokens/s "
+              "(both ranks)")
+    for backend, r in rows.items():
+        print(f"  {backend} rank 0 sampled the same tokens as one process: {r['tokens_rank0'] == single['tokens_rank0']}")
 
 
 if __name__ == "__main__":
