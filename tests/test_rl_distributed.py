@@ -16,7 +16,9 @@ summation order (a rank's prompts are left-padded to its own widest prompt, and 
 sums split across ranks): the tolerance is 1e-5 absolute on the losses and metrics (seen: under 5e-7)
 and 2e-4 on the weights after two optimiser steps (seen: under 6e-5; Adam divides each
 gradient entry by its own running scale, so float noise in near-zero entries shows there). The second epoch's loss is computed
-after one update, so a wrong gradient on either rank moves it.
+after one update, so a wrong gradient on either rank moves it. Before the step every rank
+also evaluates (the held-out prompts with one fixed seed, through the sharded policy and
+reference) and gets one process's samples, reward and KL.
 """
 
 from __future__ import annotations
@@ -98,13 +100,15 @@ def worker(base: str, out_dir: str, backends: list[str]) -> None:
                 held = [(p.ds_tensor.numel(), p.ds_numel) for p in model.parameters()]
                 assert all(2 * local == whole for local, whole in held), held
             assert not any(p.requires_grad for p in trainer.reference.parameters())
+        evaluated = trainer.evaluate()  # every rank, collectively: sharded policy and reference alike
         sampled, _, tps = trainer.collect()
         r = cut(trainer, sampled, trainer.rank)
         scores = trainer.scorer(r, [""] * len(r.tokens))
         P = r.prompt_len
         mine = {"prompts": [row[:P][km[:P]].tolist() for row, km in zip(r.tokens, r.key_mask)],
                 "sampled": sampled.responses.clone(), "sampled_logprobs": sampled.logprobs.clone(),
-                "responses": r.responses.clone(), "logprobs": r.logprobs.clone(), "scores": scores.clone()}
+                "responses": r.responses.clone(), "logprobs": r.logprobs.clone(), "scores": scores.clone(),
+                "evaluated": evaluated}
         metrics = trainer.optimise(r, scores, tps)
         if backend == "ddp" and algo == "grpo":  # every rank's sampler state is checkpointed and restored
             trainer.save()
@@ -190,6 +194,13 @@ def test_two_process_first_step_matches_one_process_on_the_same_rollouts(base, l
     assert torch.allclose(alone.logprobs, ranks[0]["sampled_logprobs"], atol=TOL, rtol=0)
     from train.rl.rollout import response_mask
 
+    # evaluation before the step (every rank, the same held-out prompts and seed) is one process's
+    ev = one.evaluate()
+    assert ev is not None and len(ev["samples"]) > 1
+    for k in ranks:
+        assert [x["reply"] for x in k["evaluated"]["samples"]] == [x["reply"] for x in ev["samples"]]
+        for key in ("eval_reward_mean", "eval_kl", "eval_response_len"):
+            assert abs(k["evaluated"][key] - ev[key]) <= TOL, (key, k["evaluated"][key], ev[key])
     counts = [int(response_mask(k["responses"], one.stop_ids).sum()) for k in ranks]
     assert counts[0] != counts[1]  # the ranks hold different numbers of valid tokens
     keys = ["loss", "entropy", "reward_mean", "reward_std", "kl", "response_len", "clip_frac"]
