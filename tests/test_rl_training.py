@@ -77,18 +77,21 @@ def test_grpo_raises_a_verifiable_reward_without_a_critic(base, tmp_path):
     assert not os.path.exists(run / "checkpoints" / "step_00000014" / "critic.safetensors")
 
 
-def test_stop_and_resume_repeat_the_uninterrupted_losses(base, tmp_path):
-    small = ("train.max_steps=4", "rl.prompts_per_step=4", "rl.epochs=2", "checkpoint.every=100")
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_stop_and_resume_repeat_the_uninterrupted_losses(base, tmp_path, algo):
+    small = ("train.max_steps=4", "rl.prompts_per_step=4", "rl.epochs=2", "checkpoint.every=100", "rl.group_size=2")
     whole, split = tmp_path / "whole", tmp_path / "split"
-    fit(rl_cfg(whole, base, "ppo", *small))
-    stopped = fit(rl_cfg(split, base, "ppo", *small, "train.stop_at_step=2"))
+    fit(rl_cfg(whole, base, algo, *small))
+    stopped = fit(rl_cfg(split, base, algo, *small, "train.stop_at_step=2"))
     assert stopped.get("stopped") and stopped["final_step"] == 2
-    assert os.path.isfile(split / "checkpoints" / "step_00000002" / "critic.safetensors")
-    resumed = fit(rl_cfg(split, base, "ppo", *small))
+    critic = os.path.isfile(split / "checkpoints" / "step_00000002" / "critic.safetensors")
+    assert critic == (algo == "ppo")
+    resumed = fit(rl_cfg(split, base, algo, *small))
     assert resumed["resumed_from"].endswith("step_00000002") and resumed["start_step"] == 2
     a, b = records(whole), records(split)
-    for step in (3, 4):  # sampling RNG, prompt position, policy + critic + optimizers all restored
-        for key in ("loss", "value_loss", "reward_mean", "kl", "response_len"):
+    keys = ["loss", "reward_mean", "kl", "response_len", "entropy"] + (["value_loss"] if algo == "ppo" else [])
+    for step in (3, 4):  # sampling RNG, prompt position, policy (+ critic) + optimizers all restored
+        for key in keys:
             assert b[step][key] == a[step][key], (step, key, a[step][key], b[step][key])
 
 
