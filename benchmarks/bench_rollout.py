@@ -84,7 +84,7 @@ def run(args, backend_name: str) -> dict:
 
     def gathered(i):
         g = torch.Generator().manual_seed(100 + i)
-        return sample(model, prompts, args.new, 1.0, 1.0, [], 0, g, b.device)
+        return sample(model, prompts, args.new, 1.0, 1.0, [], 0, g, b.device, zero3_offload=b.zero3_offload(model))
 
     dt, r = timed(gathered)
     out["gathered_tokens_per_s"] = args.rows * args.new * b.world_size / dt

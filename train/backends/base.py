@@ -118,6 +118,12 @@ class Backend(HostCollectives):
         """Place/wrap the model and build the optimizer."""
         raise NotImplementedError
 
+    def zero3_offload(self, module: torch.nn.Module):
+        """The owner of the ZeRO-3 hooks that gather ``module``'s parameters around each
+        forward (DeepSpeed's ``DeepSpeedZeRoOffload``), for code that gathers them itself for
+        many forwards (train/rl/rollout.py); None where nothing is partitioned that way."""
+        return None
+
     def frozen_copy(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` frozen, to run forward only (RL's reference policy), held as this backend
         holds trained weights: whole on every rank here; FSDP and ZeRO-3 shard it, so a second

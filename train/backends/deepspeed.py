@@ -261,6 +261,18 @@ class DeepSpeedBackend(Backend):
         self._frozen_engines.append(engine)  # its hooks' owner lives as long as the backend
         return engine.module.eval()
 
+    def zero3_offload(self, module: torch.nn.Module):
+        """The trained engine's (its ZeRO-3 optimizer's ``parameter_offload``) or a frozen
+        copy's engine's (no optimizer: the offload is the engine's optimizer)."""
+        if int(self.cfg.backend.zero_stage) != 3:
+            return None
+        if module is self.raw_model:
+            return self.engine.optimizer.parameter_offload
+        for engine in self._frozen_engines:
+            if module is engine.module:
+                return engine.optimizer
+        raise ValueError("the module is not one of this backend's ZeRO-3 engines")
+
     def shutdown(self) -> None:
         """Leave the group, then remove this rank's shared-memory segment of DeepSpeed's CPU
         all-reduce (/dev/shm/deepspeed_allreduce_buffer_*: 66 MB a rank). DeepSpeed never

@@ -450,7 +450,8 @@ class RLTrainer:
         ids = [p[1] for p in prompts for _ in range(self.task.samples_per_prompt)]
         t0 = time.perf_counter()
         r = sample(self.sampling_model, ids, int(self.cfg.rl.max_new_tokens), float(self.cfg.rl.temperature),
-                   float(self.cfg.rl.top_p), self.stop_ids, self.pad_id, generator, self.device, self.autocast)
+                   float(self.cfg.rl.top_p), self.stop_ids, self.pad_id, generator, self.device, self.autocast,
+                   self.backend.zero3_offload(self.sampling_model))
         dt = time.perf_counter() - t0
         return r, float(r.response_mask.sum()) / max(dt, 1e-9)
 
@@ -517,7 +518,7 @@ class RLTrainer:
         g = torch.Generator(device=self.device).manual_seed(int(self.cfg.rl.seed) + 1)
         r = sample(self.sampling_model, [p[1] for p in prompts], int(self.cfg.rl.max_new_tokens),
                    float(self.cfg.rl.temperature), float(self.cfg.rl.top_p), self.stop_ids, self.pad_id, g,
-                   self.device, self.autocast)
+                   self.device, self.autocast, self.backend.zero3_offload(self.sampling_model))
         scores = self.scorer(r, [p[0] for p in prompts])
         ref = self.reference_logprobs(r)
         kl = (L.kl_estimate(r.logprobs, ref, "k1") * r.response_mask).sum(1)

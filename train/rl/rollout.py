@@ -21,8 +21,13 @@ unsharded through every decoding step (one all-gather per module per batch, wher
 hooks gather every block at every step: tests/test_rl_fsdp_rollout.py counts both), then
 reshards them and puts back each module's reshard-after-forward setting. Ranks may then also
 stop decoding at different steps (no collective runs inside the batch). ZeRO-3 gathers all
-parameters with ``deepspeed.zero.GatheredParameters`` (exercised by the RL loop's ZeRO-3
-test, tests/test_rl_distributed.py; its gathers are not counted by a test).
+parameters with ``deepspeed.zero.GatheredParameters`` and takes its engine's per-module
+hooks off for the batch (``zero3_offload``, the engine's ``DeepSpeedZeRoOffload``, owner of
+those hooks), as TRL's ``ds3_gather_for_generation`` does: with the hooks on, each module's
+forward frees what ``GatheredParameters`` gathered and the next decoding step gathers it
+again, so the batch paid every per-step gather plus one, and a rank whose rows all stopped
+early left the others waiting in a gather. tests/test_rl_zero3_rollout.py counts the
+elements gathered both ways.
 """
 
 from __future__ import annotations
@@ -89,9 +94,10 @@ def build_rollout(prompts: list[list[int]], responses: torch.Tensor, logprobs: t
 
 
 @contextlib.contextmanager
-def gathered_for_generation(model: torch.nn.Module):
+def gathered_for_generation(model: torch.nn.Module, zero3_offload=None):
     """Parameters whole for the duration of a rollout batch (see module docstring); a no-op
-    for a model that is not sharded."""
+    for a model that is not sharded. A ZeRO-3 model needs ``zero3_offload``, its engine's
+    hook owner (``Backend.zero3_offload``)."""
     fsdp = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "set_reshard_after_forward")]
     if fsdp:  # FSDP2 (fully_shard): one all-gather per module for the whole batch
         # FSDP decides the root's own setting at its lazy init (the first forward): run it now,
@@ -116,8 +122,24 @@ def gathered_for_generation(model: torch.nn.Module):
     if zero3:
         import deepspeed
 
+        if zero3_offload is None:
+            raise ValueError("a ZeRO-3 model is gathered for generation with its engine's zero3_offload "
+                             "(Backend.zero3_offload): its hooks would free each gathered module after its forward")
+        off = zero3_offload
         with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
-            yield
+            for p in zero3:
+                p.ds_active_sub_modules.clear()
+            # every hook off: the per-module fetch/release ones and the root's start-of-forward
+            # one, whose trace check is a collective at each forward
+            start = off.module._forward_pre_hooks[off.fwd_pre_hook.id]
+            for h in [off.fwd_pre_hook, *off.forward_hooks, *off.backward_hooks]:
+                h.remove()
+            off.forward_hooks, off.backward_hooks = [], []
+            try:
+                yield
+            finally:  # back in their original order
+                off.fwd_pre_hook = off.module.register_forward_pre_hook(start)
+                off._register_deepspeed_module(off.module)
         return
     yield
 
@@ -125,9 +147,10 @@ def gathered_for_generation(model: torch.nn.Module):
 @torch.no_grad()
 def sample(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float,
            top_p: float, stop_ids, pad_id: int, generator: torch.Generator | None, device: torch.device,
-           autocast=contextlib.nullcontext) -> Rollout:
-    """One batch of responses to ``prompts`` (token-id lists), with sampling-time log-probs."""
-    with gathered_for_generation(model), autocast():
+           autocast=contextlib.nullcontext, zero3_offload=None) -> Rollout:
+    """One batch of responses to ``prompts`` (token-id lists), with sampling-time log-probs;
+    ``zero3_offload``: see ``gathered_for_generation``."""
+    with gathered_for_generation(model, zero3_offload), autocast():
         out, logps = generate(model, prompts, max_new_tokens, temperature=temperature,
                               top_p=top_p if top_p < 1.0 else None, eos_id=list(stop_ids), generator=generator,
                               device=device, return_logprobs=True)
