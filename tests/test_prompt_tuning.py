@@ -98,6 +98,36 @@ def pt_runs(tmp_path_factory, tokenizer_path):
             "second": second}
 
 
+@pytest.mark.parametrize("override, key, named", [
+    ("lora.enabled=true", "prompt_tuning.enabled", "lora.enabled"),
+    ("sft.packing=true", "prompt_tuning.enabled", "sft.packing"),
+    ("backend=fsdp", "prompt_tuning.enabled", "backend=fsdp"),
+    ("backend=deepspeed", "prompt_tuning.enabled", "backend=deepspeed"),
+    ("prompt_tuning.n_tokens=33", "prompt_tuning.n_tokens", "data.seq_len=32"),  # 33 + 32 > max_seq_len=64
+])
+def test_refused_settings_are_config_errors_before_any_model(override, key, named, tmp_path, tmp_path_factory,
+                                                             tokenizer_path, monkeypatch):
+    """What prompt tuning cannot run with must stop the run at once, saying which setting to
+    change: a ConfigError naming the key and the setting it clashes with, the first four when the
+    config is read, the length one (it needs the checkpoint's max_seq_len) when the architecture
+    is read, before the model is built and the base loaded."""
+    from tests.sft_helpers import chat_file, sft_cfg, tiny_checkpoint
+    from train.config import ConfigError
+    from train.sft.trainer import SFTTrainer
+    from train.tasks.finetune import FinetuneTask
+
+    base, data = tiny_checkpoint(tmp_path_factory, tokenizer_path), chat_file(tmp_path, 4)
+    monkeypatch.setattr(FinetuneTask, "build_model", lambda self: pytest.fail("a model was built"))
+    if override == "backend=deepspeed":  # started as the deepspeed launcher starts it, else refused for that
+        for var, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            monkeypatch.setenv(var, value)
+    settings = [o for o in PT if o.split("=")[0] != override.split("=")[0]] + [override]
+    with pytest.raises(ConfigError) as e:
+        SFTTrainer(sft_cfg(tmp_path / "run", base, [data], *settings))
+    assert e.value.key == key and str(e.value).startswith(f"config error: {key}: ")
+    assert named in str(e.value), str(e.value)
+
+
 def test_a_run_trains_the_table_only_and_checkpoints_it_alone(pt_runs):
     import json
     import os

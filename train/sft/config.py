@@ -171,7 +171,7 @@ def validate_sft(cfg: Any) -> None:
         _check(cfg.task == "classification" or not s.packing, "prompt_tuning.enabled",
                "needs sft.packing=false: the virtual tokens go before each example, and a packed row holds several")
         _check(cfg.backend.name not in ("fsdp", "deepspeed"), "prompt_tuning.enabled",
-               "runs with backend=single or ddp (not tested under sharding backends)")
+               f"runs with backend=single or ddp, not backend={cfg.backend.name} (not tested under sharding backends)")
     _check(lo.quantize in (None, "4bit"), "lora.quantize", f"unknown quantization {lo.quantize!r} (null | 4bit)")
     if lo.quantize:
         _check(lo.enabled, "lora.quantize", "4-bit base weights (QLoRA) need lora.enabled=true")

@@ -92,6 +92,9 @@ class FinetuneTask(Task):
             mc.dropout = float(cfg.model.dropout)
         if cfg.data.seq_len > mc.max_seq_len:
             raise ConfigError("data.seq_len", f"{cfg.data.seq_len} exceeds the checkpoint's max_seq_len={mc.max_seq_len}")
+        if self.prompt_tuning and cfg.prompt_tuning.n_tokens + cfg.data.seq_len > mc.max_seq_len:  # before any model
+            raise ConfigError("prompt_tuning.n_tokens", f"{cfg.prompt_tuning.n_tokens} virtual tokens + data.seq_len="
+                              f"{cfg.data.seq_len} exceed the checkpoint's max_seq_len={mc.max_seq_len}")
         if mc.vocab_size < tok.vocab_size:
             raise ConfigError("tokenizer.path", f"{tok.vocab_size} pieces but the checkpoint has "
                               f"{mc.vocab_size} embedding rows")
@@ -137,10 +140,7 @@ class FinetuneTask(Task):
         embeddings or vocabulary rows; everything but it (and a head) frozen."""
         from model.prompt_tuning import add_prompt_tuning, train_only_prompt
 
-        pt, mc = self.cfg.prompt_tuning, self.trainer.model_cfg
-        if pt.n_tokens + self.cfg.data.seq_len > mc.max_seq_len:
-            raise ConfigError("prompt_tuning.n_tokens", f"{pt.n_tokens} virtual tokens + data.seq_len="
-                              f"{self.cfg.data.seq_len} exceed the checkpoint's max_seq_len={mc.max_seq_len}")
+        pt = self.cfg.prompt_tuning
         ids = self.trainer.tokenizer.encode(str(pt.init_text)) if pt.init_text else None
         add_prompt_tuning(model, int(pt.n_tokens), init_ids=ids, seed=int(pt.seed))
         train_only_prompt(model, extra_prefixes=self.extra_trainable)
