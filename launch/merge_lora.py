@@ -14,34 +14,66 @@ the command with exit status 3 and a message naming both digests and paths.
 hold the same weights.
 
 ``--blend`` merges a weighted blend of adapters trained on the same base: base +
-sum_i weight_i * delta_i (``model/adapter_mix.py``; weights need not sum to 1).
+sum_i weight_i * delta_i (``model/adapter_mix.py``; weights need not sum to 1). A checkpoint
+named twice, under any spelling, is refused rather than merged with one of its weights.
+A command line that does not parse (an unknown flag, a ``--blend`` item that is not
+``<adapter checkpoint>=<number>``) ends with exit status 2 and a message naming it.
 """
 
 import _bootstrap  # noqa: F401, I001  (sys.path first: the imports below need it)
 
+import math
 import sys
 
+from _common import options_parser
 from train.checkpoint import CheckpointError
 from train.sft.adapters import merge_blend, merge_checkpoint
+
+OPTIONS = {"accept_base": False, "blend": False}
+HELP = {"accept_base": "merge onto the adapter's base even if its digest is not the recorded base_digest",
+        "blend": "the checkpoints are <adapter checkpoint>=<weight> items: merge their weighted blend"}
+
+
+def parser():
+    """The command line: the two flags of OPTIONS and the checkpoints, the output directory last."""
+    p = options_parser(__doc__, OPTIONS, HELP)
+    p.add_argument("paths", nargs="+", metavar="checkpoint",
+                   help="<adapter checkpoint> <out dir>, or with --blend <adapter checkpoint>=<weight> ... <out dir>")
+    return p
+
+
+def blend_items(p, items: list[str]) -> list[tuple[str, float]]:
+    """(checkpoint, weight) of each ``<checkpoint>=<weight>`` item, in order: a list, not a
+    dict, so that a checkpoint given twice reaches merge_blend, which refuses it. A malformed
+    item (no checkpoint, a weight that is not a finite number) is a usage error naming it."""
+    pairs = []
+    for item in items:
+        path, _, weight = item.rpartition("=")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = math.nan
+        if not path or not math.isfinite(w):
+            p.error(f"argument --blend: {item!r} is not <adapter checkpoint>=<weight> (a finite number)")
+        pairs.append((path, w))
+    return pairs
 
 
 @_bootstrap.exit_on_checkpoint_error
 def main(argv=None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    accept_base = "--accept-base" in args
-    args = [a for a in args if a != "--accept-base"]
-    blend = "--blend" in args
-    args = [a for a in args if a != "--blend"]
-    pairs = [a.rpartition("=") for a in args[:-1]] if blend else []
-    bad = [a for a, (_, eq, w) in zip(args, pairs) if not eq or not _is_float(w)]
-    if (len(args) < 2 if blend else len(args) != 2) or bad or any(a.startswith("--") for a in args):
-        print(__doc__, file=sys.stderr)
-        return 2
+    p = parser()
+    args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    *inputs, out_dir = args.paths
+    if args.blend and not inputs:
+        p.error("--blend needs at least one <adapter checkpoint>=<weight> before the output directory")
+    if not args.blend and len(inputs) != 1:
+        p.error(f"expected <adapter checkpoint> <out dir> (or --blend), got: {' '.join(args.paths)}")
+    pairs = blend_items(p, inputs) if args.blend else []
     try:
-        if blend:
-            out = merge_blend({p: float(w) for p, _, w in pairs}, args[-1], accept_base=accept_base)
+        if args.blend:
+            out = merge_blend(pairs, out_dir, accept_base=args.accept_base)
         else:
-            out = merge_checkpoint(args[0], args[1], accept_base=accept_base)
+            out = merge_checkpoint(inputs[0], out_dir, accept_base=args.accept_base)
     except CheckpointError:
         raise  # exit status 3 with its message (a missing checkpoint included)
     except (FileNotFoundError, ValueError) as e:
@@ -49,14 +81,6 @@ def main(argv=None) -> int:
         return 2
     print(f"[kiln] merged checkpoint: {out}")
     return 0
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

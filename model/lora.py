@@ -163,19 +163,20 @@ def lora_param_count(cfg, rank: int, targets: Iterable[str]) -> int:
 
 
 def merged_state_dict(model: nn.Module, adapter: str | dict[str, float] | None = None) -> dict[str, torch.Tensor]:
-    """Base-named weights with adapter ``adapter`` (default: the active one) folded in:
-    loads into a plain ``Transformer`` of the same config, with or without tied embeddings.
-    ``adapter`` may be a blend {name: weight} (``model.adapter_mix``): its deltas are added
-    with those weights. 4-bit base weights (QLoRA) are dequantized first, so the merged model
-    is the one the adapter was trained with: the NF4-rounded base plus the delta."""
-    if adapter is None:
-        adapter = next((m.active for m in lora_modules(model) if m.active), None)
-    blend = adapter if isinstance(adapter, dict) else ({adapter: 1.0} if adapter is not None else {})
+    """Base-named weights with adapter ``adapter`` folded in: loads into a plain ``Transformer``
+    of the same config, with or without tied embeddings. ``adapter`` may be a blend
+    {name: weight} (``model.adapter_mix``): its deltas are added with those weights. The
+    default is what each layer computes now (``LoRALinear.terms``: the active adapter, or the
+    blend ``set_blend`` routed it through), so the merged model is the one that runs; taking
+    only an active adapter would merge a blended model into its bare base. 4-bit base weights
+    (QLoRA) are dequantized first, so the merged model is the one the adapter was trained
+    with: the NF4-rounded base plus the delta."""
+    blend = adapter if isinstance(adapter, dict) else ({adapter: 1.0} if adapter is not None else None)
     merged = {}
     for mod_name, mod in model.named_modules():
         if not isinstance(mod, LoRALinear):
             continue
-        terms = [(n, w) for n, w in blend.items() if n in mod.scale]
+        terms = mod.terms() if blend is None else [(n, w) for n, w in blend.items() if n in mod.scale]
         if not terms and not quant.is_quantized(mod.weight):
             continue
         dense = mod.dense_weight().detach()

@@ -3,6 +3,8 @@ rank-concatenated adapter and merged into plain weights; switching per request n
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -105,6 +107,25 @@ def test_switching_per_request_keeps_the_base_and_restores_the_routing(two):
 
 
 @torch.no_grad()
+def test_merging_without_naming_an_adapter_merges_the_blend_set(two):
+    """merged_state_dict's default is what the model computes: with a (0.5, 0.5) blend set
+    (no adapter active) that is base + mean of the deltas, not the bare base."""
+    model, base = two
+    set_blend(model, {"a": 0.5, "b": 0.5})
+    merged = merged_state_dict(model)
+    expected = plain_with(base, (0.5, deltas(model, "a")), (0.5, deltas(model, "b"))).state_dict()
+    assert merged.keys() == expected.keys()
+    for n, t in expected.items():
+        torch.testing.assert_close(merged[n], t, atol=1e-6, rtol=0)
+    assert (merged["layers.0.attn.wq.weight"] - base["layers.0.attn.wq.weight"]).abs().max() > 1e-3
+    assert (merged["layers.0.mlp.w1.weight"] - base["layers.0.mlp.w1.weight"]).abs().max() > 1e-3  # a's half alone
+    set_active_adapter(model, "b")  # and an active adapter is still merged alone
+    b_only = plain_with(base, (1.0, deltas(model, "b"))).state_dict()
+    torch.testing.assert_close(merged_state_dict(model)["layers.0.attn.wq.weight"], b_only["layers.0.attn.wq.weight"],
+                               atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
 def test_generation_with_a_blend_is_the_merged_blends_generation(two):
     model, base = two
     prompts = [[5, 6, 7, 8], [9, 10]]
@@ -114,7 +135,7 @@ def test_generation_with_a_blend_is_the_merged_blends_generation(two):
     assert torch.equal(out, generate(plain, prompts, 8, temperature=0.0))
 
 
-def test_merge_lora_blend_writes_the_blend_as_plain_weights(tmp_path_factory, tokenizer_path, tmp_path):
+def test_merge_lora_blend_writes_the_blend_as_plain_weights(tmp_path_factory, tokenizer_path, tmp_path, capsys):
     """Two adapter runs on one base, merged with --blend 0.5/0.5: the merged checkpoint gives
     the logits of the run-time blend of the two adapters on the base."""
     import sys
@@ -151,4 +172,21 @@ def test_merge_lora_blend_writes_the_blend_as_plain_weights(tmp_path_factory, to
         torch.testing.assert_close(plain(x)[0], model(x)[0], atol=1e-5, rtol=1e-5)
         set_active_adapter(model, "a")
         assert (plain(x)[0] - model(x)[0]).abs().max() > 1e-5  # b's half is in the merged weights
-    assert main(["--blend", f"{tmp_path / 'a'}=half", str(tmp_path / "m2")]) == 2  # a weight must be a number
+    with pytest.raises(SystemExit) as e:  # a weight must be a number
+        main(["--blend", f"{tmp_path / 'a'}=half", str(tmp_path / "m2")])
+    assert e.value.code == 2
+
+    # One checkpoint under two spellings (its run directory and its step directory, a symbolic
+    # link to the run) would be one dict entry with one of the two weights: refused, naming both.
+    from train.sft.adapters import merge_blend
+
+    os.symlink(tmp_path / "a", tmp_path / "a_link")
+    with pytest.raises(ValueError, match="twice") as e:
+        merge_blend({str(tmp_path / "a"): 0.5, step_a: 0.5}, str(tmp_path / "m3"))
+    assert repr(str(tmp_path / "a")) in str(e.value) and repr(step_a) in str(e.value)
+    spellings = [f"{tmp_path / 'a'}=0.5", f"{tmp_path / 'b'}=0.25", f"{tmp_path / 'a_link'}=0.5"]
+    assert main(["--blend", *spellings, str(tmp_path / "m3")]) == 2
+    err = capsys.readouterr().err
+    assert "twice" in err and repr(str(tmp_path / "a")) in err and repr(str(tmp_path / "a_link")) in err
+    assert main(["--blend", f"{tmp_path / 'a'}=0.5", f"{tmp_path / 'a'}=0.5", str(tmp_path / "m3")]) == 2  # same text
+    assert not os.path.exists(tmp_path / "m3")

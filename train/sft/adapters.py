@@ -314,13 +314,24 @@ def export_peft(step_dir: str, out_dir: str, accept_base: bool = False) -> dict:
                              dropout=float(cfg.get("dropout", 0.0)))
 
 
-def merge_blend(weights: dict[str, float], out_dir: str, accept_base: bool = False) -> str:
+def merge_blend(weights: dict[str, float] | list[tuple[str, float]], out_dir: str, accept_base: bool = False) -> str:
     """Write a blend of LoRA adapter checkpoints, merged into their common base, as a plain kiln
-    checkpoint directory: base + sum_i w_i * delta_i (``model.adapter_mix``). Every adapter
-    must have been trained on the same base (equal ``base_digest``) and that base must still
-    be it (``check_base``); QLoRA and plain adapters are not blended together (they saw
+    checkpoint directory: base + sum_i w_i * delta_i (``model.adapter_mix``). ``weights`` maps
+    checkpoints (any spelling ``ckpt.resolve`` takes) to weights, as a dict or (path, weight)
+    pairs. One step directory named twice (``runs/a`` and ``runs/a/checkpoints``, say) is
+    refused: keyed by step directory, one of its weights would be silently dropped. Every
+    adapter must have been trained on the same base (equal ``base_digest``) and that base must
+    still be it (``check_base``); QLoRA and plain adapters are not blended together (they saw
     different bases). Carried files (tokenizer, chat template) come from the first adapter."""
-    steps = {ckpt.resolve(p): float(w) for p, w in weights.items()}
+    steps, given = {}, {}
+    for p, w in (weights.items() if isinstance(weights, dict) else weights):
+        s = ckpt.resolve(p)
+        real = os.path.realpath(s)
+        if real in given:
+            raise ValueError(f"adapter checkpoint {real} is in the blend twice: as {given[real]!r} and as {p!r} "
+                             "(give it once, with the sum of the weights if that is what is meant)")
+        given[real] = p
+        steps[s] = float(w)
     if not steps:
         raise ValueError("an adapter blend needs at least one adapter checkpoint")
     cfgs = {s: adapter_config(s) for s in steps}
