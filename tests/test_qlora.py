@@ -159,10 +159,15 @@ def test_merge_and_export_dequantize_to_the_trained_model(qruns):
     assert (want - plain_base).abs().max() > 1e-3  # the adapter and the rounding do change the model
 
 
-def test_fsdp_is_refused_naming_the_key_and_why(tmp_path, qruns):
+@pytest.mark.parametrize("backend, why", [("fsdp", "FSDP shards parameters as DTensors"),
+                                           ("deepspeed", "DeepSpeed ZeRO flattens them")])
+def test_sharding_backends_are_refused_naming_the_key_and_why(tmp_path, qruns, monkeypatch, backend, why):
+    if backend == "deepspeed":  # started as the deepspeed launcher starts it, else refused for that
+        for var, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            monkeypatch.setenv(var, value)
     data = chat_file(tmp_path, 4)
-    with pytest.raises(ConfigError, match="FSDP shards parameters as DTensors.*quant_state") as e:
-        sft_cfg(tmp_path / "q", qruns["base"], [data], *QLORA, "backend=fsdp")
+    with pytest.raises(ConfigError, match=f"{why}.*quant_state") as e:
+        sft_cfg(tmp_path / "q", qruns["base"], [data], *QLORA, f"backend={backend}")
     assert e.value.key == "lora.quantize"
 
 
