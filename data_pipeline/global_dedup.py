@@ -8,7 +8,8 @@ stages that each run as a Slurm array (task i of N, from SLURM_ARRAY_TASK_ID/_CO
 
 1. ``signatures``: for the output files i, i+N, ... : each document's exact-content key and
    its MinHash band keys (``data.minhash_dedup``: FineWeb's 5-gram shingles, 14 x 8), to
-   ``<work>/sig/<file>.npz``.
+   ``<work>/sig/<file>.npz``, and its id and URL, to ``<work>/ids/<file>.{bytes,offsets}.npy``
+   (read by position, memory-mapped, when the filter stage audits a drop).
 2. ``buckets``: task b takes the bands b, b+N, ... (band -1, the exact key, goes to task 0),
    sorts the keys of every document for its bands and writes each document that shares a
    key with an earlier one as an edge to the first holder of that key: memory is one band's
@@ -16,16 +17,19 @@ stages that each run as a Slurm array (task i of N, from SLURM_ARRAY_TASK_ID/_CO
 3. ``clusters`` (one task): union-find over the edges; in each cluster the survivor is the
    earliest document by (input file index, position in the file), so the result does not
    depend on N or on the order tasks ran; ``<work>/remove/<file>.npy`` lists the others
-   (rows of the file) and ``<work>/remove/<file>.survivors.npz`` the survivor each of them
-   duplicates (``kept``: its global id, file index << 32 | row) and whether the texts are
-   the same (``exact``; else they are MinHash near duplicates).
+   (rows of the file) and ``<work>/remove/<file>.survivors.npz`` the document kept for each
+   one's duplicate cluster (``kept``: the cluster root's global id, file index << 32 | row)
+   and whether the texts are the same (``exact``; else the dropped document is a MinHash near
+   duplicate of some document of the cluster, not necessarily of the kept one: clusters are
+   chains of pairs).
 4. ``filter``: rewrites the output files i, i+N, ... without them into --output-dir, with
    ``.done`` markers holding the counts, and beside each output the audit of its drops
    (``<output>.audit.jsonl.gz``, prepare_data's format, data_pipeline/audit.py): one line
    per removed document, step ``global_dedup``, reason ``exact_duplicate`` or
-   ``near_duplicate``, and the survivor's ``kept_id``, ``kept_url`` and ``kept_file`` (read
-   from its input file, or from a token shard's ids and URLs), so ``launch/why_dropped.py``
-   on the output directory names the document each drop duplicates.
+   ``near_duplicate``, and the ``kept_id``, ``kept_url`` and ``kept_file`` of the document
+   kept for its duplicate cluster (from the ids and URLs the signatures stage recorded: the
+   filter never reads another input file), so ``launch/why_dropped.py`` on the output
+   directory names it.
 
 A stage's outputs are written atomically and a rerun skips finished ones, as for
 prepare_data. Inputs: the finished outputs of a prepare_data run, ``--format jsonl``
@@ -107,6 +111,40 @@ def read_docs(path: str):
             yield json.loads(line)
 
 
+def _id_url_rows(path: str) -> list[tuple[str, str]]:
+    """Each document's (id, URL) of an input file (token shards: from the ids and URLs kept
+    beside them, without decoding the tokens)."""
+    if path.endswith(".bin"):
+        from data_pipeline.token_shards import read_token_shard
+
+        docs = read_token_shard(path)
+    else:
+        docs = read_docs(path)
+    return [_id_url(doc) for doc in docs]
+
+
+def _id_url(doc: dict) -> tuple[str, str]:
+    return tuple("" if doc.get(k) is None else str(doc[k]) for k in ("id", "url"))
+
+
+def _id_record_paths(work: str, i: int) -> tuple[str, str]:
+    base = os.path.join(work, "ids", f"{i:06d}")
+    return base + ".bytes.npy", base + ".offsets.npy"
+
+
+def _save_id_records(work: str, i: int, rows: list[tuple[str, str]]) -> None:
+    """The ids and URLs of file ``i``, UTF-8 one after the other, and where each starts: the
+    filter stage finds a kept document's by its row, memory-mapped (the pages of the rows it
+    needs), instead of reading that document's input file up to it. The offsets are written
+    last: they mark the record finished."""
+    parts = [s.encode("utf-8") for row in rows for s in row]
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)))
+    blob, at = _id_record_paths(work, i)
+    _save_atomic(blob, np.frombuffer(b"".join(parts), dtype=np.uint8))
+    _save_atomic(at, offsets)
+
+
 def _save_atomic(path: str, array: np.ndarray | None = None, **arrays) -> None:
     """One array (.npy) or several (.npz), written under a temporary name and renamed."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -127,9 +165,12 @@ def stage_signatures(files, work, task, tasks, data_cfg) -> None:
     for i in range(task, len(files), tasks):
         out = os.path.join(work, "sig", f"{i:06d}.npz")
         if os.path.exists(out):
+            if not os.path.exists(_id_record_paths(work, i)[1]):  # signed before ids and URLs were recorded
+                _save_id_records(work, i, _id_url_rows(files[i]))
             continue
-        exact, bands = [], []
+        exact, bands, names = [], [], []
         for doc in read_docs(files[i]):
+            names.append(_id_url(doc))
             exact.append(ExactDedup.key(doc["text"]))
             sig = hasher.signature(doc["text"])
             # A text without shingles gets unique band keys: it is compared exactly only.
@@ -137,6 +178,7 @@ def stage_signatures(files, work, task, tasks, data_cfg) -> None:
         exact_a = np.asarray(exact, dtype=np.int64)
         bands_a = np.asarray(bands, dtype=np.int64).reshape(len(exact), m.num_bands)
         no_sig = np.all(bands_a == 0, axis=1)
+        _save_id_records(work, i, names)  # first: a signed file always has its ids and URLs
         _save_atomic(out, exact=exact_a, bands=bands_a, no_sig=no_sig)
 
 
@@ -215,14 +257,14 @@ def stage_clusters(files, work, data_cfg) -> dict:
 
     for a, b in edges.tolist():
         ra, rb = find(a), find(b)
-        if ra != rb:  # the smaller id (earlier file, earlier document) stays the root: the survivor
+        if ra != rb:  # the smaller id (earlier file, earlier document) stays the root: the one kept
             parent[max(ra, rb)] = min(ra, rb)
     gone = np.asarray(sorted(x for x in parent if find(x) != x), dtype=np.int64)  # by file, then row
     roots = np.asarray([find(x) for x in gone.tolist()], dtype=np.int64)
     keys = _exact_keys(work, len(files), np.concatenate([gone, roots]))
     exact = keys[: len(gone)] == keys[len(gone):]
     bounds = np.searchsorted(gone >> 32, np.arange(len(files) + 1))
-    for i in range(len(files)):  # the survivors first: a removal list always has its survivors
+    for i in range(len(files)):  # the kept roots first: a removal list always has them
         mine = slice(bounds[i], bounds[i + 1])
         _save_atomic(_survivors_path(work, i), kept=roots[mine], exact=exact[mine])
         _save_atomic(os.path.join(work, "remove", f"{i:06d}.npy"), gone[mine] & ROW_MASK)
@@ -252,32 +294,28 @@ def _exact_keys(work: str, n_files: int, gids: np.ndarray) -> np.ndarray:
     return keys
 
 
-def _ids_and_urls(path: str, rows: set[int]) -> dict[int, tuple[str, str]]:
-    """``(id, url)`` of the documents at ``rows`` of an input file, read no further than the
-    last of them (token shards: from the ids and URLs kept beside them, not the tokens)."""
-    from data_pipeline.token_shards import DOCS_META_SUFFIX, read_token_shard
+def _ids_and_urls(files: list[str], work: str, f: int, rows: list[int]) -> list[tuple[str, str]]:
+    """``(id, url)`` of the documents at ``rows`` of input file ``f``, from the records of the
+    signatures stage: only their pages are read, never a document, so a filter task's reads
+    grow with its drops, not with the size of every file they point to."""
+    blob_path, at_path = _id_record_paths(work, f)
+    if not os.path.exists(at_path):  # a work directory signed by an older version: recorded once, here
+        log.warning("%s: no ids and URLs recorded for %s (signed by an older version): reading it once to "
+                    "record them", work, files[f])
+        _save_id_records(work, f, _id_url_rows(files[f]))
+    blob, at = np.load(blob_path, mmap_mode="r"), np.load(at_path, mmap_mode="r")
 
-    found: dict[int, tuple[str, str]] = {}
-    if not rows:
-        return found
-    meta = path[: -len(".bin")] + DOCS_META_SUFFIX if path.endswith(".bin") else path
-    if not os.path.exists(meta):  # a shard written before ids were kept: its placeholder ids
-        return {j: (r["id"], r["url"]) for j, r in enumerate(read_token_shard(path)) if j in rows}
-    last = max(rows)
-    with gzip.open(meta, "rt", encoding="utf-8") as f:
-        for j, line in enumerate(f):
-            if j in rows:
-                doc = json.loads(line)
-                found[j] = (doc.get("id", ""), doc.get("url", ""))
-            if j >= last:
-                break
-    return found
+    def text(k: int) -> str:
+        return bytes(blob[at[k]:at[k + 1]]).decode("utf-8")
+
+    return [(text(2 * r), text(2 * r + 1)) for r in rows]
 
 
 def _survivors(files: list[str], work: str, i: int, drop: np.ndarray) -> dict[int, dict] | None:
-    """For each removed row of file ``i``: its reason and the audit facts of the document it
-    duplicates (id, URL, file); None for a work directory clustered before survivors were
-    recorded (rerun the clusters stage to get them)."""
+    """For each removed row of file ``i``: its reason and the audit facts (id, URL, file) of
+    the document kept for its duplicate cluster, the cluster's earliest document (the dropped
+    one may resemble it only through other members of the cluster); None for a work directory
+    clustered before these were recorded (rerun the clusters stage to get them)."""
     path = _survivors_path(work, i)
     if not os.path.exists(path):
         return None
@@ -285,10 +323,10 @@ def _survivors(files: list[str], work: str, i: int, drop: np.ndarray) -> dict[in
         kept, exact = z["kept"], z["exact"]
     if len(kept) != len(drop):
         raise DedupInputError(f"dedup_global: {path} does not match its removal list: rerun the clusters stage")
-    wanted: dict[int, set[int]] = {}
+    wanted: dict[int, list[int]] = {}
     for g in kept.tolist():
-        wanted.setdefault(g >> 32, set()).add(g & ROW_MASK)
-    where = {f: _ids_and_urls(files[f], rows) for f, rows in wanted.items()}
+        wanted.setdefault(g >> 32, []).append(g & ROW_MASK)
+    where = {f: dict(zip(rows, _ids_and_urls(files, work, f, rows))) for f, rows in wanted.items()}
     out = {}
     for row, g, same in zip(drop.tolist(), kept.tolist(), exact.tolist()):
         kept_id, kept_url = where[g >> 32][g & ROW_MASK]
@@ -330,7 +368,7 @@ def stage_filter(files, work, out_dir, task, tasks) -> None:
 
 def _not_removed(docs, removed: dict, audit, path: str):
     """The documents whose position is not in ``removed``; each removed one is audited
-    with the survivor it duplicates."""
+    with the document kept for its duplicate cluster."""
     for j, doc in enumerate(docs):
         if j not in removed:
             yield doc

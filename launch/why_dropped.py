@@ -1,5 +1,6 @@
 """Why was this URL dropped? Reads the audits ``prepare_data --audit`` wrote, or those
-``dedup_global`` writes beside its outputs (each cross-file duplicate with the document kept).
+``dedup_global`` writes beside its outputs (each cross-file duplicate with the document kept
+for its duplicate cluster).
 
     python launch/why_dropped.py <prepare_data or dedup_global output dir> <url> [<url> ...]
     python launch/why_dropped.py <output dir> --contains docs.python.org/3.11/genindex
@@ -30,9 +31,13 @@ def describe(row: dict) -> str:
     lang = ""
     if "language" in row:  # the score is the statistic of a low-score drop; a wrong language's is said here
         lang = f" ({row['language']})" if "stat" in row else f", language {row['language']} at {row['language_score']}"
-    where_kept = f" in {row['kept_file']}" if row.get("kept_file") else ""  # global dedup: another file
-    dup = (f", duplicate of {row.get('kept_url') or '?'} (id {row.get('kept_id') or '?'}{where_kept})"
-           if "kept_id" in row else "")
+    dup = ""
+    if "kept_id" in row:
+        kept = f"{row.get('kept_url') or '?'} (id {row.get('kept_id') or '?'}"
+        # global dedup names the earliest document of the cluster, in another file: the dropped
+        # one may resemble it only through other copies; prepare_data's dedup, the one it matched
+        dup = (f", the document kept for its duplicate cluster is {kept} in {row['kept_file']})" if row.get("kept_file")
+               else f", duplicate of {kept})")
     where = f"{row['file']} at {row['offset']}" if row.get("file") else "?"
     return f"dropped by {row['step']}: {row['reason']}{stat}{lang}{dup} ({where})"
 

@@ -144,14 +144,14 @@ def story(k: int) -> str:
 
 
 NEAR2 = story(2).replace("w2x40", "changed")  # one word of 82: Jaccard of 5-gram shingles ~0.9
-# file -> (id, text); a copy's survivor is its cluster's earliest document, which may be in another file
+# file -> (id, text); the document kept for a copy's cluster is its earliest, which may be in another file
 GLOBAL_FILES = {
     0: [("a0", story(0)), ("a1", story(1)), ("a2", story(2))],
     1: [("b0", story(3)), ("b1", story(0)), ("b2", story(4)), ("b3", NEAR2)],
     2: [("c0", story(0)), ("c1", story(5)), ("c2", story(3)), ("c3", NEAR2)],
 }
-# dropped id -> (reason, survivor id): c3 is an exact copy of b3, but b3 is itself removed and
-# the cluster's survivor a2 is only a near duplicate of it
+# dropped id -> (reason, id kept for its cluster): c3 is an exact copy of b3, but b3 is itself
+# removed and the cluster's kept document a2 is only a near duplicate of it
 GLOBAL_DROPS = {"b1": ("exact_duplicate", "a0"), "b3": ("near_duplicate", "a2"), "c0": ("exact_duplicate", "a0"),
                 "c2": ("exact_duplicate", "b0"), "c3": ("near_duplicate", "a2")}
 
@@ -193,11 +193,12 @@ def _run_global(src, work: str, dedup, tasks: int) -> list[str]:
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "tokens"])
-def test_global_dedup_audits_every_drop_with_the_survivor_it_duplicates(tmp_path, fmt, request):
+def test_global_dedup_audits_every_drop_with_the_document_kept_for_its_cluster(tmp_path, fmt, request):
     """Every document the filter stage drops is in the audit beside its output exactly once,
-    naming the cluster's survivor (in another file, read from that file's docs or a token
-    shard's ids and URLs); kept plus audited is every input document; why_dropped on the
-    output directory names the kept document; the audits are not taken for inputs."""
+    naming the document kept for its duplicate cluster (in another file; its id and URL as
+    the signatures stage recorded them from that file's docs or a token shard's ids and URLs);
+    kept plus audited is every input document; why_dropped on the output directory names the
+    kept document; the audits are not taken for inputs."""
     import collections
     import subprocess
     import sys
@@ -242,17 +243,63 @@ def test_global_dedup_audits_every_drop_with_the_survivor_it_duplicates(tmp_path
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           capture_output=True, text=True)
     assert said.returncode == 0, said.stdout + said.stderr
-    assert (f"{_url('c3')}: dropped by global_dedup: near_duplicate, duplicate of {_url('a2')} "
-            f"(id a2 in {files[0]}) ({files[2]} at 3)") in said.stdout
+    assert (f"{_url('c3')}: dropped by global_dedup: near_duplicate, the document kept for its duplicate cluster "
+            f"is {_url('a2')} (id a2 in {files[0]}) ({files[2]} at 3)") in said.stdout
     assert f"{_url('a2')}: kept" in said.stdout
+
+
+def _read_all(paths) -> list[bytes]:
+    return [open(p, "rb").read() for p in paths]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "tokens"])
+def test_global_dedup_filter_reads_no_other_input_file(tmp_path, fmt, request):
+    """The filter stage takes the kept documents' ids and URLs from the signatures stage's
+    records, not from their input files: with every other input file moved away (documents,
+    token shards and the ids and URLs beside them), each file is filtered into the outputs
+    and audits of a run that had every input in place."""
+    from data_pipeline import global_dedup
+    from data_pipeline.audit import kept_documents, read_audits
+    from data_pipeline.runner import load_data_cfg
+
+    tokenizer = request.getfixturevalue("tokenizer") if fmt == "tokens" else None
+    src, away, ref, dedup = tmp_path / "prepared", tmp_path / "away", tmp_path / "ref", tmp_path / "dedup"
+    _global_inputs(src, fmt, tokenizer)
+    files = _run_global(src, str(tmp_path / "work_ref"), ref, tasks=1)
+    work, cfg = str(tmp_path / "work"), load_data_cfg([])
+    global_dedup.check_inputs(work, files, cfg)
+    for stage in ("signatures", "buckets", "clusters"):
+        global_dedup.run_stage(stage, files, work, 0, 1, cfg)
+    away.mkdir()
+    for i, path in enumerate(files):
+        others = [p for p in src.iterdir() if p.name.startswith("part") and not p.name.startswith(f"part{i}.")]
+        assert len(others) == (2 if fmt == "jsonl" else 8)
+        for p in others:
+            p.rename(away / p.name)
+        try:  # task i of len(files) filters file i only
+            global_dedup.run_stage("filter", files, work, i, len(files), cfg, str(dedup))
+        finally:
+            for p in others:
+                (away / p.name).rename(p)
+        name = os.path.basename(path)
+        audit = list(read_audits([str(dedup / name) + ".audit.jsonl.gz"]))
+        assert audit == list(read_audits([str(ref / name) + ".audit.jsonl.gz"]))
+        assert [r["id"] for r in audit] == [doc_id for doc_id, _ in GLOBAL_FILES[i] if doc_id in GLOBAL_DROPS]
+        assert all(r["kept_file"] != path for r in audit)  # each one looked up in another file
+    assert len(list(dedup.glob("*.audit.jsonl.gz"))) == 3
+    assert list(kept_documents(str(dedup))) == list(kept_documents(str(ref)))
 
 
 def test_global_dedup_rerun_keeps_finished_audits_and_reclusters_a_work_dir_without_survivors(tmp_path):
     """A rerun skips finished files (their audits untouched); a work directory clustered
-    before survivors were recorded is clustered again, so a redone file gets its audit."""
+    before survivors were recorded is clustered again, so a redone file gets its audit, and
+    one signed before ids and URLs were recorded gets them (by the signatures stage, or by the
+    filter stage when only it is rerun), with the same audit."""
     import glob
 
+    from data_pipeline import global_dedup
     from data_pipeline.audit import read_audits
+    from data_pipeline.runner import load_data_cfg
 
     src, work, dedup = tmp_path / "prepared", str(tmp_path / "work"), tmp_path / "dedup"
     _global_inputs(src, "jsonl")
@@ -261,13 +308,27 @@ def test_global_dedup_rerun_keeps_finished_audits_and_reclusters_a_work_dir_with
     assert len(audits) == 3
     before = {p: (os.stat(p).st_mtime_ns, open(p, "rb").read()) for p in audits}
     survivors = sorted(glob.glob(os.path.join(work, "remove", "*.survivors.npz")))
-    assert len(survivors) == 3
-    for p in survivors:  # as an older version left the work directory
+    records = sorted(glob.glob(os.path.join(work, "ids", "*.npy")))
+    assert len(survivors) == 3 and len(records) == 6
+    recorded = _read_all(records)
+    expected = list(read_audits([audits[2]]))
+    assert [(r["id"], r["kept_id"]) for r in expected] == [("c0", "a0"), ("c2", "b0"), ("c3", "a2")]
+    for p in survivors + records:  # as an older version left the work directory
         os.remove(p)
     os.remove(audits[2])
     os.remove(str(dedup / "part2.jsonl.gz.done"))
-    _run_global(src, work, dedup, tasks=1)
+    files = _run_global(src, work, dedup, tasks=1)
     assert sorted(glob.glob(os.path.join(work, "remove", "*.survivors.npz"))) == survivors
+    assert sorted(glob.glob(os.path.join(work, "ids", "*.npy"))) == records and _read_all(records) == recorded
     after = {p: (os.stat(p).st_mtime_ns, open(p, "rb").read()) for p in audits}
     assert {p: after[p] for p in audits[:2]} == {p: before[p] for p in audits[:2]}  # skipped
-    assert [(r["id"], r["kept_id"]) for r in read_audits([audits[2]])] == [("c0", "a0"), ("c2", "b0"), ("c3", "a2")]
+    assert list(read_audits([audits[2]])) == expected
+
+    for p in records:  # the filter stage alone records the ids and URLs it needs
+        os.remove(p)
+    os.remove(audits[2])
+    os.remove(str(dedup / "part2.jsonl.gz.done"))
+    global_dedup.run_stage("filter", files, work, 0, 1, load_data_cfg([]), str(dedup))
+    assert list(read_audits([audits[2]])) == expected
+    # files 0 and 1 hold the documents kept for c0, c2 and c3: only theirs are recorded again
+    assert [os.path.exists(p) for p in records] == [True] * 4 + [False] * 2
