@@ -9,10 +9,15 @@ kiln's ``LoRALinear`` term for term, so conversion is renaming: the module names
 copied unchanged. ``peft.PeftModel.from_pretrained(<kiln HF export>, <exported dir>)`` then
 computes kiln's logits, and a PEFT adapter imported here computes PEFT's.
 
-What is refused on import (UnsupportedAdapterError naming the field), because kiln's LoRA
-does not compute it: DoRA, LoRA biases, ``fan_in_fan_out``, ``modules_to_save``, layer
-replication, target modules kiln's Llama does not have, pickled ``adapter_model.bin``.
-rsLoRA (``use_rslora``: scale ``alpha / sqrt(r)``) is accepted: kiln stores the scale.
+The config is checked against an allowlist of peft's ``LoraConfig`` fields (``check_peft_config``):
+each is honoured (``r``, ``lora_alpha``, ``rank_pattern`` / ``alpha_pattern`` resolved as PEFT
+resolves them, ``use_rslora``: scale ``alpha / sqrt(r)``, ``lora_dropout``), neutral (metadata,
+which modules carry factors: the weights say), or refused when set (UnsupportedAdapterError naming
+the field), because kiln's LoRA does not compute it: DoRA, LoRA biases, ``fan_in_fan_out``,
+``modules_to_save``, layer replication, activated LoRA, an initialisation that rewrites the base
+weights (PiSSA, LoftQ, ...), the other LoRA variants. A field kiln does not know is refused unless
+it is null, false or empty, so a newer PEFT's option is never imported as plain LoRA. Target
+modules kiln's Llama does not have and a pickled ``adapter_model.bin`` are refused too.
 
 This module imports nothing from ``train/`` and reads no files: exporting an adapter
 checkpoint goes through ``launch/export_hf.py --peft`` (which loads the base and the adapter
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter
 
 import torch
@@ -91,34 +97,96 @@ def save_peft_adapter(model: nn.Module, adapter: str, out_dir: str, base_model_n
     return config
 
 
+# What kiln does with each field of peft's LoraConfig (0.21; a test checks the installed peft has no
+# other). Honoured: read by add_peft_adapter, or checked below.
+HONOURED = ("peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout",
+            "init_lora_weights")
+# Neutral at any value: metadata, which modules carry factors (the weights say), runtime settings,
+# and options read only together with a refused field (megatron_core with megatron_config,
+# qalora_group_size with use_qalora, the init configs with their init_lora_weights).
+NEUTRAL = ("task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+           "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "runtime_config",
+           "ensure_weight_tying", "megatron_core", "qalora_group_size", "eva_config", "loftq_config",
+           "corda_config", "lora_ga_config")
+# Refused when not at their default (or null / false / empty): each changes what the adapter computes or trains.
+REFUSED = {
+    "use_dora": (False, "DoRA's magnitude vector is not kiln's LoRA"),
+    "bias": ("none", "kiln's projections have no biases"),
+    "lora_bias": (False, "kiln's LoRA has no bias"),
+    "fan_in_fan_out": (False, "Llama's Linear layers are not Conv1D"),
+    "modules_to_save": (None, "fully trained extra modules are not an adapter"),
+    "trainable_token_indices": (None, "trained embedding rows are not an adapter"),
+    "layer_replication": (None, "kiln does not replicate layers"),
+    "target_parameters": (None, "kiln's LoRA wraps Linear layers, not parameters"),
+    "megatron_config": (None, "Megatron's parallel layers are not kiln's"),
+    "alora_invocation_tokens": (None, "activated LoRA applies only after its invocation tokens"),
+    "use_qalora": (False, "QALoRA pools the input before A"),
+    "velora_config": (None, "a LoRA variant kiln does not compute"),
+    "monteclora_config": (None, "a LoRA variant kiln does not compute"),
+    "use_bdlora": (None, "a LoRA variant kiln does not compute"),
+    "arrow_config": (None, "a LoRA variant kiln does not compute"),
+    "kasa_config": (None, "a LoRA variant kiln does not compute"),
+}
+# Initialisations of the factors alone; the others rewrite the base weights the adapter is added to
+# (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) or freeze B (MiCA).
+PLAIN_INITS = ("gaussian", "eva", "orthogonal")  # and true / false
+
+
+def _unset(value, default=None) -> bool:
+    return value is None or value is False or value == [] or value == {} or value == default
+
+
+def _check_patterns(cfg: dict) -> None:
+    for field, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = cfg.get(field) or {}
+        if not isinstance(patterns, dict):
+            raise UnsupportedAdapterError(field, patterns, "must be an object of pattern -> value")
+        for key, value in patterns.items():
+            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or value <= 0:
+                raise UnsupportedAdapterError(f"{field}[{key}]", value, f"must be a positive {'integer' if integer else 'number'}")
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as e:
+                raise UnsupportedAdapterError(f"{field}[{key}]", key, f"not a regular expression: {e}") from None
+
+
 def check_peft_config(cfg, source: str = PEFT_CONFIG) -> dict:
     """``cfg`` (the parsed ``adapter_config.json`` of ``source``) if kiln's LoRA computes it;
-    UnsupportedAdapterError naming the field otherwise. Reading the file is the caller's
+    UnsupportedAdapterError naming the field otherwise. An allowlist, so that an option of a newer
+    PEFT is refused rather than imported as plain LoRA. Reading the file is the caller's
     (``train.sft.adapters.load_peft_adapter`` reads it as untrusted checkpoint input)."""
     if not isinstance(cfg, dict):
         raise UnsupportedAdapterError(source, type(cfg).__name__, "holds no JSON object")
-    refuse = [("peft_type", cfg.get("peft_type", "LORA") != "LORA", "only LoRA adapters are supported"),
-              ("use_dora", bool(cfg.get("use_dora")), "DoRA's magnitude vector is not kiln's LoRA"),
-              ("bias", cfg.get("bias", "none") != "none", "kiln's projections have no biases"),
-              ("lora_bias", bool(cfg.get("lora_bias")), "kiln's LoRA has no bias"),
-              ("fan_in_fan_out", bool(cfg.get("fan_in_fan_out")), "Llama's Linear layers are not Conv1D"),
-              ("modules_to_save", bool(cfg.get("modules_to_save")), "fully trained extra modules are not an adapter"),
-              ("layer_replication", bool(cfg.get("layer_replication")), "kiln does not replicate layers")]
-    for field, bad, why in refuse:
-        if bad:
-            raise UnsupportedAdapterError(field, cfg.get(field), why)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UnsupportedAdapterError("peft_type", cfg["peft_type"], "only LoRA adapters are supported")
+    for field, value in cfg.items():
+        if field in REFUSED and not _unset(value, REFUSED[field][0]):
+            raise UnsupportedAdapterError(field, value, REFUSED[field][1])
+        if field not in HONOURED + NEUTRAL and field not in REFUSED and not _unset(value):
+            raise UnsupportedAdapterError(field, value, "not a LoRA option kiln knows; it may change what the adapter computes")
     for field in ("r", "lora_alpha"):
         if isinstance(cfg.get(field), bool) or not isinstance(cfg.get(field), (int, float)) or cfg[field] <= 0:
             raise UnsupportedAdapterError(field, cfg.get(field), "must be a positive number")
+    dropout = cfg.get("lora_dropout") or 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise UnsupportedAdapterError("lora_dropout", dropout, "must be a number in [0, 1)")
+    init = cfg.get("init_lora_weights")
+    if not (init is None or isinstance(init, bool) or init in PLAIN_INITS):
+        raise UnsupportedAdapterError("init_lora_weights", init,
+                                      "rewrites the base weights or freezes B; save it converted to plain LoRA "
+                                      "(save_pretrained(path_initial_model_for_weight_conversion=...))")
+    _check_patterns(cfg)
     return cfg
 
 
 def _pattern_value(patterns: dict, hf_module: str, default):
-    """PEFT's rule: a pattern key applies to a module whose name ends with ``.<key>`` or is it."""
+    """PEFT's rule (``peft.utils.other.get_pattern_key``, then ``.get``): each key is a regular
+    expression that must match the whole module name or a part of it after a dot; the first
+    matching key in the file's order wins."""
     for key, value in patterns.items():
-        if hf_module == key or hf_module.endswith(f".{key}"):
+        if re.match(rf"(.*\.)?({key})$", hf_module):
             return value
-    return default
+    return patterns.get(hf_module, default)
 
 
 def add_peft_adapter(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor],
@@ -170,8 +238,10 @@ def add_peft_adapter(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tenso
     names = []
     for parent, attr, r, alpha, a, b in planned:
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        mod = lora_layer(model.get_submodule(parent), attr)
-        mod.add_adapter(name, r, scale * r, 0.0)
+        owner = model.get_submodule(parent)
+        mod = lora_layer(owner, attr)
+        mod.add_adapter(name, r, scale * r, float(cfg.get("lora_dropout") or 0.0))
+        mod.train(owner.training)  # a new Dropout is in training mode, even on a model in eval mode
         with torch.no_grad():
             mod.A(name).copy_(a)
             mod.B(name).copy_(b)

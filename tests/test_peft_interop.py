@@ -1,7 +1,8 @@
 """PEFT interop with the real peft: a kiln adapter checkpoint exported as a PEFT directory gives
 kiln's logits through ``PeftModel.from_pretrained`` on kiln's HF export (1e-5), a
-rank-concatenated blend (per-module ranks) too, and a PEFT adapter (rsLoRA, a rank pattern)
-imported onto the kiln model gives PEFT's logits (1e-5). Everything is built locally."""
+rank-concatenated blend (per-module ranks) too, and a PEFT adapter (rsLoRA, rank and alpha
+patterns that are regular expressions) imported onto the kiln model gives PEFT's logits (1e-5).
+The config is read against an allowlist of peft's LoraConfig fields. Everything is built locally."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import pytest
 import torch
 
-from model.peft_interop import UnsupportedAdapterError, save_peft_adapter
+from model.peft_interop import HONOURED, NEUTRAL, REFUSED, UnsupportedAdapterError, _pattern_value, check_peft_config, save_peft_adapter
 from tests.sft_helpers import chat_file, sft_cfg, tiny_checkpoint
 from train.checkpoint import CheckpointError
 from train.sft.adapters import load_peft_adapter
@@ -116,6 +117,82 @@ def test_a_peft_adapter_imports_onto_kiln_with_peft_logits(made, tmp_path):
     assert torch.equal(kiln(X)[0], plain)
 
 
+@torch.no_grad()
+def test_regex_rank_and_alpha_patterns_import_with_peft_logits(made, tmp_path):
+    """PEFT reads each pattern key as a regular expression on the module name; a suffix rule would
+    miss both keys here (rank 3 against the file's rank-6 factors, alpha 5 instead of 32). The
+    dropout is kept for further training (both models are in eval mode)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from train.sft.adapters import load_base
+
+    torch.manual_seed(3)
+    config = LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.1,
+                        rank_pattern={r"layers\.1\.(self_attn\.v|mlp\.down)_proj": 6},
+                        alpha_pattern={r"layers\.0\.self_attn\.q_proj": 2.0, "q_proj|v_proj": 32.0})
+    peft = get_peft_model(hf_model(made), config).eval()
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:
+            p.normal_(0, 0.05)
+    peft.save_pretrained(str(tmp_path / "p"))
+    want = peft(X).logits
+    torch.testing.assert_close(PeftModel.from_pretrained(hf_model(made), str(tmp_path / "p")).eval()(X).logits, want)
+
+    kiln = load_base(str(made / "lora" / "checkpoints" / "step_00000002")).eval()
+    load_peft_adapter(kiln, str(tmp_path / "p"), "imported")
+    ranks_scales = {m: (kiln.get_submodule(m).A("imported").shape[0], kiln.get_submodule(m).scale["imported"])
+                    for m in ("layers.0.attn.wq", "layers.1.attn.wq", "layers.0.attn.wv", "layers.1.attn.wv",
+                              "layers.0.mlp.w2", "layers.1.mlp.w2")}
+    assert ranks_scales == pytest.approx({"layers.0.attn.wq": (3, 2 / 3), "layers.1.attn.wq": (3, 32 / 3),
+                                          "layers.0.attn.wv": (3, 32 / 3), "layers.1.attn.wv": (6, 32 / 6),
+                                          "layers.0.mlp.w2": (3, 5 / 3), "layers.1.mlp.w2": (6, 5 / 6)})
+    assert kiln.get_submodule("layers.1.mlp.w2").lora_dropout["imported"].p == 0.1  # for further training
+    torch.testing.assert_close(kiln(X)[0], want, atol=1e-5, rtol=1e-5)
+
+
+def test_pattern_keys_resolve_as_peft_resolves_them():
+    """kiln's resolution against peft's own get_pattern_key: regular expressions, whole dotted parts
+    only ('proj' is not 'q_proj'), the first matching key winning, no match the default."""
+    from peft.utils.other import get_pattern_key
+
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.10.mlp.down_proj"]
+    pattern_sets = [{"q_proj": 1}, {"q_proj|v_proj": 2}, {"proj": 3}, {"_proj": 4}, {"layers.0.self_attn.q_proj": 5},
+                    {"model.layers.0.self_attn.q_proj": 6}, {"ayers.0.self_attn.q_proj": 7}, {r"0\..*q_proj": 8},
+                    {"q_proj|v_proj": 9, r"layers\.0\.self_attn\.q_proj": 10}, {r"layers\.1\..*": 11, "v_proj": 12},
+                    {r"layers\.1": 13}, {".*": 14}, {r"mlp\.(gate|down)_proj": 15}, {}]
+    resolved = []
+    for patterns in pattern_sets:
+        for name in names:
+            got = _pattern_value(patterns, name, -1)
+            assert got == patterns.get(get_pattern_key(patterns.keys(), name), -1), (patterns, name)
+            resolved.append(got)
+    assert {1, 2, 5, 6, 8, 9, 11, 14, 15, -1} <= set(resolved) and not {3, 4, 7, 10, 12, 13} & set(resolved)
+
+
+def test_malformed_patterns_are_refused_naming_the_key():
+    for field, patterns in (("rank_pattern", {"(": 4}), ("rank_pattern", {"q_proj": 2.5}), ("alpha_pattern", {"q_proj": 0})):
+        with pytest.raises(UnsupportedAdapterError) as e:
+            check_peft_config({"peft_type": "LORA", "r": 4, "lora_alpha": 8, field: patterns})
+        assert e.value.field == f"{field}[{next(iter(patterns))}]"
+
+
+def test_every_lora_config_field_of_the_installed_peft_is_known():
+    """The allowlist covers each field of peft's LoraConfig once, a refused field's default is
+    peft's, and a config of peft's defaults passes."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    kinds = [set(HONOURED), set(NEUTRAL), set(REFUSED)]
+    assert sum(map(len, kinds)) == len(set().union(*kinds))
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(LoraConfig)}
+    assert set(defaults) <= set().union(*kinds), set(defaults) - set().union(*kinds)
+    assert {f: d for f, (d, _) in REFUSED.items()} == {f: defaults[f] for f in REFUSED}
+    cfg = json.loads(json.dumps(LoraConfig().to_dict(), default=str))
+    assert set(cfg) >= set(REFUSED) and check_peft_config(cfg) is cfg
+
+
 def test_adapters_kiln_cannot_compute_are_refused_naming_the_field(made, tmp_path):
     from train.sft.adapters import load_base
 
@@ -123,7 +200,9 @@ def test_adapters_kiln_cannot_compute_are_refused_naming_the_field(made, tmp_pat
     save_peft_adapter(kiln_with_adapter(made), "default", str(tmp_path / "d"))
     cfg = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
     for field, value in (("use_dora", True), ("bias", "all"), ("fan_in_fan_out", True),
-                         ("modules_to_save", ["lm_head"]), ("layer_replication", [[0, 2]])):
+                         ("modules_to_save", ["lm_head"]), ("layer_replication", [[0, 2]]),
+                         ("alora_invocation_tokens", [5]), ("use_qalora", True), ("init_lora_weights", "pissa"),
+                         ("option_of_a_newer_peft", 3), ("lora_dropout", 1.5)):
         (tmp_path / "d" / "adapter_config.json").write_text(json.dumps({**cfg, field: value}))
         with pytest.raises(UnsupportedAdapterError, match=field) as e:
             load_peft_adapter(kiln, str(tmp_path / "d"))
@@ -180,3 +259,26 @@ def test_a_peft_directory_is_read_as_untrusted_input(made, tmp_path):
             load_peft_adapter(kiln, str(wrong), "wrong")
         assert e.value.field == f"weights[{key}]"
     assert not any(isinstance(m, LoRALinear) and "wrong" in m.scale for m in kiln.modules())
+
+
+@torch.no_grad()
+def test_fields_at_their_defaults_import(made, tmp_path):
+    """Every LoraConfig field at peft's default, and fields kiln does not know left null, false or
+    empty, import as the plain config does."""
+    from peft import LoraConfig
+
+    from model.lora import set_active_adapter
+    from train.sft.adapters import load_base
+
+    save_peft_adapter(kiln_with_adapter(made), "default", str(tmp_path / "d"))
+    plain = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
+    kiln = load_base(str(made / "lora" / "checkpoints" / "step_00000002")).eval()
+    load_peft_adapter(kiln, str(tmp_path / "d"), "plain")
+    want = kiln(X)[0]
+    defaults = json.loads(json.dumps(LoraConfig().to_dict(), default=str))
+    (tmp_path / "d" / "adapter_config.json").write_text(json.dumps(
+        {**defaults, **plain, "option_of_a_newer_peft": None, "another": False, "a_list": []}))
+    load_peft_adapter(kiln, str(tmp_path / "d"), "defaults")
+    assert torch.equal(kiln(X)[0], want)
+    set_active_adapter(kiln, None)
+    assert (kiln(X)[0] - want).abs().max() > 1e-4  # the imported adapter is what gives them
