@@ -154,9 +154,8 @@ def weight_memory_rows(models: list[str]) -> str:
         mc = ModelConfig(**{k: v for k, v in spec.items() if k in ModelConfig.__dataclass_fields__}, vocab_size=32000)
         torch.manual_seed(0)
         model = Transformer(mc)
-        add_lora(model, "x", 1, 1.0)
-        n = sum(p.numel() for n_, p in model.named_parameters() if ".lora_" not in n_)
-        dense = weight_memory(model)
+        n, dense = sum(p.numel() for p in model.parameters()), weight_memory(model)  # before any adapter
+        add_lora(model, "x", 1, 1.0)  # marks the targets QLoRA quantizes; its own weights are subtracted below
         quantize_base_4bit(model)
         held = weight_memory(model)["held"] - 4 * sum(p.numel() for n_, p in model.named_parameters() if ".lora_" in n_)
         lines.append(f"| {name} | {n / 1e6:.1f}M | {dense['fp32'] / 2**20:.1f} | {dense['bf16'] / 2**20:.1f} | "
