@@ -118,8 +118,11 @@ def load_model_and_tokenizer(path: str, device: torch.device) -> tuple[Transform
         print(f"[kiln] {step_dir} holds a LoRA adapter: loading its base model "
               f"{adapter_config(step_dir).get('base')} with the adapter on top (launch/merge_lora.py writes "
               "them merged)", file=sys.stderr, flush=True)
-        model = load_base(step_dir)  # CheckpointError unless the base's digest is the one recorded
+        model = load_base(step_dir).to(device)  # CheckpointError unless the base's digest is the one recorded
+        # On the device before the adapter: a QLoRA adapter's base is quantized to NF4 where it
+        # lies, as training quantized it on the training device (train/tasks/finetune.py); the
+        # CPU's and CUDA's bitsandbytes kernels need not round alike.
         add_adapter_from(model, step_dir)
-        return model.to(device).eval(), _kiln_tokenizer(os.path.join(step_dir, SPM_FILE)), step_dir
+        return model.eval(), _kiln_tokenizer(os.path.join(step_dir, SPM_FILE)), step_dir
     model, step_dir = load_model(step_dir, str(device), verify="off")  # resolve() above verified it
     return model, _kiln_tokenizer(os.path.join(step_dir, SPM_FILE)), step_dir

@@ -159,6 +159,26 @@ def test_merge_and_export_dequantize_to_the_trained_model(qruns):
     assert (want - plain_base).abs().max() > 1e-3  # the adapter and the rounding do change the model
 
 
+def test_generate_and_evaluate_load_a_qlora_checkpoint_as_the_trained_model(qruns):
+    """launch/generate.py and evaluate.py (launch/_common.py) put the base on the device before
+    the adapter re-quantizes it, so the NF4 rounding happens where training's did; here (the
+    CPU) that gives the trained model's logits exactly."""
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, os.path.join(REPO, "launch"))
+    from _common import load_model_and_tokenizer
+
+    step = qruns["root"] / "straight" / "checkpoints" / "step_00000004"
+    loaded, _, _ = load_model_and_tokenizer(str(step), torch.device("cpu"))
+    assert len(lora_modules(loaded)) == 14 and all(is_quantized(m.weight) for m in lora_modules(loaded))
+    x = torch.randint(4, 500, (2, 24), generator=torch.Generator().manual_seed(1))
+    trained = qruns["trainer"].backend.raw_model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], trained(x)[0])
+
+
 @pytest.mark.parametrize("backend, why", [("fsdp", "FSDP shards parameters as DTensors"),
                                            ("deepspeed", "DeepSpeed ZeRO flattens them")])
 def test_sharding_backends_are_refused_naming_the_key_and_why(tmp_path, qruns, monkeypatch, backend, why):
