@@ -191,6 +191,25 @@ def test_sharding_backends_are_refused_naming_the_key_and_why(tmp_path, qruns, m
     assert e.value.key == "lora.quantize"
 
 
+def test_the_trainer_asks_the_backend_whether_it_can_hold_4bit_weights(tmp_path, qruns, monkeypatch):
+    """The run-time refusal follows the backend's capability flag, not its name: single and DDP
+    hold plain modules, FSDP and DeepSpeed do not, and a backend=single that said otherwise is
+    refused when the model is built."""
+    from train.backends.ddp import DDPBackend
+    from train.backends.deepspeed import DeepSpeedBackend
+    from train.backends.fsdp import FSDPBackend
+    from train.backends.single import SingleBackend
+    from train.sft.trainer import SFTTrainer
+
+    assert [b.holds_plain_modules for b in (SingleBackend, DDPBackend, FSDPBackend, DeepSpeedBackend)] == [
+        True, True, False, False]
+    monkeypatch.setattr(SingleBackend, "holds_plain_modules", False)
+    cfg = sft_cfg(tmp_path / "q", qruns["base"], [chat_file(tmp_path, 4)], *QLORA, "backend=single")
+    with pytest.raises(ConfigError, match="quant_state") as e:
+        SFTTrainer(cfg)
+    assert e.value.key == "lora.quantize"
+
+
 def test_two_process_ddp_qlora_gives_the_single_process_losses(qruns):
     """Same global batch (2 ranks x micro 2 against 1 x micro 4): the all-reduced gradients
     of the adapters give the single-process losses; the 4-bit base is quantized identically

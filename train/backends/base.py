@@ -75,6 +75,10 @@ class Backend(HostCollectives):
     # Whether the model is built without its weights, inside ``model_init_context``, and each
     # rank fills only its own shard in ``setup`` (train/sharded_init.py): FSDP, ZeRO-3.
     builds_deferred = False
+    # Whether the model it trains is the module itself (or a DDP wrapper of it) holding whole,
+    # plain tensors: what 4-bit base weights (QLoRA) need, whose quant_state would not follow a
+    # DTensor shard (FSDP) or a flattened ZeRO partition (DeepSpeed). Off unless a backend says so.
+    holds_plain_modules = False
 
     def __init__(self, cfg):
         self.cfg = cfg

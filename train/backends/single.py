@@ -12,6 +12,7 @@ from train.optim import build_adamw
 
 class SingleBackend(Backend):
     name = "single"
+    holds_plain_modules = True  # and DDPBackend's: DDP wraps the module, its tensors untouched
 
     def setup(self, model: torch.nn.Module) -> None:
         self.raw_model = model.to(self.device)

@@ -122,7 +122,7 @@ class FinetuneTask(Task):
                 from model.quant import weight_memory
                 from train.sft.config import QLORA_BACKENDS
 
-                if cfg.backend.name not in ("single", "ddp"):
+                if not self.backend.holds_plain_modules:
                     raise ConfigError("lora.quantize", QLORA_BACKENDS)
                 model = model.to(self.backend.device)
                 n = quantize_base_4bit(model)
