@@ -236,7 +236,11 @@ class Transformer(nn.Module):
     def reset_parameters(self):
         with torch.no_grad():
             for name, p in self.named_parameters():
-                p.copy_(init_rows(self.init_seed, name, tuple(p.shape), self.init_std(name), 0, p.shape[0]))
+                shape = tuple(p.shape)
+                if p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous():
+                    init_rows(self.init_seed, name, shape, self.init_std(name), 0, shape[0], out=p.data)
+                else:
+                    p.copy_(init_rows(self.init_seed, name, shape, self.init_std(name), 0, shape[0]))
 
     def forward(
         self,
@@ -363,24 +367,30 @@ def chunked_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tenso
 INIT_BLOCK = 1 << 16  # elements per independently seeded draw
 
 
-def init_rows(seed: int, name: str, shape: tuple, std: Optional[float], start: int, stop: int) -> torch.Tensor:
+def init_rows(seed: int, name: str, shape: tuple, std: Optional[float], start: int, stop: int,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rows ``start:stop`` of parameter ``name``'s initial value (full shape ``shape``), fp32 on
     the CPU: N(0, std), or ones when ``std`` is None. Rows come in blocks of about INIT_BLOCK
     elements, each from a generator seeded by (seed, name, block), so the result does not
-    depend on which rows are asked for together."""
+    depend on which rows are asked for together. ``out`` (a contiguous CPU fp32 tensor of
+    those rows): drawn into it in place, with no second copy of the rows in memory."""
     cols = math.prod(shape[1:])
+    if out is None:
+        out = torch.empty((stop - start,) + tuple(shape[1:]))
     if std is None:
-        return torch.ones((stop - start,) + tuple(shape[1:]))
+        return out.fill_(1.0)
     rows = max(1, INIT_BLOCK // max(cols, 1))
-    first, last = start // rows, (stop + rows - 1) // rows
-    parts = []
-    for block in range(first, last):
+    for block in range(start // rows, (stop + rows - 1) // rows):
         digest = hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest()
         g = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-        n = min(rows, shape[0] - block * rows)
-        parts.append(torch.empty((n,) + tuple(shape[1:])).normal_(0.0, std, generator=g))
-    out = torch.cat(parts) if parts else torch.empty((0,) + tuple(shape[1:]))
-    return out[start - first * rows: stop - first * rows]
+        b0, b1 = block * rows, min((block + 1) * rows, shape[0])  # the block's rows
+        lo, hi = max(b0, start), min(b1, stop)  # those asked for
+        if (lo, hi) == (b0, b1):
+            out[lo - start:hi - start].normal_(0.0, std, generator=g)
+        else:  # a block cut by start or stop: draw it whole, keep the part asked for
+            drawn = torch.empty((b1 - b0,) + tuple(shape[1:])).normal_(0.0, std, generator=g)
+            out[lo - start:hi - start].copy_(drawn[lo - b0:hi - b0])
+    return out
 
 
 def param_count(cfg: ModelConfig, include_embeddings: bool = True) -> int:
