@@ -195,7 +195,8 @@ def test_a_glob_or_directory_of_outputs_reads_the_documents_not_their_audits(tmp
     """prepare_data and dedup_global write ``<output>.audit.jsonl.gz`` (its text audits carry a
     ``text`` field) and token shards' ``<name>.docs.jsonl.gz`` beside their outputs: the
     README's next step globs ``data/dedup/*.jsonl.gz``, which must not read them as documents.
-    A side file named on its own is still read (the user asked for it)."""
+    A side file named on its own is still read (the user asked for it), and a user's file
+    that merely has such a name, with no output beside it, is data."""
     from data_pipeline.audit import AUDIT_SUFFIX
     from data_pipeline.readers.base import expand_paths
     from data_pipeline.token_shards import DOCS_META_SUFFIX
@@ -205,9 +206,18 @@ def test_a_glob_or_directory_of_outputs_reads_the_documents_not_their_audits(tmp
     doc = write_jsonl(out / "part0.jsonl.gz", ROWS[:3])
     audit = write_jsonl(out / f"part0.jsonl.gz{AUDIT_SUFFIX}", [{"id": "dropped", "text": "an audited page"}])
     write_jsonl(out / f"shard0{DOCS_META_SUFFIX}", [{"id": "doc0", "url": "https://x.org/0"}])
-    for spec in (str(out / "*.jsonl.gz"), str(out), str(out / "**" / "*.gz")):
+    (out / "shard0.bin").write_bytes(b"")  # the token shard the document list belongs to
+    for spec in (str(out / "*.jsonl.gz"), str(out / "*.gz"), str(out / "**" / "*.gz")):
         files = expand_paths(spec)
         assert files == [doc], spec
         cfg = SourceConfig(name="x", format="jsonl", paths=[spec])
         assert [d.id for d in build_reader(cfg)] == ["doc0", "doc1", "doc2"]
+    assert expand_paths(str(out)) == [doc, str(out / "shard0.bin")]
     assert expand_paths(audit) == [audit]
+    # a user's data named like a side file, with no output beside it, is read
+    data = tmp_path / "user"
+    data.mkdir()
+    wiki = write_jsonl(data / f"wiki{DOCS_META_SUFFIX}", ROWS[:2])
+    notes = write_jsonl(data / f"notes{AUDIT_SUFFIX}", ROWS[2:3])
+    assert expand_paths(str(data / "*.gz")) == sorted([wiki, notes])
+    assert expand_paths(str(data)) == sorted([wiki, notes])

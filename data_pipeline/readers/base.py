@@ -25,14 +25,21 @@ def expand_paths(paths) -> list[str]:
     """Globs, fsspec URLs and manifests (``*.paths[.gz]``, e.g. Common Crawl's
     ``warc.paths.gz``: data_pipeline/readers/remote.py) to a de-duplicated list of files,
     sorted per pattern (a manifest keeps its order); error if none. A glob or a directory
-    never yields the files kiln writes beside an output (its audit, a token shard's document
-    list): ``data/dedup/*.jsonl.gz`` means the documents, not their audits."""
+    never yields the files kiln writes beside an output -- ``X.audit.jsonl.gz`` beside ``X``,
+    ``Y.docs.jsonl.gz`` beside the token shard ``Y.bin`` -- so ``data/dedup/*.jsonl.gz`` means
+    the documents, not their audits; a file with such a name and no such companion is a
+    user's data and is kept."""
     from data_pipeline.audit import AUDIT_SUFFIX
     from data_pipeline.readers.remote import is_manifest, manifest_entries
     from data_pipeline.token_shards import DOCS_META_SUFFIX
 
-    def documents(found):
-        return sorted(f for f in found if not f.endswith((AUDIT_SUFFIX, DOCS_META_SUFFIX)))
+    def documents(found, exists=os.path.exists):
+        def side_file(f: str) -> bool:
+            if f.endswith(AUDIT_SUFFIX):
+                return exists(f[: -len(AUDIT_SUFFIX)])
+            return f.endswith(DOCS_META_SUFFIX) and exists(f[: -len(DOCS_META_SUFFIX)] + ".bin")
+
+        return sorted(f for f in found if not side_file(f))
 
     if isinstance(paths, str):
         paths = [paths]
@@ -44,7 +51,7 @@ def expand_paths(paths) -> list[str]:
         elif "://" in p:
             _fs, _, found = fsspec.get_fs_token_paths(p)
             proto = p.split("://", 1)[0]
-            out.extend(documents(f if "://" in f else f"{proto}://{f}" for f in found))
+            out.extend(documents((f if "://" in f else f"{proto}://{f}" for f in found), _fs.exists))
         elif any(ch in p for ch in "*?["):
             out.extend(documents(glob.glob(p, recursive=True)))
         elif os.path.isdir(p):
