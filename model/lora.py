@@ -59,7 +59,9 @@ class LoRALinear(nn.Linear):
         self.register_parameter(f"lora_A_{name}", nn.Parameter(a))
         self.register_parameter(f"lora_B_{name}", nn.Parameter(
             torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32)))
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # a new module starts in training mode: follow the layer's, so an adapter added to a
+        # model in eval mode applies no dropout at inference
+        self.lora_dropout[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
         self.scale[name] = alpha / rank
         self.active = name
 
@@ -101,7 +103,7 @@ def lora_layer(parent: nn.Module, attr: str) -> LoRALinear:
     """``parent.<attr>`` as a LoRALinear (wrapping the plain Linear there, once)."""
     mod = getattr(parent, attr)
     if not isinstance(mod, LoRALinear):
-        mod = LoRALinear(mod)
+        mod = LoRALinear(mod).train(mod.training)  # in the mode of the layer it wraps
         setattr(parent, attr, mod)
     return mod
 

@@ -190,3 +190,22 @@ def test_merge_lora_blend_writes_the_blend_as_plain_weights(tmp_path_factory, to
     assert "twice" in err and repr(str(tmp_path / "a")) in err and repr(str(tmp_path / "a_link")) in err
     assert main(["--blend", f"{tmp_path / 'a'}=0.5", f"{tmp_path / 'a'}=0.5", str(tmp_path / "m3")]) == 2  # same text
     assert not os.path.exists(tmp_path / "m3")
+
+
+def test_an_adapter_added_to_a_model_in_eval_mode_applies_no_dropout():
+    """A new dropout module starts in training mode; added to a model already in eval mode it
+    must follow the model, or inference through the adapter is random."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64,
+                                    max_seq_len=16)).eval()
+    add_lora(model, "a", 4, 8.0, dropout=0.5)
+    for name, p in model.named_parameters():  # a nonzero B, so the adapter's branch (and its dropout) shows
+        if "lora_B_a" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    x = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        first, second = model(x)[0], model(x)[0]
+    assert torch.equal(first, second)
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(x)[0], model(x)[0])  # in training mode the dropout does act
