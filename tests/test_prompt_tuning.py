@@ -6,6 +6,8 @@ training must change the table only, and checkpoints hold the table alone and re
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -250,3 +252,36 @@ def test_generate_launcher_runs_a_prompt_tuned_checkpoint_like_the_runs_model(pt
     (moved / "prompt_tuning.json").write_text(json.dumps({**cfg, "base_digest": "0" * 64}))
     with pytest.raises(CheckpointError, match="0" * 64):
         load_prompt_tuned(str(moved))
+
+
+def test_two_process_ddp_prompt_tuning_gives_the_single_process_losses(pt_runs, tmp_path):
+    """The README's "single and DDP": 2 DDP ranks x micro-batch 2 against one process x 4, the
+    same global batches, with evaluation on: the all-reduced gradient of the virtual-token
+    table gives the one-process training and validation losses, and the checkpoint holds the
+    table alone as on one process."""
+    import subprocess
+
+    from tests.conftest import REPO
+    from tests.ports import free_port
+    from tests.sft_helpers import SFT_TINY, sft_cfg
+    from tests.test_sft_distributed import train_losses
+    from train.sft.trainer import SFTTrainer
+
+    data = pt_runs["root"] / "chat0.jsonl"
+    common = [*PT, "train.max_steps=4", "checkpoint.every=4", "sft.val_fraction=0.25", "train.eval_every=2"]
+    single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
+    SFTTrainer(sft_cfg(single_dir, pt_runs["base"], [data], *common)).fit()
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", free_port(), "launch/sft.py", *SFT_TINY, *common,
+           f"run_dir={ddp_dir}", f"init_from={pt_runs['base']}", f"sft.paths=[{data}]", "backend=ddp",
+           "train.micro_batch_size=2"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    for kind in ("train", "eval"):
+        ddp, single = train_losses(ddp_dir, kind), train_losses(single_dir, kind)
+        assert sorted(ddp) == sorted(single) and len(single) >= 2, (kind, ddp, single)
+        for s in ddp:
+            assert ddp[s] == pytest.approx(single[s], rel=1e-5), (kind, s, ddp[s], single[s])
+    assert train_losses(ddp_dir)[4] != train_losses(ddp_dir)[1]  # the table trained
+    files = sorted(os.listdir(ddp_dir / "checkpoints" / "step_00000004"))
+    assert files == sorted(os.listdir(single_dir / "checkpoints" / "step_00000004"))
