@@ -1,4 +1,4 @@
-"""RLHF with GRPO (train/rl/loop.py). `python launch/grpo.py` optimises runs/sft against the
+"""RLHF with GRPO (train/tasks/rl.py). `python launch/grpo.py` optimises runs/sft against the
 reward model of runs/reward on the shipped Python questions (runs/grpo).
 
 Examples:

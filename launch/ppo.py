@@ -1,4 +1,4 @@
-"""RLHF with PPO (train/rl/loop.py). `python launch/ppo.py` optimises runs/sft against the
+"""RLHF with PPO (train/tasks/rl.py). `python launch/ppo.py` optimises runs/sft against the
 reward model of runs/reward on the shipped Python questions (runs/ppo).
 
 Examples:

@@ -60,8 +60,8 @@ def _weights(trainer) -> dict:
     with gathered:
         out = {"policy." + k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
                for k, v in model.state_dict().items()}
-    if hasattr(trainer.task, "critic"):
-        out.update({"critic." + k: v.detach().clone() for k, v in trainer.task.critic.state_dict().items()})
+    if hasattr(trainer.task.algo, "critic"):
+        out.update({"critic." + k: v.detach().clone() for k, v in trainer.task.algo.critic.state_dict().items()})
     return out
 
 
@@ -72,55 +72,55 @@ def cut(trainer, r, rank: int):
 
     P, resp = r.prompt_len, r.responses.clone()
     for i in range(len(resp)):
-        resp[i, (3 * i + 5 * rank) % resp.shape[1]] = trainer.stop_ids[0]
+        resp[i, (3 * i + 5 * rank) % resp.shape[1]] = trainer.task.stop_ids[0]
     prompts = [row[:P][km[:P]].tolist() for row, km in zip(r.tokens, r.key_mask)]
-    return build_rollout(prompts, resp, r.logprobs, trainer.stop_ids, trainer.pad_id)
+    return build_rollout(prompts, resp, r.logprobs, trainer.task.stop_ids, trainer.task.pad_id)
 
 
 def worker(base: str, out_dir: str, backends: list[str]) -> None:
     """Runs under torchrun: one step of each algorithm on this rank's prompts."""
     import torch.distributed as dist
 
-    from train.rl.loop import RLTrainer
+    from tests.test_rl_training import rl_trainer
 
     for backend, algo in [run for run in RUNS if run[0] in backends]:
-        trainer = RLTrainer(_cfg(os.path.join(out_dir, backend, algo), base, algo, backend))
-        assert trainer.world == 2 and trainer.backend.name == backend
+        trainer = rl_trainer(_cfg(os.path.join(out_dir, backend, algo), base, algo, backend))
+        assert trainer.task.world == 2 and trainer.backend.name == backend
         if backend == "ddp":
-            assert isinstance(trainer.policy, torch.nn.parallel.DistributedDataParallel)
-            assert all(p.numel() == q.numel() for p, q in zip(trainer.reference.parameters(),
-                                                               trainer.policy.module.parameters()))
+            assert isinstance(trainer.task.policy, torch.nn.parallel.DistributedDataParallel)
+            assert all(p.numel() == q.numel() for p, q in zip(trainer.task.reference.parameters(),
+                                                               trainer.task.policy.module.parameters()))
         elif backend == "fsdp":  # sharded: each rank holds half of every weight, the reference's too
-            for model in (trainer.policy, trainer.reference):
+            for model in (trainer.task.policy, trainer.task.reference):
                 held = [(p.to_local().numel(), p.numel()) for p in model.parameters()]
                 assert all(2 * local == whole for local, whole in held), held
-            assert not any(p.requires_grad for p in trainer.reference.parameters())
+            assert not any(p.requires_grad for p in trainer.task.reference.parameters())
         else:  # ZeRO-3: each rank holds a partition, of the reference too
-            for model in (trainer.backend.raw_model, trainer.reference):
+            for model in (trainer.backend.raw_model, trainer.task.reference):
                 held = [(p.ds_tensor.numel(), p.ds_numel) for p in model.parameters()]
                 assert all(2 * local == whole for local, whole in held), held
-            assert not any(p.requires_grad for p in trainer.reference.parameters())
-        evaluated = trainer.evaluate()  # every rank, collectively: sharded policy and reference alike
-        sampled, _, tps = trainer.collect()
-        r = cut(trainer, sampled, trainer.rank)
-        scores = trainer.scorer(r, [""] * len(r.tokens))
+            assert not any(p.requires_grad for p in trainer.task.reference.parameters())
+        evaluated = trainer.task.sample_held_out()  # every rank, collectively: sharded policy and reference alike
+        sampled, _, tps = trainer.task.collect()
+        r = cut(trainer, sampled, trainer.task.rank)
+        scores = trainer.task.scorer(r, [""] * len(r.tokens))
         P = r.prompt_len
         mine = {"prompts": [row[:P][km[:P]].tolist() for row, km in zip(r.tokens, r.key_mask)],
                 "sampled": sampled.responses.clone(), "sampled_logprobs": sampled.logprobs.clone(),
                 "responses": r.responses.clone(), "logprobs": r.logprobs.clone(), "scores": scores.clone(),
                 "evaluated": evaluated}
-        metrics = trainer.optimise(r, scores, tps)
+        metrics = trainer.task.optimise(r, scores, tps)
         if backend == "ddp" and algo == "grpo":  # every rank's sampler state is checkpointed and restored
             trainer.save()
-            again = RLTrainer(_cfg(os.path.join(out_dir, backend, algo), base, algo, backend))
+            again = rl_trainer(_cfg(os.path.join(out_dir, backend, algo), base, algo, backend))
             assert again.resume() is not None
-            mine["sampler_state"] = trainer.generator.get_state().clone()
-            mine["resumed_sampler_state"] = again.generator.get_state().clone()
+            mine["sampler_state"] = trainer.task.generator.get_state().clone()
+            mine["resumed_sampler_state"] = again.task.generator.get_state().clone()
             del again
         every = [None, None]
         dist.all_gather_object(every, mine)
         weights = _weights(trainer)
-        if trainer.rank == 0:
+        if trainer.task.rank == 0:
             torch.save({"ranks": every, "metrics": metrics, "weights": weights},
                        os.path.join(out_dir, f"{backend}_{algo}.pt"))
         dist.barrier()
@@ -149,17 +149,17 @@ def launched(base, tmp_path_factory):
 
 def _single_step(base, tmp_path, algo, saved):
     """One process, the same seeds, the 2-process run's rollouts in rank order."""
-    from train.rl.loop import RLTrainer
+    from tests.test_rl_training import rl_trainer
     from train.rl.rollout import build_rollout
 
-    trainer = RLTrainer(_cfg(tmp_path / algo, base, algo, "single"))
+    trainer = rl_trainer(_cfg(tmp_path / algo, base, algo, "single"))
     ranks = saved["ranks"]
     prompts = [p for rank in ranks for p in rank["prompts"]]
     r = build_rollout(prompts, torch.cat([k["responses"] for k in ranks]), torch.cat([k["logprobs"] for k in ranks]),
-                      trainer.stop_ids, trainer.pad_id)
-    scores = trainer.scorer(r, [""] * len(prompts))
+                      trainer.task.stop_ids, trainer.task.pad_id)
+    scores = trainer.task.scorer(r, [""] * len(prompts))
     assert torch.equal(scores, torch.cat([k["scores"] for k in ranks]))  # the reward reads the same rows
-    return trainer.optimise(r, scores), _weights(trainer), ranks
+    return trainer.task.optimise(r, scores), _weights(trainer), ranks
 
 
 def test_a_resumed_two_process_run_restores_each_ranks_own_sampler_state(launched):
@@ -180,28 +180,28 @@ def test_two_process_first_step_matches_one_process_on_the_same_rollouts(base, l
     assert [len(k["prompts"]) for k in ranks] == [rows // 2, rows // 2]
     assert ranks[0]["prompts"] != ranks[1]["prompts"]  # each rank sampled its own prompts
     # the same prompts, in the same order, as one process takes from the stream for its step
-    from train.rl.loop import RLTrainer
+    from tests.test_rl_training import rl_trainer
 
-    one = RLTrainer(_cfg(tmp_path / f"{algo}_stream", base, algo, "single"))
-    taken = [p[1] for p in one.prompts.take(4) for _ in range(one.task.samples_per_prompt)]
+    one = rl_trainer(_cfg(tmp_path / f"{algo}_stream", base, algo, "single"))
+    taken = [p[1] for p in one.task.prompts.take(4) for _ in range(one.task.algo.samples_per_prompt)]
     assert taken == [p for k in ranks for p in k["prompts"]]
     # rank 0 samples with the one-process generator (rl.seed): its rows alone, sampled by one
     # process, are the same tokens
-    g = one.task.samples_per_prompt
-    alone = one.rollout([("", ids) for ids in ranks[0]["prompts"][::g]], one.generator)[0]
+    g = one.task.algo.samples_per_prompt
+    alone = one.task.rollout([("", ids) for ids in ranks[0]["prompts"][::g]], one.task.generator)[0]
     m = alone.response_mask
     assert torch.equal(alone.responses[m], ranks[0]["sampled"][m])
     assert torch.allclose(alone.logprobs, ranks[0]["sampled_logprobs"], atol=TOL, rtol=0)
     from train.rl.rollout import response_mask
 
     # evaluation before the step (every rank, the same held-out prompts and seed) is one process's
-    ev = one.evaluate()
+    ev = one.task.sample_held_out()
     assert ev is not None and len(ev["samples"]) > 1
     for k in ranks:
         assert [x["reply"] for x in k["evaluated"]["samples"]] == [x["reply"] for x in ev["samples"]]
         for key in ("eval_reward_mean", "eval_kl", "eval_response_len"):
             assert abs(k["evaluated"][key] - ev[key]) <= TOL, (key, k["evaluated"][key], ev[key])
-    counts = [int(response_mask(k["responses"], one.stop_ids).sum()) for k in ranks]
+    counts = [int(response_mask(k["responses"], one.task.stop_ids).sum()) for k in ranks]
     assert counts[0] != counts[1]  # the ranks hold different numbers of valid tokens
     keys = ["loss", "entropy", "reward_mean", "reward_std", "kl", "response_len", "clip_frac"]
     keys += ["value_loss", "explained_var"] if algo == "ppo" else []

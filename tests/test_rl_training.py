@@ -35,10 +35,16 @@ def rl_cfg(run_dir, base, algo: str, *extra: str):
     return cfg
 
 
-def fit(cfg) -> dict:
-    from train.rl.loop import RLTrainer
+def rl_trainer(cfg):
+    """The one loop with the RL task, as launch/ppo.py and launch/grpo.py run it."""
+    from train.tasks.rl import RLTask
+    from train.trainer import Trainer
 
-    return RLTrainer(cfg).fit()
+    return Trainer(cfg, RLTask(cfg))
+
+
+def fit(cfg) -> dict:
+    return rl_trainer(cfg).fit()
 
 
 def records(run_dir, kind="train") -> dict[int, dict]:
@@ -115,6 +121,7 @@ def test_bad_settings_are_config_errors_naming_the_key(base, tmp_path):
     ("prompt_tuning.enabled=true", "prompt_tuning.enabled", "does not implement prompt tuning"),
     ("rl.max_new_tokens=56", "rl.max_new_tokens", "no room for a prompt"),
     ("init_from=no/such/run", "init_from", "launch/sft.py"),
+    ("train.compile=true", "train.compile", "recompile"),
 ])
 def test_fine_tuning_settings_rl_cannot_honour_are_config_errors_at_validation(base, tmp_path, override, key, why):
     """validate_rl (which runs before any model is built) names the key and says why."""
@@ -125,23 +132,22 @@ def test_fine_tuning_settings_rl_cannot_honour_are_config_errors_at_validation(b
 
 def test_lora_trains_adapters_only_and_its_reference_is_the_base(base, tmp_path):
     from train.checkpoint.full_state import load_model
-    from train.rl.loop import RLTrainer
     from train.rl.rollout import response_logprobs
 
-    t = RLTrainer(rl_cfg(tmp_path / "lora", base, "grpo", "train.max_steps=2", "rl.prompts_per_step=2",
+    t = rl_trainer(rl_cfg(tmp_path / "lora", base, "grpo", "train.max_steps=2", "rl.prompts_per_step=2",
                          "rl.group_size=2", "rl.minibatches=1", "lora.enabled=true"))
-    assert t.reference is None  # no second copy: the policy with its adapters off
-    frozen = {n: p.detach().clone() for n, p in t.policy.named_parameters() if not p.requires_grad}
-    trained = [n for n, p in t.policy.named_parameters() if p.requires_grad]
+    assert t.task.reference is None  # no second copy: the policy with its adapters off
+    frozen = {n: p.detach().clone() for n, p in t.task.policy.named_parameters() if not p.requires_grad}
+    trained = [n for n, p in t.task.policy.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n for n in trained)
     t.fit()
-    assert all(torch.equal(frozen[n], p) for n, p in t.policy.named_parameters() if n in frozen)
-    r, _ = t.rollout(t.val_prompts[:3], torch.Generator().manual_seed(5))
+    assert all(torch.equal(frozen[n], p) for n, p in t.task.policy.named_parameters() if n in frozen)
+    r, _ = t.task.rollout(t.task.val_prompts[:3], torch.Generator().manual_seed(5))
     plain, _ = load_model(base, "cpu", verify="off")
     with torch.no_grad():
         base_lp = response_logprobs(plain, r, 1.0)[0]
-        policy_lp = response_logprobs(t.policy, r, 1.0)[0]
-    assert torch.allclose(t.reference_logprobs(r), base_lp, atol=1e-5)
+        policy_lp = response_logprobs(t.task.policy, r, 1.0)[0]
+    assert torch.allclose(t.task.reference_logprobs(r), base_lp, atol=1e-5)
     assert not torch.allclose(policy_lp, base_lp, atol=1e-3)  # the adapters did train
     # the checkpoint is an adapter checkpoint launch/generate.py loads as an LM: its base plus the adapter
     import sys
@@ -155,11 +161,11 @@ def test_lora_trains_adapters_only_and_its_reference_is_the_base(base, tmp_path)
     with torch.no_grad():
         assert torch.allclose(response_logprobs(loaded, r, 1.0)[0], policy_lp, atol=1e-5)
     # and a resumed run reads it back: the adapter weights are the trained ones
-    t2 = RLTrainer(rl_cfg(tmp_path / "lora", base, "grpo", "train.max_steps=3", "rl.prompts_per_step=2",
+    t2 = rl_trainer(rl_cfg(tmp_path / "lora", base, "grpo", "train.max_steps=3", "rl.prompts_per_step=2",
                           "rl.group_size=2", "rl.minibatches=1", "lora.enabled=true"))
     assert t2.resume().endswith("step_00000002")
     with torch.no_grad():
-        assert torch.allclose(response_logprobs(t2.policy, r, 1.0)[0], policy_lp, atol=1e-6)
+        assert torch.allclose(response_logprobs(t2.task.policy, r, 1.0)[0], policy_lp, atol=1e-6)
 
 
 def _reward_dir(path, base, max_seq_len=None, tokenizer_bytes=None) -> str:
@@ -189,15 +195,14 @@ def _reward_dir(path, base, max_seq_len=None, tokenizer_bytes=None) -> str:
 
 def test_a_reward_model_of_another_tokenizer_or_shorter_context_is_refused(base, tmp_path):
     """The reward model must read the policy's token ids and hold prompt + reply (data.seq_len=56)."""
-    from train.rl.loop import RLTrainer
 
     def trainer(reward):
-        return RLTrainer(rl_cfg(tmp_path / "run", base, "ppo", "rl.reward_fn=null", f"rl.reward_model={reward}",
+        return rl_trainer(rl_cfg(tmp_path / "run", base, "ppo", "rl.reward_fn=null", f"rl.reward_model={reward}",
                                 "train.max_steps=1", "rl.prompts_per_step=2", "rl.minibatches=1"))
 
     good = trainer(_reward_dir(tmp_path / "same", base))  # same tokenizer file, same context: accepted
-    r, _ = good.rollout(good.val_prompts[:2], torch.Generator().manual_seed(0))
-    assert good.scorer(r, ["a", "b"]).shape == (2,)
+    r, _ = good.task.rollout(good.task.val_prompts[:2], torch.Generator().manual_seed(0))
+    assert good.task.scorer(r, ["a", "b"]).shape == (2,)
     del good
     with pytest.raises(ConfigError, match="another tokenizer") as e:
         trainer(_reward_dir(tmp_path / "other_tok", base, tokenizer_bytes=b"another vocabulary"))
@@ -233,3 +238,19 @@ def test_resume_refuses_a_reference_whose_checkpoint_changed(base, tmp_path):
     with pytest.raises(ConfigError, match="digest") as e:
         fit(rl_cfg(tmp_path / "run", init, "grpo", *small))
     assert e.value.key == "init_from" and before in str(e.value) and ckpt.digest(step) in str(e.value)
+
+
+def test_a_stop_request_checkpoints_the_rollout_step_and_the_run_resumes_from_it(base, tmp_path, monkeypatch):
+    """RL runs in the one loop: a scheduler's stop request ($KILN_STOP_FILE, what slurm/common.sh
+    writes on SIGUSR1/SIGTERM) ends the run after the current rollout step with a checkpoint,
+    and the next launch continues from it."""
+    stop = tmp_path / "stop"
+    stop.write_text("")
+    monkeypatch.setenv("KILN_STOP_FILE", str(stop))
+    small = ("train.max_steps=3", "rl.prompts_per_step=2", "rl.group_size=2", "rl.minibatches=1")
+    first = fit(rl_cfg(tmp_path / "run", base, "grpo", *small))
+    assert first.get("stopped") and first["final_step"] == 1
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step_00000001")
+    monkeypatch.delenv("KILN_STOP_FILE")
+    second = fit(rl_cfg(tmp_path / "run", base, "grpo", *small))
+    assert second["resumed_from"].endswith("step_00000001") and second["final_step"] == 3

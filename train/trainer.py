@@ -135,7 +135,9 @@ class Trainer:
         """What a checkpoint holds: the task's weights (and optimizer) piece; progress, data
         position, RNG and the task's own small pieces in trainer_state.json; run files."""
         b = self.backend
-        pieces = {"progress": self.state, "data": DataPosition(self.train_batches, b), "rng": RNGStates(b)}
+        pieces = {"progress": self.state, "rng": RNGStates(b)}
+        if self.train_batches is not None:  # a task that reads no micro-batches keeps its own position
+            pieces["data"] = DataPosition(self.train_batches, b)
         extra = self.task.checkpoint_pieces()
         clash = sorted(set(extra) & set(pieces))
         if clash:
@@ -380,9 +382,12 @@ class Trainer:
         lr = lr_at(self.state.step, cfg.optim, t.max_steps)
         for _ in range(self.state.skipped_batches.get(self.state.step + 1, 0)):  # poisoned: see rollback()
             self.task.next_batches(t.grad_accum_steps)
-        micro_batches = self.task.next_batches(t.grad_accum_steps)
-        loss, _, step_tokens = self.forward_backward(micro_batches)
-        grad_norm = self.backend.step(lr, cfg.optim.grad_clip)
+        if self.task.owns_step:  # on-policy RL: a rollout, then minibatch steps (train/tasks/rl.py)
+            loss, grad_norm, step_tokens = self.task.train_step(lr)
+        else:
+            micro_batches = self.task.next_batches(t.grad_accum_steps)
+            loss, _, step_tokens = self.forward_backward(micro_batches)
+            grad_norm = self.backend.step(lr, cfg.optim.grad_clip)
         self.state.step += 1
         self.state.tokens += step_tokens
         window.tokens += step_tokens
@@ -515,11 +520,14 @@ class Trainer:
         self.backend.agree("the number of validation batches (each is a forward with collectives under "
                            "FSDP / ZeRO-3)", len(self.val_batches))
         val = self.evaluate()
-        if val is None:
+        extra = self.task.eval_metrics()
+        if val is None and not extra:
             return
-        metrics = {"val_loss": val, "val_ppl": math.exp(min(val, 50)), **self.task.eval_metrics()}
+        metrics = {"val_loss": val, "val_ppl": math.exp(min(val, 50))} if val is not None else {}
+        metrics.update(extra)
         self.logger.log(step, metrics, kind="eval")
-        result["val_losses"][step] = val
+        if val is not None:
+            result["val_losses"][step] = val
         result.setdefault("eval_metrics", {})[step] = metrics
 
     def should_stop(self) -> bool:
@@ -578,10 +586,11 @@ class Trainer:
         starving = self.data_warning()
         if starving:
             out.warning(starving)
-        out.info(f"global batch = micro {cfg.train.micro_batch_size} x accum {cfg.train.grad_accum_steps} "
-              f"x data-parallel {b.data_parallel_size} = {self.global_batch} sequences = {self.tokens_per_step:,} "
-              f"tokens/step; validation: {cfg.train.eval_sequences} held-out sequences at most, "
-              f"{len(self.val_batches)} batches per rank")
+        batch = self.task.batch_summary()
+        out.info(batch or f"global batch = micro {cfg.train.micro_batch_size} x accum {cfg.train.grad_accum_steps} "
+                 f"x data-parallel {b.data_parallel_size} = {self.global_batch} sequences = "
+                 f"{self.tokens_per_step:,} tokens/step; validation: {cfg.train.eval_sequences} held-out sequences "
+                 f"at most, {len(self.val_batches)} batches per rank")
         if resumed:
             out.info(f"resumed from {resumed} at step {self.state.step}")
 

@@ -96,13 +96,16 @@ def validate_rl(cfg: Any) -> None:
            f"{r.max_new_tokens} leaves no room for a prompt in data.seq_len={cfg.data.seq_len} (prompt + reply "
            "must fit): lower it or raise data.seq_len")
     # The fine-tuning keys RL reads (init_from, sft.paths, lora.*) are validated by their owner;
-    # the two fine-tuning modes the RL trainer does not implement are refused first, by name.
+    # the two fine-tuning modes the RL task does not implement are refused first, by name.
     _check(not cfg.prompt_tuning.enabled, "prompt_tuning.enabled",
-           "the RL trainer does not implement prompt tuning (it would train the LoRA adapters or the whole policy "
+           "the RL task does not implement prompt tuning (it would train the LoRA adapters or the whole policy "
            "and ignore the setting): use lora.enabled=true or full fine-tuning")
     _check(cfg.lora.quantize is None, "lora.quantize",
-           f"the RL trainer does not implement QLoRA ({cfg.lora.quantize!r}: its policy and reference would keep "
+           f"the RL task does not implement QLoRA ({cfg.lora.quantize!r}: its policy and reference would keep "
            "full-precision base weights, not the 4-bit ones asked for): set lora.quantize=null")
+    _check(not cfg.train.compile, "train.compile",
+           "the RL task samples through the policy's blocks with a KV cache that grows every decoding step: "
+           "compiled blocks would recompile for each new length; set train.compile=false")
     init = str(cfg.init_from or "")
     _check(bool(init) and os.path.isdir(init), "init_from",
            f"checkpoint directory not found: {init!r}. The policy starts from a fine-tuned run: make the default one "

@@ -6,7 +6,7 @@ evaluation scheduling, stop signals, NaN rollback. A ``Task`` owns what differs 
 jobs: which tokenizer and architecture, which network (its model wrapper, from ``model/``),
 which data, how a micro-batch becomes a loss, what evaluation reports, what else a
 checkpoint holds. There is one ``Task`` per job (``train/tasks/``: pretrain, sft, classification,
-preference (DPO), reward; PPO and GRPO plug in the same way), chosen by the launcher
+preference (DPO), reward, rl (PPO and GRPO)), chosen by the launcher
 (``train.tasks.for_config``) and handed to ``Trainer(cfg, task)``.
 
 The order in which the loop calls a task (``Trainer.__init__`` then ``Trainer.fit``)::
@@ -41,20 +41,13 @@ A micro-batch is a dict: ``input`` and ``target`` tensors; optional ``model_kwar
 ``tokens`` (inputs for throughput). The loop weights each micro-batch's mean loss by its
 share of the global batch's loss units, so ``forward`` returns a *mean* over its units.
 
-On-policy tasks (PPO, GRPO): a rollout phase, then optimisation epochs over the rollouts.
-They plug in through ``next_batches``, which the loop calls once per optimizer step for
-that step's micro-batches. The task keeps a buffer: when it is exhausted, ``next_batches``
-first generates a rollout batch with the current policy (``self.trainer.backend.model``
-/ ``raw_model``; every rank calls it, so sharded backends stay in step; gather parameters
-once per rollout there), scores it (reward model or function), computes advantages, fills
-the buffer with ``ppo_epochs`` x shuffled mini-batches, then hands out the next ``n``.
-The per-token old log-probs, advantages and returns ride in ``model_kwargs`` and
-``forward`` computes the clipped losses from the model's output. Rollout statistics
-(reward mean, KL, lengths, tokens/s) come back through ``train_metrics``. The buffer
-position, the sampling RNG and anything else needed to continue exactly are
-``checkpoint_pieces`` (each owning named fields of trainer_state.json); a reference or
-value model kept beside the policy is built in ``build_model`` / ``load_initial_weights``
-and, if trained, saved through ``save_model_state``/``load_model_state``.
+On-policy tasks (PPO, GRPO: ``train/tasks/rl.py``) are not a forward and backward over
+micro-batches: one step samples a rollout batch from the policy, scores it and runs several
+minibatch backend steps over it. Such a task sets ``owns_step`` and the loop calls its
+``train_step(lr)`` instead of ``next_batches`` + ``forward`` + ``backend.step``; everything
+else (checkpoints, resume, logging, evaluation scheduling, stop requests, rollback) is the
+loop's as for any job. Its evaluation has no validation loss: ``evaluate`` returns None and
+``eval_metrics`` holds what it measured.
 """
 
 from __future__ import annotations
@@ -75,6 +68,7 @@ class Task:
     as every rank calls them the same way)."""
 
     name = "task"
+    owns_step = False  # True: the loop calls train_step for each optimizer step (on-policy tasks)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -123,11 +117,21 @@ class Task:
         """Why this run's data may starve its accelerator (printed in the header), or None."""
         return None
 
+    def batch_summary(self) -> Optional[str]:
+        """The header's line on what one step trains on; None: micro-batch x accumulation x
+        data-parallel ranks, and the validation batches."""
+        return None
+
     # -- one optimizer step -------------------------------------------------------------------
     def next_batches(self, n: int) -> list[dict]:
         """This step's ``n`` micro-batches (n = train.grad_accum_steps). Default: the next
         ``n`` of the training iterator. On-policy tasks generate rollouts here."""
         return [next(self.trainer.train_batches) for _ in range(n)]
+
+    def train_step(self, lr: float) -> tuple[torch.Tensor, object, int]:
+        """``owns_step`` tasks: one whole step at learning rate ``lr`` through the backend
+        (every rank); returns (loss, gradient norm, input tokens over every rank)."""
+        raise NotImplementedError
 
     def forward(self, model, x: torch.Tensor, y: torch.Tensor, extra: dict) -> tuple[object, torch.Tensor]:
         """(output, mean loss) of one micro-batch on the device. Default: the model's own
