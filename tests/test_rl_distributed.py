@@ -1,5 +1,6 @@
-"""PPO and GRPO under 2-process DDP, FSDP (torchrun) and ZeRO-3 (deepspeed), gloo on CPU,
-against one process.
+"""PPO, GRPO and GRPO with LoRA under 2-process DDP, FSDP (torchrun) and ZeRO-3 (deepspeed),
+gloo on CPU, against one process; and a 2-process DDP run saved and resumed against the run
+that went on.
 
 One launch per launcher runs both algorithms on its backends, 2 ranks: each rank samples its
 own half of the step's prompts (rank r rows r*B..(r+1)*B-1 of the global batch), then runs the first step's two
@@ -35,7 +36,7 @@ from tests.ports import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRA = ["rl.prompts_per_step=4", "rl.epochs=2", "rl.minibatches=1", "train.max_steps=1", "rl.group_size=2"]
-ALGOS = ("ppo", "grpo")
+ALGOS = ("ppo", "grpo", "grpo_lora")  # grpo_lora: GRPO with lora.enabled=true (reference: adapters off)
 LAUNCHERS = {"ddp": "torchrun", "fsdp": "torchrun", "deepspeed": "deepspeed"}
 RUNS = [(backend, algo) for backend in LAUNCHERS for algo in ALGOS]
 OVERRIDES = {"deepspeed": ["backend.zero_stage=3"]}
@@ -46,7 +47,9 @@ TOL_WEIGHTS = 2e-4  # weights after the step
 def _cfg(run_dir, base, algo, backend):
     from tests.test_rl_training import rl_cfg
 
-    return rl_cfg(run_dir, base, algo, f"backend={backend}", *OVERRIDES.get(backend, []), *EXTRA)
+    lora = ["lora.enabled=true"] if algo.endswith("_lora") else []
+    return rl_cfg(run_dir, base, algo.removesuffix("_lora"), f"backend={backend}", *OVERRIDES.get(backend, []),
+                  *EXTRA, *lora)
 
 
 def _weights(trainer) -> dict:
@@ -86,7 +89,11 @@ def worker(base: str, out_dir: str, backends: list[str]) -> None:
     for backend, algo in [run for run in RUNS if run[0] in backends]:
         trainer = rl_trainer(_cfg(os.path.join(out_dir, backend, algo), base, algo, backend))
         assert trainer.task.world == 2 and trainer.backend.name == backend
-        if backend == "ddp":
+        if algo.endswith("_lora"):  # the adapters train, the reference is the policy with them off
+            assert trainer.task.reference is None
+            trained = [n for n, p in trainer.backend.raw_model.named_parameters() if p.requires_grad]
+            assert trained and all("lora_" in n for n in trained), trained
+        elif backend == "ddp":
             assert isinstance(trainer.task.policy, torch.nn.parallel.DistributedDataParallel)
             assert all(p.numel() == q.numel() for p, q in zip(trainer.task.reference.parameters(),
                                                                trainer.task.policy.module.parameters()))
@@ -110,16 +117,22 @@ def worker(base: str, out_dir: str, backends: list[str]) -> None:
                 "responses": r.responses.clone(), "logprobs": r.logprobs.clone(), "scores": scores.clone(),
                 "evaluated": evaluated}
         metrics = trainer.task.optimise(r, scores, tps)
+        weights = _weights(trainer)  # after the first step (every rank: shards are gathered)
         if backend == "ddp" and algo == "grpo":  # every rank's sampler state is checkpointed and restored
             trainer.save()
             again = rl_trainer(_cfg(os.path.join(out_dir, backend, algo), base, algo, backend))
             assert again.resume() is not None
             mine["sampler_state"] = trainer.task.generator.get_state().clone()
             mine["resumed_sampler_state"] = again.task.generator.get_state().clone()
+            # the next rollout step, by the run that went on and by the resumed one, from the
+            # same global RNG (both live in this process; the resume restored the saved one)
+            rng = torch.get_rng_state()
+            mine["next_step"] = trainer.task.optimise(*trainer.task.collect())
+            torch.set_rng_state(rng)
+            mine["resumed_next_step"] = again.task.optimise(*again.task.collect())
             del again
         every = [None, None]
         dist.all_gather_object(every, mine)
-        weights = _weights(trainer)
         if trainer.task.rank == 0:
             torch.save({"ranks": every, "metrics": metrics, "weights": weights},
                        os.path.join(out_dir, f"{backend}_{algo}.pt"))
@@ -164,19 +177,25 @@ def _single_step(base, tmp_path, algo, saved):
 
 def test_a_resumed_two_process_run_restores_each_ranks_own_sampler_state(launched):
     """After a 2-process DDP step, a save and a resume: each rank's sampling generator is back
-    where that rank's was (not rank 0's, not a fresh seed), so the resumed run samples as the
-    uninterrupted one would."""
+    where that rank's was (not rank 0's, not a fresh seed), and the resumed run's next step
+    (sampling, scoring, two epochs of updates) gives the uninterrupted run's losses and metrics
+    exactly."""
     ranks = launched[("ddp", "grpo")]["ranks"]
     assert not torch.equal(ranks[0]["sampler_state"], ranks[1]["sampler_state"])
     for k in ranks:
         assert torch.equal(k["resumed_sampler_state"], k["sampler_state"])
+    # and the resumed run's next step is the uninterrupted run's, on every rank
+    for k in ranks:
+        straight, resumed = (dict(m, gen_tokens_per_s=None) for m in (k["next_step"], k["resumed_next_step"]))
+        assert resumed == straight, (resumed, straight)  # everything but the clock
+        assert k["next_step"]["reward_mean"] != 0 or k["next_step"]["loss"] != 0  # a step to compare
 
 
 @pytest.mark.parametrize("backend,algo", RUNS)
 def test_two_process_first_step_matches_one_process_on_the_same_rollouts(base, launched, tmp_path, backend, algo):
     saved = launched[(backend, algo)]
     metrics, weights, ranks = _single_step(base, tmp_path, algo, saved)
-    rows = 4 * (2 if algo == "grpo" else 1)
+    rows = 4 * (2 if algo.startswith("grpo") else 1)
     assert [len(k["prompts"]) for k in ranks] == [rows // 2, rows // 2]
     assert ranks[0]["prompts"] != ranks[1]["prompts"]  # each rank sampled its own prompts
     # the same prompts, in the same order, as one process takes from the stream for its step
