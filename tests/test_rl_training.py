@@ -122,6 +122,8 @@ def test_bad_settings_are_config_errors_naming_the_key(base, tmp_path):
     ("rl.max_new_tokens=56", "rl.max_new_tokens", "no room for a prompt"),
     ("init_from=no/such/run", "init_from", "launch/sft.py"),
     ("train.compile=true", "train.compile", "recompile"),
+    ("train.grad_accum_steps=2", "train.grad_accum_steps", "minibatch"),
+    ("lora.dropout=0.1", "lora.dropout", "ratio must be 1"),
 ])
 def test_fine_tuning_settings_rl_cannot_honour_are_config_errors_at_validation(base, tmp_path, override, key, why):
     """validate_rl (which runs before any model is built) names the key and says why."""
@@ -247,10 +249,46 @@ def test_a_stop_request_checkpoints_the_rollout_step_and_the_run_resumes_from_it
     stop = tmp_path / "stop"
     stop.write_text("")
     monkeypatch.setenv("KILN_STOP_FILE", str(stop))
-    small = ("train.max_steps=3", "rl.prompts_per_step=2", "rl.group_size=2", "rl.minibatches=1")
+    small = ("train.max_steps=3", "rl.prompts_per_step=2", "rl.group_size=2", "rl.minibatches=1",
+             "train.eval_every=3")
     first = fit(rl_cfg(tmp_path / "run", base, "grpo", *small))
     assert first.get("stopped") and first["final_step"] == 1
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step_00000001")
+    # one evaluation so far (step 0): no before/after table yet, and none is announced
+    assert "generations_path" not in first and not os.path.exists(tmp_path / "run" / "generations.md")
     monkeypatch.delenv("KILN_STOP_FILE")
     second = fit(rl_cfg(tmp_path / "run", base, "grpo", *small))
     assert second["resumed_from"].endswith("step_00000001") and second["final_step"] == 3
+    # the resumed run's evaluation joins the first run's step-0 one: the table compares them
+    with open(tmp_path / "run" / "eval_samples.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [0, 3]
+    assert second["generations_path"] and "(step 0)" in open(second["generations_path"]).read()
+
+
+def test_a_nan_step_rolls_back_even_between_logging_steps(base, tmp_path, monkeypatch):
+    """RL samples its next rollout from the weights: a NaN step must be caught before that,
+    not at the next logging step (sampling from NaN weights raises). With train.log_every=4
+    and a checkpoint every 2 steps, step 3 poisons the weights and its loss: the loop rolls
+    back to step 2, skips step 3's prompts and finishes."""
+    from train.tasks.rl import RLTask
+
+    real, poisoned = RLTask.optimise, []
+
+    def optimise(self, *a, **k):
+        metrics = real(self, *a, **k)
+        if self.trainer.state.step == 2 and not poisoned:  # computing step 3
+            poisoned.append(True)
+            with torch.no_grad():
+                for p in self.backend.raw_model.parameters():
+                    p.fill_(float("nan"))
+            metrics["loss"] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(RLTask, "optimise", optimise)
+    small = ("train.max_steps=4", "rl.prompts_per_step=2", "rl.group_size=2", "rl.minibatches=1",
+             "checkpoint.every=2", "train.nan_policy=rollback", "train.log_every=4")
+    t = rl_trainer(rl_cfg(tmp_path / "run", base, "grpo", *small))
+    result = t.fit()
+    assert poisoned and t.rollbacks == 1 and result["final_step"] == 4
+    assert t.state.skipped_batches == {3: 1}
+    assert all(torch.isfinite(p).all() for p in t.backend.raw_model.parameters())

@@ -1,4 +1,5 @@
-"""The one training loop, for every backend and every task (pretraining, SFT, classification, DPO, reward).
+"""The one training loop, for every backend and every task (pretraining, SFT, classification, DPO, reward,
+RLHF).
 
 Per optimizer step the loop takes this rank's ``grad_accum_steps`` micro-batches, counts
 their loss tokens (targets that are not -100, or a batch's own ``loss_tokens``), and
@@ -9,11 +10,12 @@ whatever the micro-batch size, accumulation or world size. (Backends average gra
 over ranks, hence the factor ``data_parallel_size`` in the weight.) For pretraining every
 micro-batch holds the same number of tokens and the weight is exactly 1/accumulation, the
 same arithmetic as a plain mean. ``backend.step`` then clips and applies AdamW at the
-scheduled learning rate.
+scheduled learning rate. A task that owns its step (``Task.owns_step``: on-policy RL, a
+rollout and then several minibatch steps) runs it instead, through the same backend.
 
 What is trained -- tokenizer, model, data, the loss of a micro-batch, evaluation metrics,
 checkpoint contents -- is the job's ``Task`` (``train/tasks/base.py`` says when the loop
-calls which hook; ``train/tasks/`` holds pretraining, SFT, classification, DPO, reward);
+calls which hook; ``train/tasks/`` holds pretraining, SFT, classification, DPO, reward, RL);
 the loop itself is shared. ``Trainer(cfg)`` pretrains. ``fit`` is a few named steps:
 ``_start`` (resume, header, logger), ``_train_step`` (one optimizer step), ``_after_step``
 (logging, evaluation, checkpoint, stop) and ``_finish``. Checkpoints hold everything needed
@@ -403,8 +405,11 @@ class Trainer:
         save_now = step % cfg.checkpoint.every == 0 or step == t.max_steps
         stop_now = self.should_stop()
         # Losses are read at logging steps, and before anything that must not see a NaN
-        # model: an evaluation, a checkpoint, a stop.
-        last = self._read_window(window, result) if log_now or eval_now or save_now or stop_now else ()
+        # model: an evaluation, a checkpoint, a stop -- and the next step of a task that
+        # samples from the model (on-policy RL cannot sample from NaN weights; its loss is
+        # already on the host, so the read costs nothing).
+        read_now = log_now or eval_now or save_now or stop_now or self.task.owns_step
+        last = self._read_window(window, result) if read_now else ()
         if last is None:  # rolled back
             window.restart(self.state.step)
             return False
@@ -454,7 +459,7 @@ class Trainer:
         metrics = {"loss": loss_val, "lr": lr, "grad_norm": norm_val, "tokens": float(self.state.tokens),
                    "tokens_per_s": tps, "tokens_per_s_per_device": tps / b.world_size,
                    "mem_gb": peak_memory_gb(b.device)}
-        if self.peak:
+        if self.peak and not self.task.owns_step:  # an RL step's FLOPs are not 6N per token trained
             metrics["mfu"] = self.flops_per_token * tps / b.world_size / self.peak
         metrics.update(self.task.train_metrics())
         self.logger.log(self.state.step, metrics)

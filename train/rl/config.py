@@ -103,6 +103,12 @@ def validate_rl(cfg: Any) -> None:
     _check(cfg.lora.quantize is None, "lora.quantize",
            f"the RL task does not implement QLoRA ({cfg.lora.quantize!r}: its policy and reference would keep "
            "full-precision base weights, not the 4-bit ones asked for): set lora.quantize=null")
+    _check(int(cfg.train.grad_accum_steps) == 1, "train.grad_accum_steps",
+           f"{cfg.train.grad_accum_steps}: an RL step's unit is a minibatch of its rollouts (rl.minibatches), "
+           "each one optimizer step; accumulating them would make DeepSpeed update every N-th minibatch only")
+    _check(float(cfg.lora.dropout) == 0.0, "lora.dropout",
+           f"{cfg.lora.dropout}: the policy samples and is trained in train mode, and PPO's ratio must be 1 "
+           "before the first update (the model's dropout is forced to 0 for the same reason); set lora.dropout=0")
     _check(not cfg.train.compile, "train.compile",
            "the RL task samples through the policy's blocks with a KV cache that grows every decoding step: "
            "compiled blocks would recompile for each new length; set train.compile=false")

@@ -8,6 +8,8 @@ import json
 import os
 from typing import Optional
 
+EVAL_SAMPLES = "eval_samples.jsonl"  # one line per held-out evaluation: its metrics and samples
+
 
 def _records(path: str) -> list[dict]:
     out = []
@@ -61,7 +63,7 @@ def _cell(text: str) -> str:
 
 def write_generations(path: str, run_dir: str, algo: str, rows: int = 8) -> Optional[str]:
     """The first and the last held-out evaluation's samples side by side."""
-    src = os.path.join(run_dir, "eval_samples.jsonl")
+    src = os.path.join(run_dir, EVAL_SAMPLES)
     if not os.path.exists(src):
         return None
     evals = _records(src)

@@ -29,11 +29,12 @@ The order in which the loop calls a task (``Trainer.__init__`` then ``Trainer.fi
         task.next_batches(n)           -> n micro-batches (dicts, see below)
         for each: task.forward(model, input, target, extra) -> (output, loss)
         backend.step(...)
+          (an owns_step task instead: task.train_step(lr) -> (loss, grad norm, tokens))
         at logging steps: task.train_metrics() merged into the "train" record
         at evaluation steps: task.evaluate() -> loss or None; task.eval_metrics()
         at saves: task.save_model_state / task.write_extra_files (rank 0)
+      task.plot()                      # rank 0, after the last step and save
       task.after_fit(result)           # report files, generations; may add to result
-      task.plot()
 
 A micro-batch is a dict: ``input`` and ``target`` tensors; optional ``model_kwargs``
 (tensors moved to the device and passed to ``forward`` as ``extra``); optional
@@ -125,7 +126,8 @@ class Task:
     # -- one optimizer step -------------------------------------------------------------------
     def next_batches(self, n: int) -> list[dict]:
         """This step's ``n`` micro-batches (n = train.grad_accum_steps). Default: the next
-        ``n`` of the training iterator. On-policy tasks generate rollouts here."""
+        ``n`` of the training iterator. An ``owns_step`` task drops one step's data here (the
+        loop calls it for a step a NaN rollback skips)."""
         return [next(self.trainer.train_batches) for _ in range(n)]
 
     def train_step(self, lr: float) -> tuple[torch.Tensor, object, int]:

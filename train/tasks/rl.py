@@ -49,11 +49,10 @@ from train.errors import ConfigError
 from train.rl import losses as L
 from train.rl.algorithms import ALGORITHMS
 from train.rl.prompts import PromptStream, SamplerState, load_prompts
+from train.rl.report import EVAL_SAMPLES
 from train.rl.rewards import Scorer
 from train.rl.rollout import Rollout, response_logprobs, sample
 from train.tasks.finetune import FinetuneTask
-
-EVAL_SAMPLES = "eval_samples.jsonl"
 
 
 class RLTask(FinetuneTask):
@@ -275,8 +274,9 @@ class RLTask(FinetuneTask):
             step = self.trainer.state.step
             samples = self.eval_result.pop("samples")
             self.evals[step] = dict(self.eval_result)
-            if self.backend.is_main:
-                with open(os.path.join(self.trainer.run_dir, EVAL_SAMPLES), "a", encoding="utf-8") as f:
+            if self.backend.is_main:  # step 0 only on a fresh start: it starts the file afresh
+                mode = "w" if step == 0 else "a"
+                with open(os.path.join(self.trainer.run_dir, EVAL_SAMPLES), mode, encoding="utf-8") as f:
                     f.write(json.dumps({"step": step, **self.eval_result, "samples": samples}) + "\n")
         return None
 
@@ -306,7 +306,7 @@ class RLTask(FinetuneTask):
     def save_model_state(self, directory: str, background: bool = False):
         """The policy as fine-tuning writes it (the adapter only with LoRA), then the
         algorithm's own files (PPO's critic) from rank 0."""
-        writing = super().save_model_state(directory, False)
+        writing = super().save_model_state(directory, background)
         if self.backend.is_main:
             self.algo.save(directory)
         return writing
@@ -324,11 +324,8 @@ class RLTask(FinetuneTask):
 
     # -- around the loop -------------------------------------------------------------------------
     def before_fit(self) -> None:
-        """A fresh start's before/after samples start empty (rank 0)."""
-        fresh = str(self.cfg.resume) == "none" or ckpt.find_latest(self.trainer.ckpt_root) is None
-        path = os.path.join(self.trainer.run_dir, EVAL_SAMPLES)
-        if self.backend.is_main and fresh and os.path.exists(path):
-            os.remove(path)
+        """Nothing before the resume point is known: a fresh run's samples file is started
+        by its step-0 evaluation (the loop evaluates step 0 only when it did not resume)."""
 
     def after_fit(self, result: dict) -> None:
         result["evals"] = dict(self.evals)
@@ -336,9 +333,10 @@ class RLTask(FinetuneTask):
         if self.backend.is_main and self.evals:
             from train.rl.report import write_generations
 
-            path = os.path.join(self.trainer.run_dir, "generations.md")
-            write_generations(path, self.trainer.run_dir, str(self.cfg.rl.algo))
-            result["generations_path"] = path
+            path = write_generations(os.path.join(self.trainer.run_dir, "generations.md"), self.trainer.run_dir,
+                                     str(self.cfg.rl.algo))
+            if path:  # written when there were two evaluations to put side by side
+                result["generations_path"] = path
 
     def plot(self) -> Optional[str]:
         from train.rl.report import plot_rl
