@@ -302,11 +302,19 @@ def test_prepare_data_array_job_writes_every_shard_and_a_rerun_skips_them(slurm,
     with open(outputs[0] + ".done") as f:
         first_docs = json.load(f)["docs"]
     assert copy_stats["docs"] == 0 and copy_stats["removed_as_duplicates"] == first_docs > 0
+    from data_pipeline.audit import AUDIT_SUFFIX
+    from data_pipeline.readers.base import expand_paths
+
     texts = []
-    for path in sorted(glob.glob(str(tmp_path / "dedup" / "*.jsonl.gz"))):
+    for path in expand_paths(str(tmp_path / "dedup" / "*.jsonl.gz")):  # the outputs, not their audits
         with gzip.open(path, "rt") as f:
             texts += [json.loads(line)["text"] for line in f]
     assert len(texts) == len(set(texts)) and len(texts) >= first_docs  # one copy of each, the originals kept
+    # every dropped copy is audited beside its output, naming the original it duplicates
+    with gzip.open(tmp_path / "dedup" / f"web-00003-copy.jsonl.gz{AUDIT_SUFFIX}", "rt") as f:
+        drops = [json.loads(line) for line in f]
+    assert len(drops) == first_docs and {d["reason"] for d in drops} == {"exact_duplicate"}
+    assert {os.path.basename(d["kept_file"]) for d in drops} == {os.path.basename(outputs[0])}
 
 
 SCRIPTS = sorted(glob.glob(os.path.join(SLURM_DIR, "*.sbatch")) + glob.glob(os.path.join(SLURM_DIR, "*.sh"))
