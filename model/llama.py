@@ -236,11 +236,7 @@ class Transformer(nn.Module):
     def reset_parameters(self):
         with torch.no_grad():
             for name, p in self.named_parameters():
-                shape = tuple(p.shape)
-                if p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous():
-                    init_rows(self.init_seed, name, shape, self.init_std(name), 0, shape[0], out=p.data)
-                else:
-                    p.copy_(init_rows(self.init_seed, name, shape, self.init_std(name), 0, shape[0]))
+                init_rows(self.init_seed, name, tuple(p.shape), self.init_std(name), 0, p.shape[0], out=p.data)
 
     def forward(
         self,
@@ -372,8 +368,11 @@ def init_rows(seed: int, name: str, shape: tuple, std: Optional[float], start: i
     """Rows ``start:stop`` of parameter ``name``'s initial value (full shape ``shape``), fp32 on
     the CPU: N(0, std), or ones when ``std`` is None. Rows come in blocks of about INIT_BLOCK
     elements, each from a generator seeded by (seed, name, block), so the result does not
-    depend on which rows are asked for together. ``out`` (a contiguous CPU fp32 tensor of
-    those rows): drawn into it in place, with no second copy of the rows in memory."""
+    depend on which rows are asked for together. ``out`` (a tensor of those rows): filled and
+    returned; a contiguous CPU fp32 one is drawn into in place, with no second copy of the
+    rows in memory, any other receives a copy of the CPU draw."""
+    if out is not None and not (out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous()):
+        return out.copy_(init_rows(seed, name, shape, std, start, stop))
     cols = math.prod(shape[1:])
     if out is None:
         out = torch.empty((stop - start,) + tuple(shape[1:]))

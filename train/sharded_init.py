@@ -64,9 +64,9 @@ def fill_slice(model: torch.nn.Module, name: str, shape: tuple, flat: torch.Tens
     cols = total // shape[0]
     r0, r1 = first // cols, (first + n + cols - 1) // cols
     with torch.no_grad():
-        if n == total and flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous():
+        if n == total and flat.is_contiguous():  # the whole parameter: drawn where it lives when it can be
             init_rows(model.init_seed, name, shape, model.init_std(name), 0, shape[0], out=flat[:n].view(shape))
-            return  # the whole parameter, drawn where it lives
+            return
         rows = init_rows(model.init_seed, name, shape, model.init_std(name), r0, r1).reshape(-1)
         flat[:n].copy_(rows[first - r0 * cols: first - r0 * cols + n])
 
